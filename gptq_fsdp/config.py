@@ -1,0 +1,90 @@
+"""What to quantize and how: a compressed-tensors QuantizationScheme plus GPTQ's own knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationScheme,
+    QuantizationStrategy,
+    QuantizationType,
+)
+
+from gptq_fsdp.gptq import GPTQError, validate_args
+
+ACTORDER_CHOICES = ("none", "static", "weight")
+
+
+@dataclass
+class GPTQConfig:
+    """GPTQ settings. `scheme.weights` holds bits, symmetry, strategy, group size and act-order."""
+
+    scheme: QuantizationScheme
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+    dampening_frac: float = 0.01
+    block_size: int = 128
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.scheme.weights is None:
+            raise GPTQError("the quantization scheme has no weight quantization")
+        if self.scheme.input_activations is not None or self.scheme.output_activations is not None:
+            raise GPTQError("only weight-only schemes (WxA16) are supported")
+        if not 0 <= self.dampening_frac:
+            raise GPTQError(f"dampening_frac must be >= 0, got {self.dampening_frac}")
+        if self.block_size < 1 or self.batch_size < 1:
+            raise GPTQError("block_size and batch_size must be positive")
+        # Group size vs. columns is checked per module once the model is known.
+        validate_args(self.weights, columns=self.weights.group_size or 1, name="scheme")
+
+    @property
+    def weights(self) -> QuantizationArgs:
+        assert self.scheme.weights is not None
+        return self.scheme.weights
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.scheme.targets)
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        bits: int = 4,
+        group_size: int | None = 128,
+        symmetric: bool = True,
+        actorder: str = "static",
+        targets: list[str] | None = None,
+        ignore: list[str] | None = None,
+        dampening_frac: float = 0.01,
+        block_size: int = 128,
+        batch_size: int = 8,
+    ) -> GPTQConfig:
+        """W{bits}A16: group strategy when `group_size` is given, else one scale per output channel."""
+        if actorder == "group":
+            raise GPTQError(
+                "act-order 'group' (a g_idx per column) was removed from compressed-tensors 0.20, so its "
+                "checkpoints cannot be loaded; use 'static' (same ordering benefit, no g_idx)"
+            )
+        if actorder not in ACTORDER_CHOICES:
+            raise GPTQError(f"actorder must be one of {ACTORDER_CHOICES}, got {actorder!r}")
+        try:
+            weights = QuantizationArgs(
+                num_bits=bits,
+                type=QuantizationType.INT,
+                symmetric=symmetric,
+                strategy=QuantizationStrategy.GROUP if group_size else QuantizationStrategy.CHANNEL,
+                group_size=group_size or None,
+                actorder=None if actorder == "none" else actorder,
+                observer="minmax",
+            )
+        except ValueError as error:
+            raise GPTQError(f"invalid quantization options: {error}") from error
+        return cls(
+            scheme=QuantizationScheme(targets=targets or ["Linear"], weights=weights),
+            ignore=["lm_head"] if ignore is None else ignore,
+            dampening_frac=dampening_frac,
+            block_size=block_size,
+            batch_size=batch_size,
+        )

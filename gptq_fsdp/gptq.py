@@ -1,0 +1,219 @@
+"""GPTQ on one weight matrix given its Hessian (Frantar et al., 2022, arXiv:2210.17323).
+
+Pure tensor math: no torch.distributed, no modules. Everything runs in fp32 whatever the model
+dtype; the scales are rounded to the model dtype *before* they are used, so the dequantized weight
+returned here is bit-for-bit what compressed-tensors reconstructs from the packed checkpoint.
+
+Scale semantics (per strategy / act-order), chosen so the result does not depend on block size:
+- channel: one scale per row, from the original weight.
+- group, act-order none or "group": a group's scale is computed when GPTQ reaches the group, from
+  the error-updated columns (as in the original GPTQ); with "group" act-order the groups are
+  contiguous in activation order and `g_idx` maps columns to groups.
+- group, act-order "static"/"weight": scales from the original weight in column order, computed up
+  front, then columns are processed in activation order (no `g_idx` needed at inference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationStrategy,
+    QuantizationType,
+)
+from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
+
+# Damping fractions tried in turn after the configured one when Cholesky fails.
+DAMPING_RETRY_FACTORS = (10.0, 100.0)
+
+
+class GPTQError(RuntimeError):
+    """GPTQ cannot quantize a module (invalid shape, non-finite or non-PD Hessian)."""
+
+
+@dataclass
+class GPTQResult:
+    weight: torch.Tensor  # dequantized weight, input dtype
+    scale: torch.Tensor  # [rows, groups] (groups = 1 for channel), input dtype
+    zero_point: torch.Tensor  # [rows, groups], int8 (all zero when symmetric)
+    g_idx: torch.Tensor | None  # [cols] int32 column -> group, only for act-order "group"
+    row_losses: torch.Tensor  # [rows] GPTQ objective 1/2 sum_j (w - q)^2 / [H^-1]_jj per row
+    damping: float  # dampening fraction actually used
+
+    @property
+    def loss(self) -> float:
+        return float(self.row_losses.sum())
+
+
+def validate_args(args: QuantizationArgs, columns: int, name: str = "weight") -> None:
+    """Raise a clear error for settings this GPTQ implementation does not support."""
+    if args.type != QuantizationType.INT:
+        raise GPTQError(f"{name}: only integer weight quantization is supported, got type={args.type}")
+    if not 2 <= args.num_bits <= 8:
+        raise GPTQError(f"{name}: num_bits must be in 2..8, got {args.num_bits}")
+    if args.dynamic:
+        raise GPTQError(f"{name}: dynamic weight quantization is not a GPTQ scheme")
+    if args.strategy not in (QuantizationStrategy.CHANNEL, QuantizationStrategy.GROUP):
+        raise GPTQError(f"{name}: strategy must be 'channel' or 'group', got {args.strategy}")
+    if args.strategy == QuantizationStrategy.GROUP:
+        if not args.group_size or args.group_size <= 0:
+            raise GPTQError(f"{name}: group strategy needs a positive group_size")
+        if columns % args.group_size != 0:
+            raise GPTQError(
+                f"{name}: group_size {args.group_size} does not divide its {columns} input columns; "
+                f"pick a divisor of {columns} (e.g. {_divisor_hint(columns)})"
+            )
+
+
+def _divisor_hint(columns: int) -> str:
+    divisors = [g for g in (32, 64, 128, 192, 256) if columns % g == 0]
+    return ", ".join(map(str, divisors)) if divisors else "a divisor"
+
+
+def resolve_actorder(args: QuantizationArgs, override: str | None = None) -> str | None:
+    """Act-order as None, "weight" or "group".
+
+    compressed-tensors 0.20 only accepts None/"static"/"weight" in QuantizationArgs (it dropped
+    "group" and checkpoints with g_idx), so "group" can only be asked for through `override`.
+    """
+    value = override if override is not None else args.actorder
+    if value in (None, False, "none"):
+        return None
+    value = str(getattr(value, "value", value)).lower()
+    if value in ("static", "weight"):
+        return "weight"
+    if value == "group":
+        return "group"
+    raise GPTQError(f"unknown act-order {value!r}: use none, static/weight or group")
+
+
+def qparams(w: torch.Tensor, args: QuantizationArgs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero point for each row of `w` (compressed-tensors' own formula).
+
+    The scale is rounded to `dtype` (what the checkpoint stores) and returned as fp32.
+    """
+    scale, zero_point = calculate_qparams(w.amin(dim=-1), w.amax(dim=-1), args)
+    return scale.to(dtype).float(), zero_point.round()
+
+
+def fake_quantize(
+    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: float, qmax: float
+) -> torch.Tensor:
+    """Quantize-dequantize, as compressed-tensors does it: clamp(round(w/s + z)), then (q - z)·s."""
+    q = torch.clamp(torch.round(w / scale + zero_point), qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)^-1, λ = damping · mean(diag H). Raises LinAlgError."""
+    h = hessian.clone()
+    h.diagonal().add_(damping * torch.mean(torch.diag(h)))
+    lower = torch.linalg.cholesky(h)
+    h_inv = torch.cholesky_inverse(lower)
+    return torch.linalg.cholesky(h_inv, upper=True)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    args: QuantizationArgs,
+    *,
+    dampening_frac: float = 0.01,
+    block_size: int = 128,
+    actorder: str | None = None,
+    name: str = "weight",
+) -> GPTQResult:
+    """Quantize `weight` [rows, cols] with GPTQ given the Hessian `hessian` [cols, cols] of its inputs.
+
+    The Hessian's scale does not matter (damping is relative to its mean diagonal). `actorder`
+    overrides `args.actorder` (needed for "group", see `resolve_actorder`).
+    """
+    rows, cols = weight.shape
+    validate_args(args, cols, name)
+    if hessian.shape != (cols, cols):
+        raise GPTQError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match {cols} input columns")
+    out_dtype = weight.dtype
+    W = weight.detach().to(torch.float32).clone()
+    H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
+    if not torch.isfinite(H).all():
+        raise GPTQError(f"{name}: the Hessian has non-finite values (inf/NaN in the calibration activations)")
+    if not torch.isfinite(W).all():
+        raise GPTQError(f"{name}: the weight has non-finite values")
+
+    qmin, qmax = (float(v) for v in calculate_range(args, W.device))
+    group = args.group_size if args.strategy == QuantizationStrategy.GROUP else cols
+    num_groups = cols // group
+    order = resolve_actorder(args, actorder)
+
+    # Columns no calibration token touched: their weights cannot affect outputs; quantize them to 0.
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    scale = torch.zeros(rows, num_groups, device=W.device)
+    zero_point = torch.zeros(rows, num_groups, device=W.device)
+    # Static scales come from the original weight in column order, before any permutation.
+    static_scales = args.strategy == QuantizationStrategy.CHANNEL or order == "weight"
+    if static_scales:
+        s, z = qparams(W.reshape(rows, num_groups, group), args, out_dtype)
+        scale[:], zero_point[:] = s, z
+
+    perm = torch.argsort(torch.diag(H), descending=True) if order is not None else torch.arange(cols, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    # Group of each column in processing order.
+    column_group = (perm if static_scales else torch.arange(cols, device=W.device)) // group
+    groups_in_order = column_group.tolist()  # host list: no device sync inside the column loop
+
+    damping = dampening_frac
+    for factor in (1.0, *DAMPING_RETRY_FACTORS):
+        damping = dampening_frac * factor
+        try:
+            h_inv = inverse_hessian_cholesky(H, damping)
+            break
+        except torch.linalg.LinAlgError:
+            continue
+    else:
+        raise GPTQError(
+            f"{name}: the Hessian is not positive definite even with dampening_frac={damping:g}; "
+            "use more or more varied calibration samples, or a larger dampening fraction"
+        )
+
+    # Work on Wᵀ so that a weight column (the unit GPTQ steps over) is one contiguous vector.
+    Wt = W.T.contiguous()
+    scale_t, zero_point_t = scale.T.contiguous(), zero_point.T.contiguous()
+    # Blocks must not cut through a group whose scale is computed on entry.
+    block = block_size if static_scales else max(group, block_size - block_size % group)
+    losses = torch.zeros(rows, device=W.device)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = Wt[i1:i2]  # a view: updated in place, ends up holding the quantized columns
+        Err1 = torch.empty_like(W1)
+        h_inv1 = h_inv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = groups_in_order[col]
+            if not static_scales and col % group == 0:
+                scale_t[g], zero_point_t[g] = qparams(W1[i : i + group].T, args, out_dtype)
+            w = W1[i]
+            q = fake_quantize(w, scale_t[g], zero_point_t[g], qmin, qmax)
+            torch.sub(w, q, out=Err1[i]).div_(h_inv1[i, i])
+            W1[i + 1 :].addr_(h_inv1[i, i + 1 :], Err1[i], alpha=-1)
+            w.copy_(q)
+        losses += Err1.square().sum(dim=0) / 2
+        Wt[i2:].addmm_(h_inv[i1:i2, i2:].T, Err1, alpha=-1)
+
+    W = Wt.T[:, torch.argsort(perm)]
+    scale, zero_point = scale_t.T, zero_point_t.T
+    g_idx = None
+    if order == "group" and args.strategy == QuantizationStrategy.GROUP:
+        g_idx = column_group[torch.argsort(perm)].to(torch.int32)
+    return GPTQResult(
+        weight=W.to(out_dtype).contiguous(),
+        scale=scale.to(out_dtype).contiguous(),
+        zero_point=zero_point.to(torch.int8).contiguous(),
+        g_idx=g_idx,
+        row_losses=losses,
+        damping=damping,
+    )

@@ -1,0 +1,94 @@
+"""Hessian accumulation: forward pre-hooks that sum XᵀX over calibration tokens.
+
+Sum first, divide once at the end (H = 2·ΣXᵀX / n): dividing per batch loses fp32 precision.
+Linears that read the very same input tensor in a forward (q/k/v, gate/up) share one accumulator,
+found by tensor identity in the first forward, so their common XᵀX is computed once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class HessianGroup:
+    """Linears reading one input, with the running sum of XᵀX (fp32) and the token count."""
+
+    names: list[str]
+    columns: int
+    device: torch.device
+    sum: torch.Tensor = field(init=False)
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.sum = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=self.device)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the rows of `x` [tokens, columns]."""
+        x = x.to(torch.float32)
+        self.sum.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2·XᵀX / n. A group that saw no token gets all zeros (every column dead)."""
+        return self.sum * (2.0 / max(self.tokens, 1))
+
+    def release(self) -> None:
+        self.sum = torch.empty(0)
+
+
+class HessianHooks:
+    """Accumulates one Hessian per distinct Linear input while a decoder layer runs forwards.
+
+    Before each forward call `start_forward(attention_mask)`; tokens where the mask is 0 (padding)
+    are left out. Inputs whose leading dims do not match the mask (e.g. MoE experts that see a
+    gathered token subset) are taken whole.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+        self.modules = modules
+        self.groups: list[HessianGroup] = []
+        self._group_of: dict[str, HessianGroup] = {}
+        self._seen: list[tuple[torch.Tensor, HessianGroup]] = []
+        self._mask: torch.Tensor | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def start_forward(self, attention_mask: torch.Tensor | None) -> None:
+        self._seen = []  # drops references to the previous forward's inputs
+        self._mask = None if attention_mask is None else attention_mask.bool()
+
+    def _hook(self, name: str, module: nn.Linear, args: tuple) -> None:
+        x = args[0]
+        for seen_input, group in self._seen:
+            if seen_input is x:
+                if name not in self._group_of:  # first forward: join the group reading this tensor
+                    self._group_of[name] = group
+                    group.names.append(name)
+                return
+        group = self._group_of.get(name)
+        if group is None:
+            group = HessianGroup([name], module.in_features, x.device)
+            self._group_of[name] = group
+            self.groups.append(group)
+        self._seen.append((x, group))
+        rows = x
+        if self._mask is not None and x.dim() >= 3 and x.shape[:2] == self._mask.shape:
+            rows = x[self._mask.to(x.device)]
+        group.add(rows.reshape(-1, x.shape[-1]))
+
+    @contextmanager
+    def attached(self) -> Iterator[HessianHooks]:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(lambda m, a, n=name: self._hook(n, m, a)))
+        try:
+            yield self
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._seen = []
