@@ -1,0 +1,20 @@
+"""GPTQ quantization of language models, also while they stay sharded (FSDP2, DeepSpeed ZeRO-3)."""
+
+from gptq_fsdp.checkpoint import save_quantized
+from gptq_fsdp.config import GPTQConfig
+from gptq_fsdp.data import CalibrationSet, build_calibration, load_texts
+from gptq_fsdp.gptq import GPTQError, GPTQResult, gptq_quantize
+from gptq_fsdp.pipeline import QuantizationResult, quantize_model
+
+__all__ = [
+    "CalibrationSet",
+    "GPTQConfig",
+    "GPTQError",
+    "GPTQResult",
+    "QuantizationResult",
+    "build_calibration",
+    "gptq_quantize",
+    "load_texts",
+    "quantize_model",
+    "save_quantized",
+]

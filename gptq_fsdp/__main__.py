@@ -1,0 +1,3 @@
+from gptq_fsdp.cli import main
+
+main()

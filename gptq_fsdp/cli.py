@@ -1,0 +1,186 @@
+"""`gptq-fsdp` command line: quantize a model folder into a compressed-tensors checkpoint; perplexity."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("gptq_fsdp")
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _scheme_bits(value: str) -> tuple[int, bool]:
+    """'W4A16' -> (4, symmetric), 'W4A16_ASYM' -> (4, asymmetric)."""
+    match = re.fullmatch(r"W([2-8])A16(_ASYM)?", value.upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"unsupported scheme {value!r}: weight-only W2A16..W8A16, optionally _ASYM")
+    return int(match.group(1)), match.group(2) is None
+
+
+def _positive(kind):
+    def parse(value: str):
+        number = kind(value)
+        if number <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+        return number
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptq-fsdp", description="GPTQ quantization into compressed-tensors.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    q = commands.add_parser("quantize", help="quantize a HF model folder with GPTQ and save a W*A16 checkpoint")
+    q.add_argument("model", type=Path, help="HF model folder (config.json + safetensors)")
+    q.add_argument("--output", "-o", type=Path, required=True, help="checkpoint folder to create")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    data = q.add_argument_group("calibration data")
+    data.add_argument(
+        "--dataset", required=True, help="local .txt/.json/.jsonl/.parquet file or folder, or a datasets name"
+    )
+    data.add_argument("--dataset-config", default=None, help="datasets configuration name")
+    data.add_argument("--split", default="train")
+    data.add_argument("--text-column", default="text")
+    data.add_argument("--messages-column", default="messages", help="chat messages column (chat template applied)")
+    data.add_argument("--num-samples", type=_positive(int), default=128)
+    data.add_argument("--max-seq-length", type=_positive(int), default=2048)
+    data.add_argument("--no-pack", action="store_true", help="one padded sample per document instead of packing")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--batch-size", type=_positive(int), default=8, help="samples per forward call")
+    scheme = q.add_argument_group("quantization")
+    scheme.add_argument(
+        "--scheme", type=_scheme_bits, default=(4, True), help="W4A16 (default), W8A16, W4A16_ASYM, ..."
+    )
+    scheme.add_argument("--bits", type=int, default=None, help="override the scheme's bits (2-8)")
+    scheme.add_argument("--asymmetric", action="store_true", help="asymmetric (zero point) quantization")
+    scheme.add_argument("--group-size", type=int, default=128, help="columns per scale; 0 = one scale per channel")
+    scheme.add_argument("--actorder", default="static", choices=["static", "weight", "none", "group"])
+    scheme.add_argument("--dampening", type=float, default=0.01, help="fraction of mean diag(H) added to the diagonal")
+    scheme.add_argument("--block-size", type=_positive(int), default=128, help="GPTQ lazy-update block (columns)")
+    scheme.add_argument("--targets", nargs="+", default=["Linear"], help="module classes, names or re: patterns")
+    scheme.add_argument("--ignore", nargs="*", default=["lm_head"], help="modules left unquantized")
+    run = q.add_argument_group("run")
+    run.add_argument("--dtype", choices=list(DTYPES), default="auto", help="dtype to load the model in")
+    run.add_argument("--device", default="cpu", help="device for a single-process run (cpu, cuda, cuda:1)")
+    run.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads")
+    run.add_argument("-v", "--verbose", action="store_true")
+
+    p = commands.add_parser("perplexity", help="perplexity of a model (plain or quantized) on a text file")
+    p.add_argument("model", type=Path)
+    p.add_argument("--text", type=Path, required=True)
+    p.add_argument("--tokens", type=_positive(int), default=20480)
+    p.add_argument("--window", type=_positive(int), default=1024)
+    p.add_argument("--threads", type=_positive(int), default=None)
+    return parser
+
+
+def _fail(message: str) -> None:
+    print(f"gptq-fsdp: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def quantize_command(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptq_fsdp.checkpoint import check_output_dir, save_quantized
+    from gptq_fsdp.config import GPTQConfig
+    from gptq_fsdp.data import build_calibration, load_texts
+    from gptq_fsdp.gptq import GPTQError
+    from gptq_fsdp.pipeline import target_modules
+
+    # Everything cheap is checked before the model is loaded.
+    if not (args.model / "config.json").is_file():
+        _fail(f"{args.model} is not a HF model folder (no config.json)")
+    try:
+        check_output_dir(args.output, args.overwrite)
+    except (FileExistsError, FileNotFoundError) as error:
+        _fail(str(error))
+    bits, symmetric = args.scheme
+    try:
+        config = GPTQConfig.from_options(
+            bits=args.bits or bits,
+            group_size=args.group_size or None,
+            symmetric=symmetric and not args.asymmetric,
+            actorder=args.actorder,
+            targets=args.targets,
+            ignore=args.ignore,
+            dampening_frac=args.dampening,
+            block_size=args.block_size,
+            batch_size=args.batch_size,
+        )
+    except GPTQError as error:
+        _fail(str(error))
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:
+        texts = load_texts(
+            args.dataset,
+            split=args.split,
+            config_name=args.dataset_config,
+            text_column=args.text_column,
+            messages_column=args.messages_column,
+            tokenizer=tokenizer,
+        )
+        calibration = build_calibration(
+            texts,
+            tokenizer,
+            num_samples=args.num_samples,
+            max_seq_length=args.max_seq_length,
+            seed=args.seed,
+            pack=not args.no_pack,
+        )
+    except ValueError as error:
+        _fail(str(error))
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    try:
+        target_modules(model, config)
+    except GPTQError as error:
+        _fail(str(error))
+
+    from gptq_fsdp.pipeline import quantize_model
+
+    start = time.perf_counter()
+    result = quantize_model(model, calibration, config)
+    quantize_seconds = time.perf_counter() - start
+    save_start = time.perf_counter()
+    save_quantized(model.cpu(), args.output, result, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(result.table())
+    print(
+        f"quantized {len(result.modules)} modules in {quantize_seconds:.1f} s, "
+        f"saved to {args.output} in {time.perf_counter() - save_start:.1f} s"
+    )
+
+
+def perplexity_command(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptq_fsdp.evaluate import perplexity, text_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    ppl = perplexity(model, text_tokens(tokenizer, args.text, args.tokens), args.window)
+    print(f"perplexity {ppl:.4f} ({args.tokens} tokens of {args.text.name}, windows of {args.window})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    {"quantize": quantize_command, "perplexity": perplexity_command}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""`gptq-fsdp quantize` end to end on a tiny model, and bad options failing early with nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gptq_fsdp.cli import main
+from gptq_fsdp.pipeline import find_decoder_layers
+
+
+def quantize_args(model_dir, output, austen, *extra: str) -> list[str]:
+    return [
+        "quantize", str(model_dir), "--dataset", str(austen / "emma.txt"), "--output", str(output),
+        "--num-samples", "4", "--max-seq-length", "32", "--batch-size", "2", "--group-size", "32", *extra,
+    ]  # fmt: skip
+
+
+def test_quantize_end_to_end(tiny_llama_dir, austen, tmp_path, capsys):
+    output = tmp_path / "quantized"
+    main(quantize_args(tiny_llama_dir, output, austen, "--actorder", "static"))
+    printed = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in printed and "quantized 14 modules" in printed
+    log = (output / "gptq_fsdp_log.txt").read_text()
+    assert "model.layers.0.self_attn.q_proj" in log and "total wall time" in log
+
+    qconfig = json.loads((output / "config.json").read_text())["quantization_config"]
+    weights = qconfig["config_groups"]["group_0"]["weights"]
+    assert (qconfig["format"], weights["num_bits"], weights["group_size"], weights["actorder"]) == (
+        "pack-quantized", 4, 32, "static",
+    )  # fmt: skip
+    assert qconfig["ignore"] == ["lm_head"]
+    reloaded = AutoModelForCausalLM.from_pretrained(output)
+    ids = torch.randint(0, 1000, (1, 16))
+    assert torch.isfinite(reloaded(ids).logits).all()  # the first forward decompresses the weights
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    _, layers = find_decoder_layers(reloaded)
+    changed = layers[0].mlp.up_proj.weight != find_decoder_layers(original)[1][0].mlp.up_proj.weight
+    assert changed.any(), "the reloaded weights should be the quantized ones"
+
+
+def test_module_entry_point_runs(tiny_llama_dir, austen, tmp_path):
+    output = tmp_path / "out"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    args = quantize_args(tiny_llama_dir, output, austen, "--bits", "8", "--group-size", "0", "--threads", "1")
+    done = subprocess.run([sys.executable, "-m", "gptq_fsdp", *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    weights = json.loads((output / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert weights["weights"]["num_bits"] == 8 and weights["weights"]["strategy"] == "channel"
+
+
+BAD_OPTIONS = [
+    (["--group-size", "48"], "group_size 48 does not divide its 64 input columns"),
+    (["--scheme", "W9A16"], "unsupported scheme"),
+    (["--actorder", "group"], "act-order 'group'"),
+    (["--bits", "1"], "num_bits must be in 2..8"),
+    (["--num-samples", "0"], "must be positive"),
+    (["--num-samples", "100000"], "fewer than the 100000 asked"),
+    (["--targets", "re:.*nothing.*"], "match no module"),
+    (["--ignore"], "target outside the decoder layers"),  # lm_head becomes a target
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_OPTIONS)
+def test_bad_options_fail_clearly_and_write_nothing(tiny_llama_dir, austen, tmp_path, capsys, extra, message):
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(quantize_args(tiny_llama_dir, output, austen, *extra))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [], "nothing may be written on a bad option"
+
+
+def test_missing_model_and_non_empty_output(tiny_llama_dir, austen, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(quantize_args(tmp_path / "no-model", tmp_path / "out", austen))
+    assert "not a HF model folder" in capsys.readouterr().err
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        main(quantize_args(tiny_llama_dir, occupied, austen))
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+    main(quantize_args(tiny_llama_dir, occupied, austen, "--overwrite"))
+    assert (occupied / "config.json").exists() and not (occupied / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"], "no temporary directory may remain"
