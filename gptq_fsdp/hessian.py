@@ -7,6 +7,7 @@ found by tensor identity in the first forward, so their common XᵀX is computed
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class HessianHooks:
         self._seen: list[tuple[torch.Tensor, HessianGroup]] = []
         self._mask: torch.Tensor | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.seconds = 0.0  # time spent accumulating XᵀX
 
     def start_forward(self, attention_mask: torch.Tensor | None) -> None:
         self._seen = []  # drops references to the previous forward's inputs
@@ -79,7 +81,9 @@ class HessianHooks:
         rows = x
         if self._mask is not None and x.dim() >= 3 and x.shape[:2] == self._mask.shape:
             rows = x[self._mask.to(x.device)]
+        start = time.perf_counter()
         group.add(rows.reshape(-1, x.shape[-1]))
+        self.seconds += time.perf_counter() - start
 
     @contextmanager
     def attached(self) -> Iterator[HessianHooks]:

@@ -23,6 +23,9 @@ from gptq_fsdp.hessian import HessianHooks
 logger = logging.getLogger(__name__)
 
 
+PHASES = ("capture", "forward", "hessian", "gptq", "propagate")
+
+
 @dataclass
 class ModuleRecord:
     """What GPTQ produced for one Linear; `scale`/`zero_point`/`g_idx` feed the checkpoint."""
@@ -43,6 +46,8 @@ class QuantizationResult:
     config: GPTQConfig
     modules: dict[str, ModuleRecord] = field(default_factory=dict)
     seconds: float = 0.0
+    # Wall time per phase: capture, calibration forward, XᵀX (inside the forward), GPTQ, propagation.
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     def table(self) -> str:
         """Per-module loss and time, one line each."""
@@ -50,7 +55,9 @@ class QuantizationResult:
         lines = [f"{'module':<{width}}  {'layer':>5}  {'loss':>12}  {'damp':>6}  {'gptq s':>7}"]
         for r in self.modules.values():
             lines.append(f"{r.name:<{width}}  {r.layer:>5}  {r.loss:>12.5g}  {r.damping:>6.3g}  {r.seconds:>7.3f}")
-        lines.append(f"total wall time {self.seconds:.1f} s")
+        lines.append(
+            f"total wall time {self.seconds:.1f} s; " + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
+        )
         return "\n".join(lines)
 
 
@@ -180,20 +187,26 @@ def quantize_model(model: nn.Module, calibration: CalibrationSet, config: GPTQCo
 
     was_training = model.training
     model.eval()
+    clock = time.perf_counter()
     hidden, layer_calls = capture_layer_inputs(model, layers, batches)
+    result.phases["capture"] += time.perf_counter() - clock
     progress = tqdm(total=len(layers), desc="GPTQ layers", unit="layer")
     for index, layer in enumerate(layers):
         modules = per_layer[index]
         device = next(layer.parameters()).device
         hooks = HessianHooks(modules)
+        clock = time.perf_counter()
         with hooks.attached():
             for x, mask, (args, kwargs) in zip(hidden, masks, layer_calls[index], strict=True):
                 hooks.start_forward(mask)
                 layer(x.to(device), *args, **kwargs)
+        result.phases["forward"] += time.perf_counter() - clock - hooks.seconds
+        result.phases["hessian"] += hooks.seconds
         for group in hooks.groups:
             hessian = group.hessian()
             group.release()
             gptq, seconds = _quantize_group(group.names, modules, hessian, config)
+            result.phases["gptq"] += seconds
             del hessian
             row = 0
             for name in group.names:
@@ -212,11 +225,13 @@ def quantize_model(model: nn.Module, calibration: CalibrationSet, config: GPTQCo
                     damping=gptq.damping,
                     group=list(group.names),
                 )
+        clock = time.perf_counter()
         hidden = [
             _layer_output(layer(x.to(device), *args, **kwargs))
             for x, (args, kwargs) in zip(hidden, layer_calls[index], strict=True)
         ]
         layer_calls[index] = []
+        result.phases["propagate"] += time.perf_counter() - clock
         loss = sum(result.modules[n].loss for n in modules)
         progress.set_postfix(loss=f"{loss:.4g}")
         progress.update()

@@ -1,0 +1,179 @@
+"""Single-process benchmark: gptq_fsdp vs llm-compressor 0.14 on SmolLM2-135M, side by side in one run.
+
+Same model (fp32), same calibration token ids (64 x 512 tokens of Emma, built once by gptq_fsdp.data
+and handed to both), same scheme (W4 group 64 symmetric, act-order static, dampening 0.01, block 128),
+same thread count, each tool in a fresh process. Both checkpoints are then reloaded by the same code
+(transformers + compressed-tensors, our venv) and scored on 20,480 tokens of Persuasion in 1024-token
+windows. Writes benchmarks/results/smollm2_core.{json,md}.
+
+    python benchmarks/smollm2_core.py [--threads 2] [--repeats 1]
+
+Needs benchmarks/setup_llmcompressor.sh run once (llm-compressor's own venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+AUSTEN = Path(os.environ.get("GPTQ_FSDP_AUSTEN", REPO.parent / "shared" / "data" / "austen"))
+MODEL = Path(os.environ.get("GPTQ_FSDP_CACHE", Path.home() / ".cache" / "gptq_fsdp")) / "smollm2-135m"
+PEER_PYTHON = REPO / "benchmarks" / ".venv-llmc" / "bin" / "python"
+WORK = REPO / "benchmarks" / "work"
+RESULTS = REPO / "benchmarks" / "results"
+SCHEME = dict(group_size=64, actorder="static", dampening=0.01, block_size=128)
+
+
+def run_ours(calibration: Path, output: Path, threads: int, report: Path) -> None:
+    """Worker: quantize with gptq_fsdp in this process and write timings to `report`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptq_fsdp import CalibrationSet, GPTQConfig, quantize_model, save_quantized
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    config = GPTQConfig.from_options(
+        bits=4,
+        group_size=SCHEME["group_size"],
+        actorder=SCHEME["actorder"],
+        dampening_frac=SCHEME["dampening"],
+        block_size=SCHEME["block_size"],
+    )
+    start = time.perf_counter()
+    result = quantize_model(model, CalibrationSet.load(calibration), config)
+    quantize_s = time.perf_counter() - start
+    start = time.perf_counter()
+    save_quantized(model, output, result, tokenizer=AutoTokenizer.from_pretrained(MODEL), overwrite=True)
+    report.write_text(
+        json.dumps(
+            {
+                "tool": "gptq_fsdp",
+                "quantize_s": quantize_s,
+                "save_s": time.perf_counter() - start,
+                "phases_s": result.phases,
+                "threads": threads,
+            }
+        )
+    )
+
+
+def score(model_dir: Path, tokens: torch.Tensor, threads: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    from gptq_fsdp.evaluate import perplexity
+
+    torch.set_num_threads(threads)
+    return perplexity(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), tokens)
+
+
+def timed_subprocess(command: list[str]) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": command[-1]}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=1, help="alternate the tools this many times; keep the best")
+    parser.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--calibration", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "ours":
+        run_ours(args.calibration, args.output, args.threads, args.report)
+        return
+    if not PEER_PYTHON.exists():
+        sys.exit("llm-compressor's venv is missing: run benchmarks/setup_llmcompressor.sh first")
+
+    from transformers import AutoTokenizer
+
+    from gptq_fsdp.data import build_calibration, load_texts
+    from gptq_fsdp.evaluate import text_tokens
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    calibration = build_calibration(
+        load_texts(str(AUSTEN / "emma.txt")), tokenizer, num_samples=args.samples, max_seq_length=args.seq_len
+    )
+    calibration.save(WORK / "calibration.pt")
+    torch.save(calibration.input_ids, WORK / "calibration_ids.pt")
+
+    runs: dict[str, list[dict]] = {"gptq_fsdp": [], "llmcompressor": []}
+    for _ in range(args.repeats):
+        report = WORK / "ours.json"
+        timed_subprocess(
+            [sys.executable, __file__, "--worker", "ours", "--calibration", str(WORK / "calibration.pt"),
+             "--output", str(WORK / "ours"), "--report", str(report), "--threads", str(args.threads)]
+        )  # fmt: skip
+        runs["gptq_fsdp"].append(json.loads(report.read_text()))
+        report = WORK / "peer.json"
+        timed_subprocess(
+            [str(PEER_PYTHON), str(REPO / "benchmarks" / "peer_llmcompressor.py"), "--model", str(MODEL),
+             "--calibration", str(WORK / "calibration_ids.pt"), "--output", str(WORK / "peer"),
+             "--group-size", str(SCHEME["group_size"]), "--actorder", SCHEME["actorder"],
+             "--dampening", str(SCHEME["dampening"]), "--block-size", str(SCHEME["block_size"]),
+             "--json", str(report), "--threads", str(args.threads)]
+        )  # fmt: skip
+        runs["llmcompressor"].append(json.loads(report.read_text()))
+
+    tokens = text_tokens(tokenizer, AUSTEN / "persuasion.txt", 20480)
+    ppl = {
+        "fp32": score(MODEL, tokens, args.threads),
+        "gptq_fsdp": score(WORK / "ours", tokens, args.threads),
+        "llmcompressor": score(WORK / "peer", tokens, args.threads),
+    }
+    best = {tool: min(runs[tool], key=lambda r: r["quantize_s"]) for tool in runs}
+    result = {
+        "job": f"SmolLM2-135M fp32, W4A16 group {SCHEME['group_size']} symmetric, act-order {SCHEME['actorder']}, "
+        f"{args.samples} x {args.seq_len} tokens of emma.txt; perplexity on 20480 tokens of persuasion.txt "
+        "(1024-token windows)",
+        "threads": args.threads,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+        "perplexity": ppl,
+        "perplexity_ratio_ours_over_peer": ppl["gptq_fsdp"] / ppl["llmcompressor"],
+        "quantize_s": {tool: best[tool]["quantize_s"] for tool in best},
+        "time_ratio_ours_over_peer": best["gptq_fsdp"]["quantize_s"] / best["llmcompressor"]["quantize_s"],
+        "our_phases_s": best["gptq_fsdp"]["phases_s"],
+        "runs": runs,
+    }
+    (RESULTS / "smollm2_core.json").write_text(json.dumps(result, indent=2) + "\n")
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in result["our_phases_s"].items())
+    peer = f"llm-compressor {best['llmcompressor'].get('version', '')}"
+    (RESULTS / "smollm2_core.md").write_text(
+        f"""# SmolLM2-135M, one process ({result["date"]})
+
+{result["job"]}; {args.threads} threads each, {result["machine"]}.
+
+| | quantize wall time (s) | perplexity |
+|---|---:|---:|
+| fp32 model | | {ppl["fp32"]:.3f} |
+| gptq_fsdp | {result["quantize_s"]["gptq_fsdp"]:.1f} | {ppl["gptq_fsdp"]:.3f} |
+| {peer} | {result["quantize_s"]["llmcompressor"]:.1f} | {ppl["llmcompressor"]:.3f} |
+
+Time ratio gptq_fsdp / llm-compressor: **{result["time_ratio_ours_over_peer"]:.3f}**;
+perplexity ratio: **{result["perplexity_ratio_ours_over_peer"]:.4f}**.
+
+Where gptq_fsdp's time goes: {phases}.
+"""
+    )
+    print(json.dumps({k: result[k] for k in ("perplexity", "quantize_s", "time_ratio_ours_over_peer")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Hessian hooks: grouping of Linears by shared input, and the exact XᵀX sums over unmasked tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gptq_fsdp.hessian import HessianGroup, HessianHooks
+
+HIDDEN = 12
+
+
+class Block(nn.Module):
+    """q/k/v read one tensor, o reads another, `twice` runs on two inputs, `pooled` sees a 2-D input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(HIDDEN, HIDDEN) for _ in range(3))
+        self.o = nn.Linear(HIDDEN, HIDDEN, bias=False)
+        self.twice = nn.Linear(HIDDEN, HIDDEN)
+        self.pooled = nn.Linear(HIDDEN, 3)
+
+    def inputs(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """Every Linear's input(s), computed exactly as forward does."""
+        mixed = torch.tanh(self.q(x) * self.k(x) + self.v(x))
+        out = self.o(mixed)
+        second = out * 0.5 + x
+        return {"qkv": [x], "o": [mixed], "twice": [out, second], "pooled": [x.mean(dim=1)]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = torch.tanh(self.q(x) * self.k(x) + self.v(x))
+        out = self.o(mixed)
+        y = self.twice(out) + self.twice(out * 0.5 + x)
+        return y.sum() + self.pooled(x.mean(dim=1)).sum()
+
+
+def masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None or x.dim() < 3:
+        return x.reshape(-1, x.shape[-1])
+    return x[mask.bool()]
+
+
+def make_batches() -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for batch, seq in [(2, 5), (3, 7), (1, 4), (2, 6)]:
+        x = torch.randn(batch, seq, HIDDEN, generator=gen) * 3 + 1
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        if batch > 1:
+            mask[1, seq - 3 :] = 0  # right padding on the second row
+        batches.append((x, mask))
+    batches[2] = (batches[2][0], None)  # one forward without a mask: every token counts
+    return batches
+
+
+@pytest.fixture(scope="module")
+def block() -> Block:
+    torch.manual_seed(0)
+    return Block()
+
+
+@pytest.fixture(scope="module")
+def accumulated(block):
+    modules = {name: getattr(block, name) for name in ("q", "k", "v", "o", "twice", "pooled")}
+    hooks = HessianHooks(modules)
+    batches = make_batches()
+    with torch.no_grad(), hooks.attached():
+        for x, mask in batches:
+            hooks.start_forward(mask)
+            block(x)
+    return hooks, batches
+
+
+def reference(block: Block, batches, key: str) -> tuple[torch.Tensor, int]:
+    """float64 XᵀX over the unmasked tokens of every input of `key`, and the token count."""
+    total = torch.zeros(HIDDEN, HIDDEN, dtype=torch.float64)
+    tokens = 0
+    with torch.no_grad():
+        for x, mask in batches:
+            for inp in block.inputs(x)[key]:
+                rows = masked_rows(inp, mask).double()
+                total += rows.T @ rows
+                tokens += rows.shape[0]
+    return total, tokens
+
+
+def group_by_names(hooks: HessianHooks) -> dict[frozenset, HessianGroup]:
+    return {frozenset(g.names): g for g in hooks.groups}
+
+
+def test_groups_by_shared_input(accumulated):
+    hooks, _ = accumulated
+    groups = group_by_names(hooks)
+    assert set(groups) == {frozenset("qkv"), frozenset({"o"}), frozenset({"twice"}), frozenset({"pooled"})}
+    assert len(hooks.groups) == 4  # one accumulator per distinct input, no duplicates
+    assert sorted(n for g in hooks.groups for n in g.names) == sorted(["q", "k", "v", "o", "twice", "pooled"])
+    for group in hooks.groups:
+        assert group.columns == HIDDEN and group.sum.shape == (HIDDEN, HIDDEN)
+        assert group.sum.dtype == torch.float32
+
+
+@pytest.mark.parametrize("key, names", [("qkv", "qkv"), ("o", {"o"}), ("twice", {"twice"}), ("pooled", {"pooled"})])
+def test_sums_equal_xtx_over_unmasked_tokens(block, accumulated, key, names):
+    hooks, batches = accumulated
+    group = group_by_names(hooks)[frozenset(names)]
+    expected, tokens = reference(block, batches, key)
+    assert group.tokens == tokens
+    torch.testing.assert_close(group.sum.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(group.hessian(), group.sum * 2 / tokens, rtol=1e-6, atol=0)
+    torch.testing.assert_close(group.hessian().double(), 2 * expected / tokens, rtol=1e-5, atol=1e-5)
+
+
+def test_token_counts(accumulated):
+    hooks, batches = accumulated
+    groups = group_by_names(hooks)
+    unmasked = sum(x.shape[0] * x.shape[1] if m is None else int(m.sum()) for x, m in batches)
+    all_tokens = sum(x.shape[0] * x.shape[1] for x, _ in batches)
+    assert unmasked < all_tokens  # the padding really is there
+    assert groups[frozenset("qkv")].tokens == unmasked
+    assert groups[frozenset({"o"})].tokens == unmasked
+    assert groups[frozenset({"twice"})].tokens == 2 * unmasked  # two calls per forward
+    # A 2-D input does not line up with the [batch, seq] mask: taken whole, one row per sample.
+    assert groups[frozenset({"pooled"})].tokens == sum(x.shape[0] for x, _ in batches)
+
+
+def test_padding_changes_nothing(block):
+    """Garbage in padded positions must not reach the sums."""
+    modules = {"q": block.q, "k": block.k, "v": block.v}
+    x = torch.randn(2, 6, HIDDEN)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    garbage = x.clone()
+    garbage[1, 2:] = 1e3
+    sums = []
+    for inp in (x, garbage):
+        hooks = HessianHooks(modules)
+        with torch.no_grad(), hooks.attached():
+            hooks.start_forward(mask)
+            block.q(inp), block.k(inp), block.v(inp)
+        (group,) = hooks.groups
+        assert group.tokens == 8
+        sums.append(group.sum)
+    torch.testing.assert_close(sums[0], sums[1], rtol=0, atol=0)
+
+
+def test_hooks_detach_on_exit(block, accumulated):
+    hooks, _ = accumulated
+    for name in ("q", "k", "v", "o", "twice", "pooled"):
+        assert len(getattr(block, name)._forward_pre_hooks) == 0
+    before = [g.sum.clone() for g in hooks.groups]
+    with torch.no_grad():
+        hooks.start_forward(None)
+        block(torch.randn(2, 3, HIDDEN))
+    for group, old in zip(hooks.groups, before, strict=True):
+        assert torch.equal(group.sum, old)
+
+
+def test_group_without_tokens_has_zero_hessian():
+    group = HessianGroup(["unused"], 5, torch.device("cpu"))
+    assert group.tokens == 0
+    h = group.hessian()
+    assert h.shape == (5, 5) and torch.isfinite(h).all() and not h.any()
+
+
+def test_group_add_accumulates_in_fp32():
+    group = HessianGroup(["x"], 4, torch.device("cpu"))
+    a = torch.randn(10, 4, dtype=torch.bfloat16)
+    b = torch.randn(3, 4, dtype=torch.bfloat16)
+    group.add(a)
+    group.add(b)
+    rows = torch.cat([a, b]).double()
+    assert group.tokens == 13 and group.sum.dtype == torch.float32
+    torch.testing.assert_close(group.sum.double(), rows.T @ rows, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- real Llama layer
+
+
+def test_real_llama_layer_groups_and_sums(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    layer = model.model.layers[0]
+    modules = {f"model.layers.0.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    assert len(modules) == 7
+
+    normed: list[torch.Tensor] = []  # what q/k/v read: the input layernorm's output
+    handle = layer.input_layernorm.register_forward_hook(lambda m, a, out: normed.append(out))
+    gen = torch.Generator().manual_seed(0)
+    masks = [torch.tensor([[1] * 10, [1] * 6 + [0] * 4]), torch.tensor([[1] * 7 + [0] * 3, [1] * 10])]
+    hooks = HessianHooks(modules)
+    try:
+        with torch.no_grad(), hooks.attached():
+            for mask in masks:
+                ids = torch.randint(0, 1000, mask.shape, generator=gen)
+                hooks.start_forward(mask)
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        handle.remove()
+
+    p = "model.layers.0."
+    groups = group_by_names(hooks)
+    assert set(groups) == {
+        frozenset({p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"}),
+        frozenset({p + "self_attn.o_proj"}),
+        frozenset({p + "mlp.gate_proj", p + "mlp.up_proj"}),
+        frozenset({p + "mlp.down_proj"}),
+    }
+    unmasked = sum(int(m.sum()) for m in masks)
+    assert all(g.tokens == unmasked for g in hooks.groups)
+    qkv = groups[frozenset({p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"})]
+    expected = sum(masked_rows(h, m).double().T @ masked_rows(h, m).double() for h, m in zip(normed, masks))
+    torch.testing.assert_close(qkv.sum.double(), expected, rtol=1e-5, atol=1e-5)
+    assert groups[frozenset({p + "mlp.down_proj"})].sum.shape == (128, 128)
