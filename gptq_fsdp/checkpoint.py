@@ -1,13 +1,15 @@
 """compressed-tensors `pack-quantized` checkpoints, written atomically.
 
-Packing is compressed-tensors' own `PackedQuantizationCompressor`; the config block is its own
-`QuantizationConfig` written by `ModelCompressor.update_config`; files are written by transformers'
-`save_pretrained`. The checkpoint goes to a temporary directory beside the target and is renamed
-into place only once complete, so a crash never leaves a half-written checkpoint at `output_dir`.
+Packing is compressed-tensors' own `PackedQuantizationCompressor` (run by each module's owner right
+after GPTQ); the config block is its own `QuantizationConfig` written by `ModelCompressor.update_config`;
+tensors go through safetensors' `save_file`, one file per rank plus transformers' index format.
+The checkpoint goes to a temporary directory beside the target and is renamed into place only once
+complete, so a crash never leaves a half-written checkpoint at `output_dir`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -15,11 +17,12 @@ from pathlib import Path
 
 import torch
 from compressed_tensors.compressors import ModelCompressor
-from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 from compressed_tensors.utils import match_named_modules
+from safetensors.torch import save_file
 from torch import nn
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from gptq_fsdp.pipeline import QuantizationResult
 
@@ -44,7 +47,8 @@ def quantization_config(model: nn.Module, result: QuantizationResult) -> Quantiz
     """The `quantization_config` block: our scheme, and every target we did not quantize by name."""
     scheme = result.config.scheme.model_copy(deep=True)
     scheme.format = CompressionFormat.pack_quantized.value
-    skipped = [name for name, _ in match_named_modules(model, scheme.targets) if name not in result.modules]
+    done = set(result.quantized)
+    skipped = [name for name, _ in match_named_modules(model, scheme.targets) if name not in done]
     return QuantizationConfig(
         config_groups={"group_0": scheme},
         format=CompressionFormat.pack_quantized.value,
@@ -53,47 +57,25 @@ def quantization_config(model: nn.Module, result: QuantizationResult) -> Quantiz
     )
 
 
-def compressed_state_dict(state_dict: dict[str, torch.Tensor], result: QuantizationResult) -> dict[str, torch.Tensor]:
-    """Replace each quantized `weight` by `weight_packed`/`weight_scale`/`weight_shape` (+ zero point, g_idx)."""
-    scheme = result.config.scheme
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state_dict.items():
-        module_name, _, param = key.rpartition(".")
-        record = result.modules.get(module_name)
-        if record is None or param != "weight":
-            out[key] = tensor
+def _unquantized_tensors(model: nn.Module, result: QuantizationResult) -> dict[str, torch.Tensor]:
+    """Whole copies, on rank 0, of every parameter/buffer GPTQ did not replace (tied ones once)."""
+    backend = result.backend
+    quantized = {f"{name}.weight" for name in result.quantized}
+    tensors, seen = {}, set()
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key in quantized or id(value) in seen:
             continue
-        local = {"weight": tensor, "weight_scale": record.scale, "weight_zero_point": record.zero_point}
-        for name, value in PackedQuantizationCompressor.compress(local, scheme).items():
-            out[f"{module_name}.{name}"] = value
-        if record.g_idx is not None:
-            out[f"{module_name}.weight_g_idx"] = record.g_idx
-    return out
+        seen.add(id(value))
+        full = backend.full_tensor(value, dst=0)  # collective: every rank walks the same keys
+        if full is not None:
+            tensors[key] = full.detach().cpu().contiguous()
+    return tensors
 
 
-def write_checkpoint(
-    output_dir: str | Path,
-    write_files,
-    *,
-    overwrite: bool = False,
-) -> Path:
-    """Run `write_files(tmp_dir)` into a fresh directory beside `output_dir`, then move it into place."""
-    target = check_output_dir(output_dir, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write_files(tmp)
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+def _shared_tmp_dir(target: Path, backend) -> Path:
+    """A fresh directory beside `target`, made by rank 0 and named to all ranks (shared filesystem)."""
+    path = str(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)) if backend.rank == 0 else None
+    return Path(backend.broadcast_object(path))
 
 
 def save_quantized(
@@ -103,16 +85,66 @@ def save_quantized(
     *,
     tokenizer=None,
     overwrite: bool = False,
-    max_shard_size: str = "5GB",
 ) -> Path:
-    """Write `model` (quantized in memory by `quantize_model`) as a compressed-tensors checkpoint."""
+    """Write `model` (quantized in memory by `quantize_model`) as a compressed-tensors checkpoint.
 
-    def write_files(tmp: Path) -> None:
-        state_dict = compressed_state_dict(model.state_dict(), result)
-        model.save_pretrained(tmp, state_dict=state_dict, max_shard_size=max_shard_size)
-        ModelCompressor(quantization_config=quantization_config(model, result)).update_config(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / LOG_NAME).write_text(result.table() + "\n")
+    Collective under a sharded backend: each rank writes the packed weights it owns into its own
+    safetensors file, rank 0 adds the unquantized tensors, the index, config and tokenizer, and
+    moves the directory into place. Nothing is gathered whole except the unquantized tensors.
+    """
+    backend = result.backend
+    rank, world = backend.rank, backend.world_size
+    target = Path(output_dir)
+    error = None
+    if rank == 0:
+        try:
+            check_output_dir(target, overwrite)
+        except (FileExistsError, FileNotFoundError) as exc:
+            error = exc
+    error = backend.broadcast_object(error)
+    if error is not None:
+        raise error
+    tmp = _shared_tmp_dir(target, backend)
+    try:
+        tensors = _unquantized_tensors(model, result)
+        for record in result.modules.values():
+            if record.owner == rank:
+                tensors.update({f"{record.name}.{k}": v for k, v in record.packed.items()})
+        file = "model.safetensors" if world == 1 else f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
+        save_file(tensors, tmp / file, metadata={"format": "pt"})
+        sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+        weight_maps = backend.gather_objects(({k: file for k in tensors}, sum(sizes.values())))
+        if rank == 0:
+            if world > 1:
+                index = {
+                    "metadata": {"total_size": sum(size for _, size in weight_maps)},
+                    "weight_map": dict(sorted({k: f for m, _ in weight_maps for k, f in m.items()}.items())),
+                }
+                (tmp / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            ModelCompressor(quantization_config=quantization_config(model, result)).update_config(str(tmp))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            (tmp / LOG_NAME).write_text(result.table() + "\n")
+        backend.barrier()
+        if rank == 0:
+            _move_into_place(tmp, target)
+        backend.barrier()
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
-    return write_checkpoint(output_dir, write_files, overwrite=overwrite)
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    os.chmod(tmp, 0o755)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(target)

@@ -8,53 +8,63 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import torch
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.utils import match_named_modules
 from torch import nn
 from tqdm.auto import tqdm
 
+from gptq_fsdp.backends import Backend, detect_backend
+from gptq_fsdp.comm import Pending
 from gptq_fsdp.config import GPTQConfig
-from gptq_fsdp.data import CalibrationSet
+from gptq_fsdp.data import CalibrationSet, rank_batches
 from gptq_fsdp.gptq import GPTQError, GPTQResult, gptq_quantize, validate_args
-from gptq_fsdp.hessian import HessianHooks
+from gptq_fsdp.hessian import HessianGroup, HessianHooks
+from gptq_fsdp.schedule import assign_owners
 
 logger = logging.getLogger(__name__)
 
 
-PHASES = ("capture", "forward", "hessian", "gptq", "propagate")
+PHASES = ("capture", "forward", "hessian", "wait", "gptq", "propagate")
 
 
 @dataclass
 class ModuleRecord:
-    """What GPTQ produced for one Linear; `scale`/`zero_point`/`g_idx` feed the checkpoint."""
+    """What GPTQ produced for one Linear. `packed` (the checkpoint tensors) lives on its owner only."""
 
     name: str
     layer: int
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-    g_idx: torch.Tensor | None
+    owner: int
     loss: float
     seconds: float  # GPTQ time of its Hessian group (shared by the group's members)
     damping: float
     group: list[str]
+    packed: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 @dataclass
 class QuantizationResult:
     config: GPTQConfig
-    modules: dict[str, ModuleRecord] = field(default_factory=dict)
+    backend: Backend
+    quantized: list[str] = field(default_factory=list)  # every quantized Linear, on every rank
+    modules: dict[str, ModuleRecord] = field(default_factory=dict)  # this rank's; all of them on rank 0 at the end
     seconds: float = 0.0
-    # Wall time per phase: capture, calibration forward, XᵀX (inside the forward), GPTQ, propagation.
+    # Wall time per phase: capture, calibration forward, XᵀX (inside the forward), waiting for
+    # collectives, GPTQ, propagation forward.
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    timeline: list[dict] = field(default_factory=list)  # this rank's (layer, group, event, start, end)
 
     def table(self) -> str:
         """Per-module loss and time, one line each."""
         width = max([len(n) for n in self.modules] + [6])
-        lines = [f"{'module':<{width}}  {'layer':>5}  {'loss':>12}  {'damp':>6}  {'gptq s':>7}"]
-        for r in self.modules.values():
-            lines.append(f"{r.name:<{width}}  {r.layer:>5}  {r.loss:>12.5g}  {r.damping:>6.3g}  {r.seconds:>7.3f}")
+        lines = [f"{'module':<{width}}  {'layer':>5}  {'owner':>5}  {'loss':>12}  {'damp':>6}  {'gptq s':>7}"]
+        for r in sorted(self.modules.values(), key=lambda r: self.quantized.index(r.name)):
+            lines.append(
+                f"{r.name:<{width}}  {r.layer:>5}  {r.owner:>5}  {r.loss:>12.5g}  {r.damping:>6.3g}  {r.seconds:>7.3f}"
+            )
         lines.append(
             f"total wall time {self.seconds:.1f} s; " + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
         )
@@ -157,85 +167,163 @@ def capture_layer_inputs(
     return hidden, per_layer_calls
 
 
-def _quantize_group(
-    names: list[str], modules: dict[str, nn.Linear], hessian: torch.Tensor, config: GPTQConfig
-) -> tuple[GPTQResult, float]:
-    """GPTQ on the rows of every module of one Hessian group at once (GPTQ is row-separable)."""
-    start = time.perf_counter()
-    weight = torch.cat([modules[n].weight for n in names]) if len(names) > 1 else modules[names[0]].weight
-    result = gptq_quantize(
-        weight,
-        hessian,
-        config.weights,
-        dampening_frac=config.dampening_frac,
-        block_size=config.block_size,
-        name=", ".join(names),
-    )
-    return result, time.perf_counter() - start
+class _Clock:
+    """Adds wall time to a phase and, when asked, logs the interval on the timeline."""
+
+    def __init__(self, result: QuantizationResult, start: float) -> None:
+        self.result, self.start = result, start
+
+    @contextmanager
+    def __call__(self, phase: str, **event):
+        begin = time.perf_counter()
+        yield
+        end = time.perf_counter()
+        self.result.phases[phase] += end - begin
+        if event:
+            self.result.timeline.append({**event, "event": phase, "start": begin - self.start, "end": end - self.start})
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, calibration: CalibrationSet, config: GPTQConfig) -> QuantizationResult:
-    """Quantize `model` in place with GPTQ, layer by layer, and return what the checkpoint needs."""
+def quantize_model(
+    model: nn.Module, calibration: CalibrationSet, config: GPTQConfig, backend: Backend | None = None
+) -> QuantizationResult:
+    """Quantize `model` in place with GPTQ, layer by layer, and return what the checkpoint needs.
+
+    Under a sharded backend every rank calls this with the same `calibration`; each rank runs its own
+    slice of it, Hessians are summed on each group's owner, the owner runs GPTQ and every rank's
+    shard receives the quantized-dequantized weight.
+    """
     start = time.perf_counter()
+    backend = backend or detect_backend(model)
+    rank, world = backend.rank, backend.world_size
     per_layer = target_modules(model, config)
     _, layers = find_decoder_layers(model)
-    indices = list(range(len(calibration)))
-    batches = [calibration.batch(indices[i : i + config.batch_size]) for i in range(0, len(indices), config.batch_size)]
+    batches = [calibration.batch(b) for b in rank_batches(len(calibration), rank, world, config.batch_size)]
     masks = [mask for _, mask in batches]
-    result = QuantizationResult(config)
+    result = QuantizationResult(config, backend, quantized=[n for modules in per_layer for n in modules])
+    clock = _Clock(result, start)
 
     was_training = model.training
     model.eval()
-    clock = time.perf_counter()
-    hidden, layer_calls = capture_layer_inputs(model, layers, batches)
-    result.phases["capture"] += time.perf_counter() - clock
-    progress = tqdm(total=len(layers), desc="GPTQ layers", unit="layer")
+    backend.prepare(model)
+    with clock("capture"):
+        hidden, layer_calls = capture_layer_inputs(model, layers, batches)
+    progress = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", disable=rank != 0)
     for index, layer in enumerate(layers):
         modules = per_layer[index]
-        device = next(layer.parameters()).device
         hooks = HessianHooks(modules)
-        clock = time.perf_counter()
-        with hooks.attached():
+        with clock("forward"), hooks.attached():
             for x, mask, (args, kwargs) in zip(hidden, masks, layer_calls[index], strict=True):
                 hooks.start_forward(mask)
-                layer(x.to(device), *args, **kwargs)
-        result.phases["forward"] += time.perf_counter() - clock - hooks.seconds
+                layer(x, *args, **kwargs)
+        result.phases["forward"] -= hooks.seconds
         result.phases["hessian"] += hooks.seconds
-        for group in hooks.groups:
-            hessian = group.hessian()
-            group.release()
-            gptq, seconds = _quantize_group(group.names, modules, hessian, config)
-            result.phases["gptq"] += seconds
-            del hessian
-            row = 0
-            for name in group.names:
-                weight = modules[name].weight
-                rows = slice(row, row + weight.shape[0])
-                row += weight.shape[0]
-                weight.copy_(gptq.weight[rows])
-                result.modules[name] = ModuleRecord(
-                    name=name,
-                    layer=index,
-                    scale=gptq.scale[rows],
-                    zero_point=gptq.zero_point[rows],
-                    g_idx=gptq.g_idx,
-                    loss=float(gptq.row_losses[rows].sum()),
-                    seconds=seconds,
-                    damping=gptq.damping,
-                    group=list(group.names),
-                )
-        clock = time.perf_counter()
-        hidden = [
-            _layer_output(layer(x.to(device), *args, **kwargs))
-            for x, (args, kwargs) in zip(hidden, layer_calls[index], strict=True)
-        ]
+        _quantize_layer(index, hooks.groups, modules, config, backend, result, clock)
+        with clock("propagate"):
+            hidden = [
+                _layer_output(layer(x, *args, **kwargs))
+                for x, (args, kwargs) in zip(hidden, layer_calls[index], strict=True)
+            ]
         layer_calls[index] = []
-        result.phases["propagate"] += time.perf_counter() - clock
-        loss = sum(result.modules[n].loss for n in modules)
+        loss = sum(result.modules[n].loss for n in modules if n in result.modules)
         progress.set_postfix(loss=f"{loss:.4g}")
         progress.update()
     progress.close()
     model.train(was_training)
     result.seconds = time.perf_counter() - start
+    # Rank 0 gets every record's summary (not the packed tensors) for the table and the log.
+    summaries = backend.gather_objects([replace(r, packed={}) for r in result.modules.values()])
+    if summaries is not None and world > 1:
+        result.modules.update({r.name: r for records in summaries for r in records if r.name not in result.modules})
     return result
+
+
+def _quantize_layer(
+    index: int,
+    groups: list[HessianGroup],
+    modules: dict[str, nn.Linear],
+    config: GPTQConfig,
+    backend: Backend,
+    result: QuantizationResult,
+    clock: _Clock,
+) -> None:
+    """Sum each group's Hessian on its owner, GPTQ there, write the result into every rank's shard.
+
+    All reduces and gathers are posted first, so while an owner runs GPTQ on one group the
+    transfers of its next groups are in flight; scatters are posted in the same global order.
+    """
+    rank = backend.rank
+    shapes = [(sum(modules[n].weight.shape[0] for n in g.names), g.columns) for g in groups]
+    assignment = assign_owners(shapes, backend.world_size)
+    logger.debug(
+        "layer %d owners %s, predicted balance (max/mean) %.3f",
+        index,
+        {", ".join(g.names): o for g, o in zip(groups, assignment.owners, strict=True)},
+        assignment.balance,
+    )
+    tokens = [backend.sum_int(g.tokens) for g in groups]
+    hessians = [backend.reduce(g.sum, owner) for g, owner in zip(groups, assignment.owners, strict=True)]
+    weights = [
+        [backend.gather_weight(modules[n].weight, owner) for n in g.names]
+        for g, owner in zip(groups, assignment.owners, strict=True)
+    ]
+    scatters: list[Pending] = []
+    for gi in assignment.order:
+        group, owner = groups[gi], assignment.owners[gi]
+        fulls: list[torch.Tensor | None] = [None] * len(group.names)
+        if owner == rank:
+            event = {"layer": index, "group": gi}
+            with clock("wait", **event):
+                hessian_sum = hessians[gi].wait()
+                parts = [p.wait() for p in weights[gi]]
+            with clock("gptq", **event):
+                begin = time.perf_counter()
+                hessian = hessian_sum * (2.0 / max(tokens[gi], 1))
+                gptq = gptq_quantize(
+                    torch.cat(parts) if len(parts) > 1 else parts[0],
+                    hessian,
+                    config.weights,
+                    dampening_frac=config.dampening_frac,
+                    block_size=config.block_size,
+                    name=", ".join(group.names),
+                )
+                del hessian, hessian_sum, parts
+                rows = [modules[n].weight.shape[0] for n in group.names]
+                seconds = time.perf_counter() - begin
+                fulls = _record(index, group.names, rows, gptq, seconds, config, rank, result)
+            group.release()
+        for name, full in zip(group.names, fulls, strict=True):
+            scatters.append(backend.scatter_weight(modules[name].weight, full, owner))
+    with clock("wait"):
+        for pending in [*hessians, *(p for ws in weights for p in ws), *scatters]:
+            pending.wait()
+    for group in groups:
+        group.release()
+
+
+def _record(
+    index: int, names: list[str], rows: list[int], gptq: GPTQResult, seconds: float, config: GPTQConfig,
+    rank: int, result: QuantizationResult,
+) -> list[torch.Tensor]:  # fmt: skip
+    """Split a group's GPTQ result back into its modules and pack each for the checkpoint."""
+    fulls, row = [], 0
+    for name, count in zip(names, rows, strict=True):
+        part = slice(row, row + count)
+        row += count
+        weight = gptq.weight[part]
+        fulls.append(weight)
+        state = {"weight": weight, "weight_scale": gptq.scale[part], "weight_zero_point": gptq.zero_point[part]}
+        packed = PackedQuantizationCompressor.compress(state, config.scheme)
+        if gptq.g_idx is not None:
+            packed["weight_g_idx"] = gptq.g_idx
+        result.modules[name] = ModuleRecord(
+            name=name,
+            layer=index,
+            owner=rank,
+            loss=float(gptq.row_losses[part].sum()),
+            seconds=seconds,
+            damping=gptq.damping,
+            group=list(names),
+            packed={k: v.cpu() for k, v in packed.items()},
+        )
+    return fulls

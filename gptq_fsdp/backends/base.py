@@ -1,0 +1,79 @@
+"""The one interface the pipeline uses to reach parameters, whatever the sharding.
+
+A backend moves a weight to the rank that owns its GPTQ (`gather_weight`), writes the quantized
+result back into every rank's own storage (`scatter_weight`), sums Hessians on the owner (`reduce`)
+and reads a whole tensor on one rank for saving (`full_tensor`). All calls are collective: every
+rank calls them in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gptq_fsdp.comm import Pending, done, reduce_to
+
+
+class Backend:
+    """One process holding whole parameters (also the base of the sharded backends)."""
+
+    name = "single"
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    def prepare(self, model: nn.Module) -> None:
+        """Called once before the first forward."""
+
+    def gather_weight(self, param: torch.Tensor, owner: int) -> Pending:
+        """The whole parameter on `owner` (fp32 or its dtype), None elsewhere."""
+        return done(param.detach())
+
+    def scatter_weight(self, param: torch.Tensor, full: torch.Tensor | None, owner: int) -> Pending:
+        """Write `full` (given on `owner`) into every rank's storage of `param`."""
+        with torch.no_grad():
+            param.copy_(full)
+        return done(None)
+
+    def full_tensor(self, tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        """The whole tensor on `dst`, None elsewhere (for saving parameters GPTQ did not touch)."""
+        return tensor.detach()
+
+    def local_numel(self, param: torch.Tensor) -> int:
+        """Elements of `param` this rank stores."""
+        return param.numel()
+
+    # Plain collectives (no-ops in one process).
+    def reduce(self, tensor: torch.Tensor, owner: int) -> Pending:
+        return reduce_to(tensor, owner) if self.world_size > 1 else done(tensor)
+
+    def sum_int(self, value: int) -> int:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def gather_objects(self, obj, dst: int = 0) -> list | None:
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def broadcast_object(self, obj, src: int = 0):
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()

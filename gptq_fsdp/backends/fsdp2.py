@@ -1,0 +1,88 @@
+"""FSDP2 (`fully_shard`): parameters are DTensors sharded by rows, `Shard(0)`, possibly unevenly.
+
+FSDP2 cuts dim 0 like `torch.chunk`: ceil(rows / world) rows per rank, the last ranks get the rest
+(7 rows on 3 ranks: 3, 3, 1; 4 rows on 3 ranks: 2, 2, 0). Pieces are padded to the largest for the
+collectives and trimmed again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+from gptq_fsdp.backends.base import Backend
+from gptq_fsdp.comm import Pending, gather_pieces, scatter_pieces
+
+
+def row_counts(rows: int, world: int) -> list[int]:
+    """Rows of a dim-0 sharded tensor on each rank, as FSDP2 lays them out."""
+    chunk = math.ceil(rows / world)
+    return [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
+
+
+class FSDP2Backend(Backend):
+    name = "fsdp2"
+
+    def prepare(self, model: nn.Module) -> None:
+        # Lazy init normally happens in the root's first forward; our layer-by-layer calls need it first.
+        state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
+        if state is not None:
+            state._lazy_init()
+        if hasattr(model, "reshard"):
+            model.reshard()
+
+    @staticmethod
+    def _local(param: torch.Tensor) -> torch.Tensor:
+        if not isinstance(param, DTensor):
+            return param.data
+        if param.placements != (Shard(0),):
+            raise NotImplementedError(f"only Shard(0) FSDP2 parameters are supported, got {param.placements}")
+        return param.to_local()
+
+    def _padded_local(self, param: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        counts = row_counts(param.shape[0], self.world_size)
+        local = self._local(param).detach()
+        assert local.shape[0] == counts[self.rank], (local.shape, counts)
+        padded = local.new_zeros((max(counts), *param.shape[1:]))
+        padded[: local.shape[0]] = local
+        return padded, counts
+
+    def gather_weight(self, param: torch.Tensor, owner: int) -> Pending:
+        if not isinstance(param, DTensor):
+            return super().gather_weight(param, owner)
+        padded, counts = self._padded_local(param)
+        pending = gather_pieces(padded, owner)
+        finish = pending._finish
+        pending._finish = lambda: (
+            None if (p := finish()) is None else torch.cat([p[r, :n] for r, n in enumerate(counts)])
+        )
+        return pending
+
+    def scatter_weight(self, param: torch.Tensor, full: torch.Tensor | None, owner: int) -> Pending:
+        if not isinstance(param, DTensor):
+            return super().scatter_weight(param, full, owner)
+        counts = row_counts(param.shape[0], self.world_size)
+        local = self._local(param)
+        pieces = None
+        if self.rank == owner:
+            pieces = full.new_zeros((self.world_size, max(counts), *full.shape[1:]))
+            for r, piece in enumerate(full.to(local.dtype).split(counts)):
+                pieces[r, : piece.shape[0]] = piece
+        out = local.new_empty((max(counts), *local.shape[1:]))
+
+        def write(received: torch.Tensor) -> None:
+            with torch.no_grad():
+                local.copy_(received[: local.shape[0]])
+
+        return scatter_pieces(pieces, out, owner).then(write)
+
+    def full_tensor(self, tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        if not isinstance(tensor, DTensor):
+            return tensor.detach() if self.rank == dst else None
+        return self.gather_weight(tensor, dst).wait()
+
+    def local_numel(self, param: torch.Tensor) -> int:
+        return self._local(param).numel()

@@ -1,0 +1,45 @@
+"""Who runs GPTQ for which Hessian group: a cost model and longest-processing-time packing."""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+# GPTQ on a [rows, cols] weight: Cholesky/inverse of H ~ cols³, the block updates ~ rows·cols²,
+# and the column loop ~ rows·cols. Relative weights measured on CPU (benchmarks/README.md); only the
+# ratios matter for the packing.
+CHOLESKY_WEIGHT = 1.0
+UPDATE_WEIGHT = 1.0
+COLUMN_WEIGHT = 2.0e3
+
+
+def gptq_cost(rows: int, cols: int) -> float:
+    return CHOLESKY_WEIGHT * cols**3 + UPDATE_WEIGHT * rows * cols**2 + COLUMN_WEIGHT * rows * cols
+
+
+@dataclass(frozen=True)
+class Assignment:
+    owners: list[int]  # owner rank of each group, in the input order
+    order: list[int]  # group indices, most expensive first: every rank computes its groups in this order
+    loads: list[float]  # predicted cost per rank
+
+    @property
+    def balance(self) -> float:
+        """max / mean predicted load (1.0 is perfect)."""
+        mean = sum(self.loads) / len(self.loads)
+        return max(self.loads) / mean if mean else 1.0
+
+
+def assign_owners(shapes: list[tuple[int, int]], world_size: int) -> Assignment:
+    """Greedy LPT: the most expensive group goes to the least-loaded rank (ties: lowest rank)."""
+    costs = [gptq_cost(rows, cols) for rows, cols in shapes]
+    order = sorted(range(len(shapes)), key=lambda i: (-costs[i], i))
+    heap = [(0.0, rank) for rank in range(world_size)]
+    owners = [0] * len(shapes)
+    loads = [0.0] * world_size
+    for index in order:
+        load, rank = heapq.heappop(heap)
+        owners[index] = rank
+        loads[rank] = load + costs[index]
+        heapq.heappush(heap, (loads[rank], rank))
+    return Assignment(owners, order, loads)
