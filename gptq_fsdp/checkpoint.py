@@ -144,7 +144,11 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         target.rename(old)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:
+            old.rename(target)  # keep the previous checkpoint rather than nothing
+            raise
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     else:
         tmp.rename(target)

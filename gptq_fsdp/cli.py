@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 import time
@@ -70,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = q.add_argument_group("run")
     run.add_argument("--dtype", choices=list(DTYPES), default="auto", help="dtype to load the model in")
     run.add_argument("--device", default="cpu", help="device for a single-process run (cpu, cuda, cuda:1)")
+    run.add_argument(
+        "--load",
+        choices=["sharded", "rank0"],
+        default="sharded",
+        help="multi-rank: each rank reads only its shards (default), or rank 0 reads all and sends them",
+    )
     run.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads")
     run.add_argument("-v", "--verbose", action="store_true")
 
@@ -83,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> None:
-    print(f"gptq-fsdp: error: {message}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:  # every rank fails the same check; one says it
+        print(f"gptq-fsdp: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -94,8 +102,10 @@ def quantize_command(args: argparse.Namespace) -> None:
     from gptq_fsdp.config import GPTQConfig
     from gptq_fsdp.data import build_calibration, load_texts
     from gptq_fsdp.gptq import GPTQError
+    from gptq_fsdp.launch import init_distributed
     from gptq_fsdp.pipeline import target_modules
 
+    world = init_distributed()
     # Everything cheap is checked before the model is loaded.
     if not (args.model / "config.json").is_file():
         _fail(f"{args.model} is not a HF model folder (no config.json)")
@@ -140,7 +150,13 @@ def quantize_command(args: argparse.Namespace) -> None:
     except ValueError as error:
         _fail(str(error))
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    if world > 1:
+        from gptq_fsdp.launch import FSDPSettings, load_rank0_broadcast, load_sharded
+
+        loader = load_sharded if args.load == "sharded" else load_rank0_broadcast
+        model = loader(args.model, DTYPES[args.dtype], FSDPSettings.from_env())
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
     try:
         target_modules(model, config)
     except GPTQError as error:
@@ -152,12 +168,14 @@ def quantize_command(args: argparse.Namespace) -> None:
     result = quantize_model(model, calibration, config)
     quantize_seconds = time.perf_counter() - start
     save_start = time.perf_counter()
-    save_quantized(model.cpu(), args.output, result, tokenizer=tokenizer, overwrite=args.overwrite)
-    print(result.table())
-    print(
-        f"quantized {len(result.modules)} modules in {quantize_seconds:.1f} s, "
-        f"saved to {args.output} in {time.perf_counter() - save_start:.1f} s"
-    )
+    save_quantized(model, args.output, result, tokenizer=tokenizer, overwrite=args.overwrite)
+    if result.backend.rank == 0:
+        print(result.table())
+        print(result.memory_report())
+        print(
+            f"quantized {len(result.modules)} modules on {world} rank(s) ({result.backend.name}) in "
+            f"{quantize_seconds:.1f} s, saved to {args.output} in {time.perf_counter() - save_start:.1f} s"
+        )
 
 
 def perplexity_command(args: argparse.Namespace) -> None:
@@ -179,7 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"quantize": quantize_command, "perplexity": perplexity_command}[args.command](args)
+    try:
+        {"quantize": quantize_command, "perplexity": perplexity_command}[args.command](args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

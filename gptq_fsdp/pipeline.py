@@ -7,6 +7,7 @@ group, write the quantized-dequantized weights back, forward again to make the n
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -46,6 +47,21 @@ class ModuleRecord:
 
 
 @dataclass
+class MemoryStats:
+    """Bytes this rank held, measured from the tensors themselves (parameters and GPTQ inputs)."""
+
+    shard_bytes: int = 0  # this rank's parameter storage at rest
+    layer_unsharded_bytes: int = 0  # largest decoder layer as seen inside its forward
+    owned_weight_bytes: int = 0  # most bytes of gathered weights held at once for GPTQ
+    hessian_bytes: int = 0  # most bytes of Hessian sums held at once
+    peak_rss_bytes: int = 0  # process peak resident set size
+
+    @property
+    def parameter_peak_bytes(self) -> int:
+        return self.shard_bytes + self.layer_unsharded_bytes + self.owned_weight_bytes
+
+
+@dataclass
 class QuantizationResult:
     config: GPTQConfig
     backend: Backend
@@ -56,6 +72,19 @@ class QuantizationResult:
     # collectives, GPTQ, propagation forward.
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     timeline: list[dict] = field(default_factory=list)  # this rank's (layer, group, event, start, end)
+    memory: MemoryStats = field(default_factory=MemoryStats)
+    memory_per_rank: list[MemoryStats] = field(default_factory=list)  # on rank 0
+
+    def memory_report(self) -> str:
+        mib = 2**20
+        lines = ["rank  shards MiB  +layer MiB  +owned W MiB  = params peak MiB  Hessians MiB  peak RSS MiB"]
+        for rank, m in enumerate(self.memory_per_rank or [self.memory]):
+            lines.append(
+                f"{rank:>4}  {m.shard_bytes / mib:>10.1f}  {m.layer_unsharded_bytes / mib:>10.1f}  "
+                f"{m.owned_weight_bytes / mib:>12.1f}  {m.parameter_peak_bytes / mib:>16.1f}  "
+                f"{m.hessian_bytes / mib:>12.1f}  {m.peak_rss_bytes / mib:>12.1f}"
+            )
+        return "\n".join(lines)
 
     def table(self) -> str:
         """Per-module loss and time, one line each."""
@@ -90,13 +119,18 @@ class _InputRecorder(nn.Module):
         return hidden
 
 
+def _class_names(module: nn.Module) -> set[str]:
+    """Names of the module's classes, so FSDP2's `FSDPLlamaDecoderLayer` still counts as a `LlamaDecoderLayer`."""
+    return {cls.__name__ for cls in type(module).__mro__}
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of decoder layers: the longest ModuleList of a `_no_split_modules` class."""
     no_split = set(getattr(model, "_no_split_modules", None) or [])
     candidates = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and type(module[0]).__name__ in no_split
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and _class_names(module[0]) & no_split
     ]
     if not candidates:
         raise GPTQError(
@@ -206,16 +240,21 @@ def quantize_model(
     was_training = model.training
     model.eval()
     backend.prepare(model)
+    memory = result.memory
+    memory.shard_bytes = sum(backend.local_numel(p) * p.element_size() for p in model.parameters())
     with clock("capture"):
         hidden, layer_calls = capture_layer_inputs(model, layers, batches)
     progress = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", disable=rank != 0)
     for index, layer in enumerate(layers):
         modules = per_layer[index]
         hooks = HessianHooks(modules)
+        measure = layer.register_forward_pre_hook(lambda m, a: _measure_layer(m, memory))
         with clock("forward"), hooks.attached():
             for x, mask, (args, kwargs) in zip(hidden, masks, layer_calls[index], strict=True):
                 hooks.start_forward(mask)
                 layer(x, *args, **kwargs)
+        measure.remove()
+        memory.hessian_bytes = max(memory.hessian_bytes, sum(g.sum.numel() * 4 for g in hooks.groups))
         result.phases["forward"] -= hooks.seconds
         result.phases["hessian"] += hooks.seconds
         _quantize_layer(index, hooks.groups, modules, config, backend, result, clock)
@@ -231,11 +270,19 @@ def quantize_model(
     progress.close()
     model.train(was_training)
     result.seconds = time.perf_counter() - start
-    # Rank 0 gets every record's summary (not the packed tensors) for the table and the log.
-    summaries = backend.gather_objects([replace(r, packed={}) for r in result.modules.values()])
-    if summaries is not None and world > 1:
-        result.modules.update({r.name: r for records in summaries for r in records if r.name not in result.modules})
+    memory.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # Rank 0 gets every record's summary (not the packed tensors) and every rank's memory.
+    summaries = backend.gather_objects(([replace(r, packed={}) for r in result.modules.values()], memory))
+    if summaries is not None:
+        result.memory_per_rank = [m for _, m in summaries]
+        result.modules.update({r.name: r for records, _ in summaries for r in records if r.name not in result.modules})
     return result
+
+
+def _measure_layer(layer: nn.Module, memory: MemoryStats) -> None:
+    """Inside the layer's forward its parameters are whole (FSDP2 has unsharded them): count them."""
+    unsharded = sum(p.numel() * p.element_size() for p in layer.parameters())
+    memory.layer_unsharded_bytes = max(memory.layer_unsharded_bytes, unsharded)
 
 
 def _quantize_layer(
@@ -268,6 +315,11 @@ def _quantize_layer(
         for g, owner in zip(groups, assignment.owners, strict=True)
     ]
     scatters: list[Pending] = []
+    held = 0  # bytes of gathered weights this rank holds (all its groups' transfers are in flight at once)
+    for gi, owner in enumerate(assignment.owners):
+        if owner == rank:
+            held += sum(modules[n].weight.numel() * modules[n].weight.element_size() for n in groups[gi].names)
+    result.memory.owned_weight_bytes = max(result.memory.owned_weight_bytes, held)
     for gi in assignment.order:
         group, owner = groups[gi], assignment.owners[gi]
         fulls: list[torch.Tensor | None] = [None] * len(group.names)

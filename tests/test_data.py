@@ -258,13 +258,7 @@ def test_calibration_set_batch_and_save_load(tmp_path, tokenizer, emma_text):
 
 # ------------------------------------------------------------------------------------------ rank_batches
 
-GRID = [
-    (n, world, batch)
-    for n in range(1, 14)
-    for world in range(1, 5)
-    for batch in range(1, 5)
-    if n >= world
-]
+GRID = [(n, world, batch) for n in range(1, 14) for world in range(1, 5) for batch in range(1, 5) if n >= world]
 
 
 @pytest.mark.parametrize("num_samples, world_size, batch_size", GRID)

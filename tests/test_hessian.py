@@ -209,6 +209,8 @@ def test_real_llama_layer_groups_and_sums(tiny_llama_dir):
     unmasked = sum(int(m.sum()) for m in masks)
     assert all(g.tokens == unmasked for g in hooks.groups)
     qkv = groups[frozenset({p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"})]
-    expected = sum(masked_rows(h, m).double().T @ masked_rows(h, m).double() for h, m in zip(normed, masks))
+    assert len(normed) == len(masks)
+    rows = [masked_rows(h, m).double() for h, m in zip(normed, masks, strict=True)]
+    expected = sum(r.T @ r for r in rows)
     torch.testing.assert_close(qkv.sum.double(), expected, rtol=1e-5, atol=1e-5)
     assert groups[frozenset({p + "mlp.down_proj"})].sum.shape == (128, 128)

@@ -1,0 +1,155 @@
+"""Process group set-up and loading a model straight into FSDP2 shards.
+
+`torchrun` and `accelerate launch` export RANK/WORLD_SIZE; `accelerate launch` with an FSDP config
+also exports FSDP_* settings, which we apply ourselves: on a CPU-only machine accelerate's own
+`Accelerator()` does not apply FSDP (it reports DistributedType.NO).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+from gptq_fsdp.backends.fsdp2 import FSDP2Backend, row_counts
+from gptq_fsdp.pipeline import find_decoder_layers
+
+logger = logging.getLogger(__name__)
+
+
+def init_distributed() -> int:
+    """Join the process group the launcher describes (gloo on CPU, nccl on GPU); return the world size."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return world
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclass
+class FSDPSettings:
+    """What `fully_shard` is applied with; `from_env` reads what `accelerate launch` exports."""
+
+    layer_classes: list[str] | None = None  # default: the model's decoder-layer class
+    reshard_after_forward: bool = True
+    offload_params: bool = False
+
+    @classmethod
+    def from_env(cls) -> FSDPSettings:
+        classes = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
+        return cls(
+            layer_classes=[c.strip() for c in classes.split(",") if c.strip()] if classes else None,
+            reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("true", "1"),
+            offload_params=os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() in ("true", "1"),
+        )
+
+
+def apply_fully_shard(model: nn.Module, settings: FSDPSettings) -> nn.Module:
+    """`fully_shard` every wrap-class module (default: each decoder layer), then the root."""
+    kwargs = {"reshard_after_forward": settings.reshard_after_forward}
+    if settings.offload_params:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    if settings.layer_classes:
+        wrapped = [m for m in model.modules() if type(m).__name__ in settings.layer_classes]  # before wrapping
+        if not wrapped:
+            raise ValueError(f"no module of class {settings.layer_classes} to wrap in {type(model).__name__}")
+    else:
+        wrapped = list(find_decoder_layers(model)[1])
+    for module in wrapped:
+        fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def _checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a HF folder."""
+    index = model_dir / SAFE_WEIGHTS_INDEX_NAME
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    single = model_dir / SAFE_WEIGHTS_NAME
+    if not single.exists():
+        raise FileNotFoundError(f"{model_dir} has no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}")
+    with safe_open(single, "pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def _empty_sharded_model(model_dir: Path, dtype: torch.dtype | str, settings: FSDPSettings) -> nn.Module:
+    """The model's FSDP2 skeleton with uninitialised local shards; buffers (rotary tables) real."""
+    config = AutoConfig.from_pretrained(model_dir)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # tied embeddings must be one parameter before sharding
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    apply_fully_shard(model, settings)
+    model.to_empty(device=device_for_rank())
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    return model
+
+
+def load_sharded(
+    model_dir: str | Path, dtype: torch.dtype | str = torch.float32, settings: FSDPSettings | None = None
+) -> nn.Module:
+    """Build the model on the meta device, `fully_shard` it, and read only this rank's rows from disk."""
+    model_dir = Path(model_dir)
+    model = _empty_sharded_model(model_dir, dtype, settings or FSDPSettings())
+    files = _checkpoint_files(model_dir)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    handles: dict[Path, object] = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name not in files:
+                raise KeyError(f"{name} is not in the checkpoint at {model_dir}")
+            path = files[name]
+            if path not in handles:
+                handles[path] = safe_open(path, "pt")
+            tensor_slice = handles[path].get_slice(name)
+            local = param.to_local() if isinstance(param, DTensor) else param
+            if isinstance(param, DTensor):
+                counts = row_counts(param.shape[0], world)
+                start = sum(counts[:rank])
+                piece = tensor_slice[start : start + counts[rank]]
+            else:
+                piece = tensor_slice[:]
+            local.copy_(piece.to(local.dtype))
+    return model
+
+
+def load_rank0_broadcast(
+    model_dir: str | Path, dtype: torch.dtype | str = torch.float32, settings: FSDPSettings | None = None
+) -> nn.Module:
+    """Simpler path: rank 0 reads the whole checkpoint and sends each rank its rows."""
+    model_dir = Path(model_dir)
+    model = _empty_sharded_model(model_dir, dtype, settings or FSDPSettings())
+    backend = FSDP2Backend()
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype) if backend.rank == 0 else None
+    full_params = dict(full.named_parameters()) if full is not None else {}
+    for name, param in model.named_parameters():
+        source = full_params[name].detach() if full is not None else None
+        backend.scatter_weight(param, source, owner=0).wait()
+    return model
