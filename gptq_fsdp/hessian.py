@@ -27,20 +27,26 @@ class HessianGroup:
     tokens: int = 0
 
     def __post_init__(self) -> None:
-        self.sum = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=self.device)
+        self.sum = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=self.device)
+        self._product = torch.empty(self.columns, self.columns, dtype=torch.float32, device=self.device)
 
     def add(self, x: torch.Tensor) -> None:
-        """Add the rows of `x` [tokens, columns]."""
+        """Add the rows of `x` [tokens, columns]: XᵀX in fp32, summed over batches in float64.
+
+        The float64 sum makes the result independent of summation order (to fp32 rounding), so a
+        run that splits the batches over ranks gets the same Hessian as one process.
+        """
         x = x.to(torch.float32)
-        self.sum.addmm_(x.T, x)
+        torch.mm(x.T, x, out=self._product)
+        self.sum += self._product
         self.tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        """H = 2·XᵀX / n. A group that saw no token gets all zeros (every column dead)."""
-        return self.sum * (2.0 / max(self.tokens, 1))
+        """H = 2·XᵀX / n in fp32. A group that saw no token gets all zeros (every column dead)."""
+        return (self.sum * (2.0 / max(self.tokens, 1))).float()
 
     def release(self) -> None:
-        self.sum = torch.empty(0)
+        self.sum = self._product = torch.empty(0)
 
 
 class HessianHooks:

@@ -249,16 +249,17 @@ def quantize_model(
         modules = per_layer[index]
         hooks = HessianHooks(modules)
         measure = layer.register_forward_pre_hook(lambda m, a: _measure_layer(m, memory))
-        with clock("forward"), hooks.attached():
+        with clock("forward"), hooks.attached(), backend.layer_unsharded(layer):
             for x, mask, (args, kwargs) in zip(hidden, masks, layer_calls[index], strict=True):
                 hooks.start_forward(mask)
                 layer(x, *args, **kwargs)
         measure.remove()
-        memory.hessian_bytes = max(memory.hessian_bytes, sum(g.sum.numel() * 4 for g in hooks.groups))
+        # float64 sums + fp32 product scratch: 12 bytes per element
+        memory.hessian_bytes = max(memory.hessian_bytes, sum(g.sum.numel() * 12 for g in hooks.groups))
         result.phases["forward"] -= hooks.seconds
         result.phases["hessian"] += hooks.seconds
         _quantize_layer(index, hooks.groups, modules, config, backend, result, clock)
-        with clock("propagate"):
+        with clock("propagate"), backend.layer_unsharded(layer):
             hidden = [
                 _layer_output(layer(x, *args, **kwargs))
                 for x, (args, kwargs) in zip(hidden, layer_calls[index], strict=True)
@@ -330,7 +331,7 @@ def _quantize_layer(
                 parts = [p.wait() for p in weights[gi]]
             with clock("gptq", **event):
                 begin = time.perf_counter()
-                hessian = hessian_sum * (2.0 / max(tokens[gi], 1))
+                hessian = (hessian_sum * (2.0 / max(tokens[gi], 1))).float()
                 gptq = gptq_quantize(
                     torch.cat(parts) if len(parts) > 1 else parts[0],
                     hessian,

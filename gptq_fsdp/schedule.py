@@ -5,16 +5,18 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-# GPTQ on a [rows, cols] weight: Cholesky/inverse of H ~ cols³, the block updates ~ rows·cols²,
-# and the column loop ~ rows·cols. Relative weights measured on CPU (benchmarks/README.md); only the
-# ratios matter for the packing.
-CHOLESKY_WEIGHT = 1.0
-UPDATE_WEIGHT = 1.0
-COLUMN_WEIGHT = 2.0e3
+# Seconds of GPTQ on a [rows, cols] weight ~ a·cols³ (Cholesky, inverse) + b·rows·cols² (block
+# updates) + c·cols (per-column launch overhead) + d·rows·cols (column work). Fitted on this project's
+# 2-core CPU, one thread, by benchmarks/gptq_cost_model.py (within 25 % on 576..3072 x 576..2304);
+# only the ratios matter for the packing.
+CHOLESKY_COST = 2.55e-11
+UPDATE_COST = 2.45e-11
+COLUMN_OVERHEAD = 4.0e-5
+ELEMENT_COST = 1.5e-8
 
 
 def gptq_cost(rows: int, cols: int) -> float:
-    return CHOLESKY_WEIGHT * cols**3 + UPDATE_WEIGHT * rows * cols**2 + COLUMN_WEIGHT * rows * cols
+    return CHOLESKY_COST * cols**3 + UPDATE_COST * rows * cols**2 + COLUMN_OVERHEAD * cols + ELEMENT_COST * rows * cols
 
 
 @dataclass(frozen=True)

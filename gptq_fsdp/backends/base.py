@@ -8,6 +8,9 @@ rank calls them in the same order.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -30,6 +33,11 @@ class Backend:
 
     def prepare(self, model: nn.Module) -> None:
         """Called once before the first forward."""
+
+    @contextmanager
+    def layer_unsharded(self, layer: nn.Module) -> Iterator[None]:
+        """Keep `layer`'s parameters whole across the forwards inside (one all-gather, not one per batch)."""
+        yield
 
     def gather_weight(self, param: torch.Tensor, owner: int) -> Pending:
         """The whole parameter on `owner` (fp32 or its dtype), None elsewhere."""

@@ -8,9 +8,12 @@ collectives and trimmed again.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
 from gptq_fsdp.backends.base import Backend
@@ -33,6 +36,21 @@ class FSDP2Backend(Backend):
             state._lazy_init()
         if hasattr(model, "reshard"):
             model.reshard()
+
+    @contextmanager
+    def layer_unsharded(self, layer: nn.Module) -> Iterator[None]:
+        if not isinstance(layer, FSDPModule):
+            yield
+            return
+        groups = layer._get_fsdp_state()._fsdp_param_groups
+        reshards = any(g.post_forward_mesh_info is not None for g in groups)
+        layer.set_reshard_after_forward(False, recurse=False)
+        layer.unshard()
+        try:
+            yield
+        finally:
+            layer.reshard()  # writes go to the local shards, so the whole copy must not outlive this
+            layer.set_reshard_after_forward(reshards, recurse=False)
 
     @staticmethod
     def _local(param: torch.Tensor) -> torch.Tensor:
