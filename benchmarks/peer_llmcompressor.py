@@ -1,0 +1,151 @@
+"""Peer benchmark: GPTQ W4A16 with llm-compressor 0.14 on pre-tokenized token ids.
+
+Run with the interpreter of ``benchmarks/.venv-llmc`` (see ``setup_llmcompressor.sh``)::
+
+    python benchmarks/peer_llmcompressor.py --model DIR --calibration calib.pt \
+        --output OUT --group-size 64 --actorder static --dampening 0.01 \
+        --block-size 128 --threads 2 --json peer.json
+
+Distributed (CPU, gloo): ``torchrun --nproc_per_node 2 benchmarks/peer_llmcompressor.py
+... --threads 1``. Each rank calibrates on its contiguous slice of the samples;
+llm-compressor reduces the Hessians and splits the GPTQ solves across ranks. The
+model is loaded with ``load_offloaded_model`` so that weights live in CPU shared
+memory: rank 0 reads the weights other ranks quantized (llm-compressor skips the
+qparam broadcast for CPU-offloaded modules and relies on that sharing). Saving is
+collective (all ranks call it, rank 0 writes); only rank 0 writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from compressed_tensors.offload import load_offloaded_model
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from datasets import Dataset
+from llmcompressor import __version__, oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--calibration", required=True, help="torch.save'd LongTensor [N, L]")
+    p.add_argument("--output", required=True)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--actorder", default="static", choices=["static", "group", "weight", "none"])
+    p.add_argument("--dampening", type=float, default=0.01)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    return p.parse_args()
+
+
+def make_dataset(ids: torch.Tensor) -> Dataset:
+    rows = ids.tolist()
+    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
+
+
+def add_barrier_after_gptq() -> None:
+    """Work around a CPU-only race in llm-compressor 0.14's distributed GPTQ.
+
+    Each rank solves its share of the modules and writes the result into CPU shared
+    memory; the broadcast that would synchronise the ranks is skipped for CPU
+    modules, so a fast rank starts propagating the layer's outputs while another is
+    still writing its weights (non-deterministic output). A barrier restores order.
+    """
+    original = GPTQModifier.compress_modules
+
+    def compress_modules(self: GPTQModifier) -> None:
+        original(self)
+        dist.barrier()
+
+    GPTQModifier.compress_modules = compress_modules
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        # compressed_tensors' init_dist() requires an accelerator; gloo on CPU instead.
+        dist.init_process_group("gloo")
+        add_barrier_after_gptq()
+    rank = dist.get_rank() if world > 1 else 0
+
+    ids = torch.load(args.calibration)
+    num_samples, seq_len = ids.shape
+    start, end = num_samples * rank // world, num_samples * (rank + 1) // world
+    dataset = make_dataset(ids[start:end])
+
+    loader = load_offloaded_model() if world > 1 else contextlib.nullcontext()
+    with loader:
+        kwargs = {"device_map": "auto_offload"} if world > 1 else {}
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+
+    weights = QuantizationArgs(
+        num_bits=4,
+        type="int",
+        symmetric=True,
+        strategy="group",
+        group_size=args.group_size,
+    )
+    recipe = GPTQModifier(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+        ignore=["lm_head"],
+        actorder=None if args.actorder == "none" else args.actorder,
+        dampening_frac=args.dampening,
+        block_size=args.block_size,
+    )
+
+    if world > 1:
+        dist.barrier()
+    t0 = time.perf_counter()
+    oneshot(
+        model=model,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        recipe=recipe,
+        num_calibration_samples=end - start,
+        max_seq_length=seq_len,
+        shuffle_calibration_samples=False,
+        pipeline="sequential",
+    )
+    if world > 1:
+        dist.barrier()
+    quantize_s = time.perf_counter() - t0
+
+    # save_pretrained is collective under torch.distributed (rank 0 writes the files).
+    t0 = time.perf_counter()
+    model.save_pretrained(args.output, save_compressed=True)
+    if rank == 0:
+        tokenizer.save_pretrained(args.output)
+        save_s = time.perf_counter() - t0
+        result = {
+            "tool": "llmcompressor",
+            "version": __version__,
+            "quantize_s": round(quantize_s, 3),
+            "save_s": round(save_s, 3),
+            "threads": args.threads,
+            "world_size": world,
+            "num_samples": num_samples,
+            "seq_len": seq_len,
+        }
+        print(json.dumps(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Run under torchrun by tests/test_fsdp2.py: load a model into FSDP2 shards, quantize, save, report.
+
+torchrun --nproc_per_node N tests/fsdp_worker.py MODEL_DIR OUTPUT_DIR REPORT.json --load sharded|rank0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
+from gptq_fsdp import GPTQConfig, build_calibration, load_texts, quantize_model, save_quantized
+from gptq_fsdp.launch import init_distributed, load_rank0_broadcast, load_sharded
+from gptq_fsdp.pipeline import find_decoder_layers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", type=Path)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("report", type=Path)
+    parser.add_argument("--text", type=Path, required=True)
+    parser.add_argument("--load", choices=["sharded", "rank0"], default="sharded")
+    parser.add_argument("--samples", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    init_distributed()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    calibration = build_calibration(load_texts(str(args.text)), tokenizer, num_samples=args.samples, max_seq_length=32)
+    model = (load_sharded if args.load == "sharded" else load_rank0_broadcast)(args.model)
+    config = GPTQConfig.from_options(group_size=32, batch_size=args.batch_size)
+    result = quantize_model(model, calibration, config)
+    save_quantized(model, args.output, result, tokenizer=tokenizer)
+    ids = calibration.input_ids[:2]
+    logits = model(input_ids=ids).logits  # the sharded in-memory model after quantization
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    layer_bytes = max(
+        sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in find_decoder_layers(model)[1]
+    )
+    if dist.get_rank() == 0:
+        report = {
+            "world": dist.get_world_size(),
+            "backend": result.backend.name,
+            "logits": logits.tolist(),
+            "input_ids": ids.tolist(),
+            "model_bytes": model_bytes,
+            "layer_bytes": layer_bytes,
+            "memory_per_rank": [dataclasses.asdict(m) for m in result.memory_per_rank],
+            "owners": {name: r.owner for name, r in result.modules.items()},
+            "timeline_events": len(result.timeline),
+        }
+        args.report.write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
