@@ -51,8 +51,8 @@ class MemoryStats:
     """Bytes this rank held, measured from the tensors themselves (parameters and GPTQ inputs)."""
 
     shard_bytes: int = 0  # this rank's parameter storage at rest
-    layer_unsharded_bytes: int = 0  # largest decoder layer as seen inside its forward
-    owned_weight_bytes: int = 0  # most bytes of gathered weights held at once for GPTQ
+    layer_unsharded_bytes: int = 0  # largest whole-layer copy made for a forward (0 when nothing is copied)
+    owned_weight_bytes: int = 0  # most bytes of gathered weight copies held at once for GPTQ
     hessian_bytes: int = 0  # most bytes of Hessian sums held at once
     peak_rss_bytes: int = 0  # process peak resident set size
 
@@ -244,11 +244,12 @@ def quantize_model(
     memory.shard_bytes = sum(backend.local_numel(p) * p.element_size() for p in model.parameters())
     with clock("capture"):
         hidden, layer_calls = capture_layer_inputs(model, layers, batches)
+        backend.reshard(model)
     progress = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", disable=rank != 0)
     for index, layer in enumerate(layers):
         modules = per_layer[index]
         hooks = HessianHooks(modules)
-        measure = layer.register_forward_pre_hook(lambda m, a: _measure_layer(m, memory))
+        measure = layer.register_forward_pre_hook(lambda m, a: _measure_layer(m, memory, backend))
         with clock("forward"), hooks.attached(), backend.layer_unsharded(layer):
             for x, mask, (args, kwargs) in zip(hidden, masks, layer_calls[index], strict=True):
                 hooks.start_forward(mask)
@@ -280,10 +281,11 @@ def quantize_model(
     return result
 
 
-def _measure_layer(layer: nn.Module, memory: MemoryStats) -> None:
-    """Inside the layer's forward its parameters are whole (FSDP2 has unsharded them): count them."""
-    unsharded = sum(p.numel() * p.element_size() for p in layer.parameters())
-    memory.layer_unsharded_bytes = max(memory.layer_unsharded_bytes, unsharded)
+def _measure_layer(layer: nn.Module, memory: MemoryStats, backend: Backend) -> None:
+    """Inside the layer's forward its parameters are whole (FSDP2 has unsharded them): count the copy."""
+    if backend.copies_weights:
+        unsharded = sum(p.numel() * p.element_size() for p in layer.parameters())
+        memory.layer_unsharded_bytes = max(memory.layer_unsharded_bytes, unsharded)
 
 
 def _quantize_layer(
@@ -320,7 +322,8 @@ def _quantize_layer(
     for gi, owner in enumerate(assignment.owners):
         if owner == rank:
             held += sum(modules[n].weight.numel() * modules[n].weight.element_size() for n in groups[gi].names)
-    result.memory.owned_weight_bytes = max(result.memory.owned_weight_bytes, held)
+    if backend.copies_weights:
+        result.memory.owned_weight_bytes = max(result.memory.owned_weight_bytes, held)
     for gi in assignment.order:
         group, owner = groups[gi], assignment.owners[gi]
         fulls: list[torch.Tensor | None] = [None] * len(group.names)

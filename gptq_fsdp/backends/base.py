@@ -22,6 +22,7 @@ class Backend:
     """One process holding whole parameters (also the base of the sharded backends)."""
 
     name = "single"
+    copies_weights = False  # whether gather_weight / layer_unsharded allocate new parameter memory
 
     @property
     def rank(self) -> int:
@@ -33,6 +34,9 @@ class Backend:
 
     def prepare(self, model: nn.Module) -> None:
         """Called once before the first forward."""
+
+    def reshard(self, model: nn.Module) -> None:
+        """Return every parameter to its shards (after a full-model forward that was cut short)."""
 
     @contextmanager
     def layer_unsharded(self, layer: nn.Module) -> Iterator[None]:

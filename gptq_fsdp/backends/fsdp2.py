@@ -28,14 +28,20 @@ def row_counts(rows: int, world: int) -> list[int]:
 
 class FSDP2Backend(Backend):
     name = "fsdp2"
+    copies_weights = True
 
     def prepare(self, model: nn.Module) -> None:
         # Lazy init normally happens in the root's first forward; our layer-by-layer calls need it first.
         state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
         if state is not None:
             state._lazy_init()
-        if hasattr(model, "reshard"):
-            model.reshard()
+        self.reshard(model)
+
+    def reshard(self, model: nn.Module) -> None:
+        # The root keeps its parameters (embeddings) whole after forward by default; give them back.
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     @contextmanager
     def layer_unsharded(self, layer: nn.Module) -> Iterator[None]:

@@ -1,0 +1,180 @@
+"""Scaling benchmark: gptq_fsdp at world 1 and FSDP2 world 2 vs llm-compressor's DDP mode at world 2.
+
+SmolLM2-135M fp32, the job of smollm2_core.py (64 x 512 tokens of Emma, W4 group 64 symmetric,
+act-order static), 1 thread per rank everywhere, all in one run. Reports quantization wall time,
+strong scaling T(1)/T(2), peak parameter memory per rank, perplexity on 20,480 tokens of Persuasion,
+and each rank's GPTQ/wait timeline at world 2 (the overlap of collectives with GPTQ).
+Writes benchmarks/results/smollm2_fsdp2.{json,md}.
+
+    python benchmarks/smollm2_fsdp2.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from smollm2_core import AUSTEN, MODEL, PEER_PYTHON, RESULTS, SCHEME, WORK, score  # noqa: E402
+
+
+def worker(calibration: Path, output: Path, report: Path) -> None:
+    """Under torchrun (or alone): quantize with gptq_fsdp and write rank 0's report."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptq_fsdp import CalibrationSet, GPTQConfig, quantize_model, save_quantized
+    from gptq_fsdp.launch import init_distributed, load_sharded
+
+    torch.set_num_threads(1)
+    world = init_distributed()
+    start = time.perf_counter()
+    model = load_sharded(MODEL) if world > 1 else AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    load_s = time.perf_counter() - start
+    config = GPTQConfig.from_options(
+        group_size=SCHEME["group_size"], actorder=SCHEME["actorder"], dampening_frac=SCHEME["dampening"]
+    )
+    if world > 1:
+        torch.distributed.barrier()
+    start = time.perf_counter()
+    result = quantize_model(model, CalibrationSet.load(calibration), config)
+    quantize_s = time.perf_counter() - start
+    start = time.perf_counter()
+    save_quantized(model, output, result, tokenizer=AutoTokenizer.from_pretrained(MODEL), overwrite=True)
+    save_s = time.perf_counter() - start
+    timelines = result.backend.gather_objects(result.timeline)
+    if result.backend.rank == 0:
+        report.write_text(
+            json.dumps(
+                {
+                    "world": world,
+                    "load_s": load_s,
+                    "quantize_s": quantize_s,
+                    "save_s": save_s,
+                    "phases_s": result.phases,
+                    "memory_per_rank": [dataclasses.asdict(m) for m in result.memory_per_rank],
+                    "timelines": timelines,
+                }
+            )
+        )
+
+
+def run(command: list[str], threads: int = 1) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
+
+
+def overlap_summary(timelines: list[list[dict]]) -> list[dict]:
+    """Per rank: seconds in GPTQ, seconds blocked on collectives, and the first events of layer 0."""
+    summary = []
+    for rank, events in enumerate(timelines):
+        gptq = sum(e["end"] - e["start"] for e in events if e["event"] == "gptq")
+        wait = sum(e["end"] - e["start"] for e in events if e["event"] == "wait")
+        first = [
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in e.items()} for e in events if e["layer"] == 0
+        ]
+        summary.append({"rank": rank, "gptq_s": gptq, "blocked_on_transfers_s": wait, "layer0": first})
+    return summary
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+        return
+    if not PEER_PYTHON.exists():
+        sys.exit("llm-compressor's venv is missing: run benchmarks/setup_llmcompressor.sh first")
+    from transformers import AutoTokenizer
+
+    from gptq_fsdp.data import build_calibration, load_texts
+    from gptq_fsdp.evaluate import text_tokens
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    calibration = build_calibration(load_texts(str(AUSTEN / "emma.txt")), tokenizer, num_samples=64, max_seq_length=512)
+    calibration.save(WORK / "calibration.pt")
+    torch.save(calibration.input_ids, WORK / "calibration_ids.pt")
+
+    reports = {}
+    for world in (1, 2):
+        report = WORK / f"fsdp2_w{world}.json"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+        run([*launcher, __file__, "--worker", str(WORK / "calibration.pt"), str(WORK / f"w{world}"), str(report)])
+        reports[world] = json.loads(report.read_text())
+    peer_report = WORK / "peer_ddp.json"
+    run(
+        [str(PEER_PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(Path(__file__).parent / "peer_llmcompressor.py"), "--model", str(MODEL),
+         "--calibration", str(WORK / "calibration_ids.pt"), "--output", str(WORK / "peer_ddp"),
+         "--group-size", str(SCHEME["group_size"]), "--actorder", SCHEME["actorder"],
+         "--dampening", str(SCHEME["dampening"]), "--block-size", str(SCHEME["block_size"]),
+         "--threads", "1", "--json", str(peer_report)]
+    )  # fmt: skip
+    peer = json.loads(peer_report.read_text())
+
+    tokens = text_tokens(tokenizer, AUSTEN / "persuasion.txt", 20480)
+    ppl = {
+        "fp32": score(MODEL, tokens, 2),
+        "gptq_fsdp_world1": score(WORK / "w1", tokens, 2),
+        "gptq_fsdp_fsdp2_world2": score(WORK / "w2", tokens, 2),
+        "llmcompressor_ddp_world2": score(WORK / "peer_ddp", tokens, 2),
+    }
+    mem = {w: max(m["shard_bytes"] + m["layer_unsharded_bytes"] + m["owned_weight_bytes"]
+                  for m in reports[w]["memory_per_rank"]) for w in (1, 2)}  # fmt: skip
+    result = {
+        "job": "SmolLM2-135M fp32, W4A16 group 64 symmetric, act-order static, 64 x 512 tokens of emma.txt; "
+        "perplexity on 20480 tokens of persuasion.txt (1024-token windows); 1 thread per rank",
+        "date": time.strftime("%Y-%m-%d"),
+        "quantize_s": {
+            "gptq_fsdp_world1": reports[1]["quantize_s"],
+            "gptq_fsdp_fsdp2_world2": reports[2]["quantize_s"],
+            "llmcompressor_ddp_world2": peer["quantize_s"],
+        },
+        "strong_scaling_T1_over_T2": reports[1]["quantize_s"] / reports[2]["quantize_s"],
+        "time_ratio_ours_world2_over_peer_ddp": reports[2]["quantize_s"] / peer["quantize_s"],
+        "peak_parameter_bytes_per_rank": mem,
+        "memory_ratio_world2_over_world1": mem[2] / mem[1],
+        "perplexity": ppl,
+        "phases_s": {w: reports[w]["phases_s"] for w in (1, 2)},
+        "memory_per_rank": {w: reports[w]["memory_per_rank"] for w in (1, 2)},
+        "overlap_world2": overlap_summary(reports[2]["timelines"]),
+        "peer": peer,
+    }
+    (RESULTS / "smollm2_fsdp2.json").write_text(json.dumps(result, indent=2) + "\n")
+    q, mib = result["quantize_s"], 2**20
+    rows = "\n".join(
+        f"| {label} | {q[key]:.1f} | {memory} | {ppl[key]:.3f} |"
+        for label, key, memory in [
+            ("gptq_fsdp, 1 process", "gptq_fsdp_world1", f"{mem[1] / mib:.0f}"),
+            ("gptq_fsdp, FSDP2 2 ranks", "gptq_fsdp_fsdp2_world2", f"{mem[2] / mib:.0f}"),
+            ("llm-compressor DDP 2 ranks", "llmcompressor_ddp_world2", "(full copy per rank)"),
+        ]
+    )
+    (RESULTS / "smollm2_fsdp2.md").write_text(
+        f"""# SmolLM2-135M: world 1 vs FSDP2 world 2 vs llm-compressor DDP world 2 ({result["date"]})
+
+{result["job"]}.
+
+| | quantize wall time (s) | peak parameter MiB per rank | perplexity |
+|---|---:|---:|---:|
+| fp32 model | | | {ppl["fp32"]:.3f} |
+{rows}
+
+Strong scaling T(1)/T(2): **{result["strong_scaling_T1_over_T2"]:.2f}x**; time ratio FSDP2 world 2 / llm-compressor
+DDP world 2: **{result["time_ratio_ours_world2_over_peer_ddp"]:.3f}**; peak parameter memory world 2 / world 1:
+**{result["memory_ratio_world2_over_world1"]:.3f}**.
+"""
+    )
+    print(json.dumps({k: result[k] for k in ("quantize_s", "strong_scaling_T1_over_T2", "perplexity")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
