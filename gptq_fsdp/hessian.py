@@ -7,6 +7,7 @@ found by tensor identity in the first forward, so their common XᵀX is computed
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,11 +35,18 @@ class HessianGroup:
         """Add the rows of `x` [tokens, columns]: XᵀX in fp32, summed over batches in float64.
 
         The float64 sum makes the result independent of summation order (to fp32 rounding), so a
-        run that splits the batches over ranks gets the same Hessian as one process.
+        run that splits the batches over ranks gets the same Hessian as one process. XᵀX is
+        symmetric: only the blocks on and above the diagonal are multiplied.
         """
         x = x.to(torch.float32)
-        torch.mm(x.T, x, out=self._product)
-        self.sum += self._product
+        bounds = _blocks(self.columns)
+        for i, (a, b) in enumerate(bounds):
+            for c, d in bounds[i:]:
+                block = self._product[a:b, c:d]
+                torch.mm(x[:, a:b].T, x[:, c:d], out=block)
+                self.sum[a:b, c:d] += block
+                if c != a:
+                    self.sum[c:d, a:b] += block.T
         self.tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -49,12 +57,29 @@ class HessianGroup:
         self.sum = self._product = torch.empty(0)
 
 
+class _InputsTaken(Exception):
+    """Raised inside a layer's forward once the last target's input has been taken."""
+
+
+SYMMETRIC_BLOCK = 384  # column block of the symmetric XᵀX (measured best on CPU for 576..1536 columns)
+
+
+def _blocks(columns: int) -> list[tuple[int, int]]:
+    count = max(1, round(columns / SYMMETRIC_BLOCK))
+    edges = [columns * i // count for i in range(count + 1)]
+    return list(itertools.pairwise(edges))
+
+
 class HessianHooks:
     """Accumulates one Hessian per distinct Linear input while a decoder layer runs forwards.
 
-    Before each forward call `start_forward(attention_mask)`; tokens where the mask is 0 (padding)
-    are left out. Inputs whose leading dims do not match the mask (e.g. MoE experts that see a
-    gathered token subset) are taken whole.
+    Run each forward inside `with hooks.forward(attention_mask):` (or call `start_forward` first);
+    tokens where the mask is 0 (padding) are left out. Inputs whose leading dims do not match the
+    mask (e.g. MoE experts that see a gathered token subset) are taken whole.
+
+    Only the Linears' inputs matter, not the layer's output: once the first forward has shown that
+    every target runs exactly once, later forwards inside `forward()` stop right after the last
+    target's input is taken (e.g. skipping down_proj's matmul).
     """
 
     def __init__(self, modules: dict[str, nn.Linear]) -> None:
@@ -65,13 +90,32 @@ class HessianHooks:
         self._mask: torch.Tensor | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.seconds = 0.0  # time spent accumulating XᵀX
+        self._calls: list[str] = []  # targets in call order, during the first forward
+        self._stop_after: str | None = None
 
     def start_forward(self, attention_mask: torch.Tensor | None) -> None:
         self._seen = []  # drops references to the previous forward's inputs
         self._mask = None if attention_mask is None else attention_mask.bool()
 
+    @contextmanager
+    def forward(self, attention_mask: torch.Tensor | None) -> Iterator[None]:
+        self.start_forward(attention_mask)
+        first = not self._group_of
+        try:
+            yield
+        except _InputsTaken:
+            pass
+        if first and sorted(self._calls) == sorted(self.modules):  # each target exactly once
+            self._stop_after = self._calls[-1]
+
     def _hook(self, name: str, module: nn.Linear, args: tuple) -> None:
-        x = args[0]
+        self._accumulate(name, module, args[0])
+        if self._stop_after is None:
+            self._calls.append(name)
+        elif name == self._stop_after:
+            raise _InputsTaken
+
+    def _accumulate(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
         for seen_input, group in self._seen:
             if seen_input is x:
                 if name not in self._group_of:  # first forward: join the group reading this tensor

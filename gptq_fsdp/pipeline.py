@@ -252,8 +252,8 @@ def quantize_model(
         measure = layer.register_forward_pre_hook(lambda m, a: _measure_layer(m, memory, backend))
         with clock("forward"), hooks.attached(), backend.layer_unsharded(layer):
             for x, mask, (args, kwargs) in zip(hidden, masks, layer_calls[index], strict=True):
-                hooks.start_forward(mask)
-                layer(x, *args, **kwargs)
+                with hooks.forward(mask):
+                    layer(x, *args, **kwargs)
         measure.remove()
         # float64 sums + fp32 product scratch: 12 bytes per element
         memory.hessian_bytes = max(memory.hessian_bytes, sum(g.sum.numel() * 12 for g in hooks.groups))

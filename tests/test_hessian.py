@@ -97,7 +97,7 @@ def test_groups_by_shared_input(accumulated):
     assert sorted(n for g in hooks.groups for n in g.names) == sorted(["q", "k", "v", "o", "twice", "pooled"])
     for group in hooks.groups:
         assert group.columns == HIDDEN and group.sum.shape == (HIDDEN, HIDDEN)
-        assert group.sum.dtype == torch.float32
+        assert group.sum.dtype == torch.float64  # order-independent sums
 
 
 @pytest.mark.parametrize("key, names", [("qkv", "qkv"), ("o", {"o"}), ("twice", {"twice"}), ("pooled", {"pooled"})])
@@ -107,7 +107,7 @@ def test_sums_equal_xtx_over_unmasked_tokens(block, accumulated, key, names):
     expected, tokens = reference(block, batches, key)
     assert group.tokens == tokens
     torch.testing.assert_close(group.sum.double(), expected, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(group.hessian(), group.sum * 2 / tokens, rtol=1e-6, atol=0)
+    torch.testing.assert_close(group.hessian(), (group.sum * 2 / tokens).float(), rtol=0, atol=0)
     torch.testing.assert_close(group.hessian().double(), 2 * expected / tokens, rtol=1e-5, atol=1e-5)
 
 
@@ -169,7 +169,7 @@ def test_group_add_accumulates_in_fp32():
     group.add(a)
     group.add(b)
     rows = torch.cat([a, b]).double()
-    assert group.tokens == 13 and group.sum.dtype == torch.float32
+    assert group.tokens == 13 and group.sum.dtype == torch.float64
     torch.testing.assert_close(group.sum.double(), rows.T @ rows, rtol=1e-5, atol=1e-5)
 
 
@@ -214,3 +214,49 @@ def test_real_llama_layer_groups_and_sums(tiny_llama_dir):
     expected = sum(r.T @ r for r in rows)
     torch.testing.assert_close(qkv.sum.double(), expected, rtol=1e-5, atol=1e-5)
     assert groups[frozenset({p + "mlp.down_proj"})].sum.shape == (128, 128)
+
+
+def test_symmetric_blocks_equal_the_full_product_and_any_summation_order():
+    columns = 1000  # three column blocks
+    batches = [torch.randn(64, columns) for _ in range(6)]
+    forward, backward = (
+        HessianGroup(["w"], columns, torch.device("cpu")),
+        HessianGroup(["w"], columns, torch.device("cpu")),
+    )
+    for x in batches:
+        forward.add(x)
+    split = [HessianGroup(["w"], columns, torch.device("cpu")) for _ in range(2)]
+    for i, x in enumerate(batches):  # as two ranks would: each its half, then summed
+        split[i // 3].add(x)
+    for x in reversed(batches):
+        backward.add(x)
+    reference = sum(x.double().T @ x.double() for x in batches)
+    torch.testing.assert_close(forward.sum, reference, rtol=1e-6, atol=1e-3)
+    assert torch.equal(forward.sum, forward.sum.T)
+    # fp32 Hessians are identical whatever the order of the batches or the split over ranks.
+    assert torch.equal(forward.hessian(), backward.hessian())
+    merged = HessianGroup(["w"], columns, torch.device("cpu"))
+    merged.sum, merged.tokens = split[0].sum + split[1].sum, split[0].tokens + split[1].tokens
+    assert torch.equal(forward.hessian(), merged.hessian())
+
+
+def test_forwards_stop_after_the_last_target_input(block):
+    modules = {name: getattr(block, name) for name in ("q", "k", "v", "o")}  # each runs once per forward
+    tail_calls = []
+    handle = block.twice.register_forward_hook(lambda *_: tail_calls.append(1))
+    hooks = HessianHooks(modules)
+    batches = make_batches()
+    try:
+        with torch.no_grad(), hooks.attached():
+            for x, mask in batches:
+                with hooks.forward(mask):
+                    block(x)
+    finally:
+        handle.remove()
+    # Only the first forward runs past `o` (it learns the call order); the others stop there.
+    assert len(tail_calls) == 2
+    by_name = {n: g for g in hooks.groups for n in g.names}
+    for key, names in (("qkv", ["q", "k", "v"]), ("o", ["o"])):
+        expected, tokens = reference(block, batches, key)
+        torch.testing.assert_close(by_name[names[0]].sum, expected, rtol=1e-5, atol=1e-4)
+        assert by_name[names[0]].tokens == tokens

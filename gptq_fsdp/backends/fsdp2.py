@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
 from torch.distributed.tensor import DTensor, Shard
 
 from gptq_fsdp.backends.base import Backend
@@ -55,6 +56,10 @@ class FSDP2Backend(Backend):
         try:
             yield
         finally:
+            # A forward stopped early by an exception (HessianHooks) skips FSDP's post-forward, which
+            # would have set the group back to IDLE; reshard() is a no-op while it looks mid-forward.
+            for group in groups:
+                group._training_state = TrainingState.IDLE
             layer.reshard()  # writes go to the local shards, so the whole copy must not outlive this
             layer.set_reshard_after_forward(reshards, recurse=False)
 
