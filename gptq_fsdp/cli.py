@@ -37,6 +37,8 @@ def _positive(kind):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptq-fsdp", description="GPTQ quantization into compressed-tensors.")
+    # The deepspeed launcher inserts --local_rank=N before the subcommand.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     q = commands.add_parser("quantize", help="quantize a HF model folder with GPTQ and save a W*A16 checkpoint")
@@ -79,7 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--deepspeed-config", type=Path, default=None, help="ZeRO-3 JSON config (implies zero3)")
     run.add_argument("--offload-param", action="store_true", help="ZeRO-3: keep parameter partitions on CPU")
-    run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     run.add_argument(
         "--load",
         choices=["sharded", "rank0"],
