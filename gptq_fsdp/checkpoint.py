@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
+from gptq_fsdp.backends import unwrap_engine
 from gptq_fsdp.pipeline import QuantizationResult
 
 LOG_NAME = "gptq_fsdp_log.txt"
@@ -93,6 +94,7 @@ def save_quantized(
     moves the directory into place. Nothing is gathered whole except the unquantized tensors.
     """
     backend = result.backend
+    model = unwrap_engine(model)
     rank, world = backend.rank, backend.world_size
     target = Path(output_dir)
     error = None

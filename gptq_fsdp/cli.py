@@ -37,6 +37,8 @@ def _positive(kind):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptq-fsdp", description="GPTQ quantization into compressed-tensors.")
+    # The deepspeed launcher inserts --local_rank=N before the subcommand.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     q = commands.add_parser("quantize", help="quantize a HF model folder with GPTQ and save a W*A16 checkpoint")
@@ -72,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=list(DTYPES), default="auto", help="dtype to load the model in")
     run.add_argument("--device", default="cpu", help="device for a single-process run (cpu, cuda, cuda:1)")
     run.add_argument(
+        "--backend",
+        choices=["auto", "fsdp2", "zero3"],
+        default="auto",
+        help="multi-rank sharding: FSDP2 (default), or DeepSpeed ZeRO-3 (default under accelerate's DeepSpeed config)",
+    )
+    run.add_argument("--deepspeed-config", type=Path, default=None, help="ZeRO-3 JSON config (implies zero3)")
+    run.add_argument("--offload-param", action="store_true", help="ZeRO-3: keep parameter partitions on CPU")
+    run.add_argument(
         "--load",
         choices=["sharded", "rank0"],
         default="sharded",
@@ -98,14 +108,16 @@ def _fail(message: str) -> None:
 def quantize_command(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from gptq_fsdp.backends import unwrap_engine
     from gptq_fsdp.checkpoint import check_output_dir, save_quantized
     from gptq_fsdp.config import GPTQConfig
     from gptq_fsdp.data import build_calibration, load_texts
     from gptq_fsdp.gptq import GPTQError
-    from gptq_fsdp.launch import init_distributed
+    from gptq_fsdp.launch import init_distributed, use_zero3
     from gptq_fsdp.pipeline import target_modules
 
-    world = init_distributed()
+    zero3 = args.backend == "zero3" or args.deepspeed_config is not None or (args.backend == "auto" and use_zero3())
+    world = init_distributed(deepspeed_comm=zero3)
     # Everything cheap is checked before the model is loaded.
     if not (args.model / "config.json").is_file():
         _fail(f"{args.model} is not a HF model folder (no config.json)")
@@ -150,7 +162,11 @@ def quantize_command(args: argparse.Namespace) -> None:
     except ValueError as error:
         _fail(str(error))
 
-    if world > 1:
+    if zero3:
+        from gptq_fsdp.launch import load_zero3, zero3_config
+
+        model = load_zero3(args.model, DTYPES[args.dtype], zero3_config(args.deepspeed_config, args.offload_param))
+    elif world > 1:
         from gptq_fsdp.launch import FSDPSettings, load_rank0_broadcast, load_sharded
 
         loader = load_sharded if args.load == "sharded" else load_rank0_broadcast
@@ -158,7 +174,7 @@ def quantize_command(args: argparse.Namespace) -> None:
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
     try:
-        target_modules(model, config)
+        target_modules(unwrap_engine(model), config)
     except GPTQError as error:
         _fail(str(error))
 

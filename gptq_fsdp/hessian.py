@@ -82,8 +82,9 @@ class HessianHooks:
     target's input is taken (e.g. skipping down_proj's matmul).
     """
 
-    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+    def __init__(self, modules: dict[str, nn.Linear], stop_early: bool = True) -> None:
         self.modules = modules
+        self.stop_early = stop_early
         self.groups: list[HessianGroup] = []
         self._group_of: dict[str, HessianGroup] = {}
         self._seen: list[tuple[torch.Tensor, HessianGroup]] = []
@@ -105,7 +106,7 @@ class HessianHooks:
             yield
         except _InputsTaken:
             pass
-        if first and sorted(self._calls) == sorted(self.modules):  # each target exactly once
+        if first and self.stop_early and sorted(self._calls) == sorted(self.modules):  # each target once
             self._stop_after = self._calls[-1]
 
     def _hook(self, name: str, module: nn.Linear, args: tuple) -> None:

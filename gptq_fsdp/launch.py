@@ -29,16 +29,67 @@ from gptq_fsdp.pipeline import find_decoder_layers
 logger = logging.getLogger(__name__)
 
 
-def init_distributed() -> int:
-    """Join the process group the launcher describes (gloo on CPU, nccl on GPU); return the world size."""
+def init_distributed(deepspeed_comm: bool = False) -> int:
+    """Join the process group the launcher describes (gloo on CPU, nccl on GPU); return the world size.
+
+    `deepspeed_comm` initialises through `deepspeed.init_distributed`, which ZeRO-3 needs.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl")
+        if deepspeed_comm:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group(backend)
     return world
+
+
+def use_zero3() -> bool:
+    """Launched by `accelerate launch` with a DeepSpeed ZeRO-3 config."""
+    return (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3") == "3"
+    )
+
+
+def zero3_config(config_file: str | Path | None = None, offload_param: bool | None = None) -> dict:
+    """A ZeRO-3 config: the given file, else what `accelerate launch` exported, else the defaults.
+
+    Every parameter is partitioned (persistence threshold 0), and the batch size that DeepSpeed
+    insists on is set, since nothing trains.
+    """
+    config_file = config_file or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
+    config = json.loads(Path(config_file).read_text()) if config_file else {}
+    zero = config.setdefault("zero_optimization", {})
+    if zero.setdefault("stage", 3) != 3:
+        raise ValueError(f"the DeepSpeed config asks for ZeRO stage {zero['stage']}; only stage 3 shards parameters")
+    if offload_param is None:
+        offload_param = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") == "cpu"
+    if offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    zero.setdefault("stage3_param_persistence_threshold", 0)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if config.get(key) in (None, "auto"):
+            config[key] = 1
+    config.pop("train_batch_size", None)
+    return config
+
+
+def load_zero3(model_dir: str | Path, dtype: torch.dtype | str = torch.float32, config: dict | None = None):
+    """Load through `deepspeed.zero.Init` (no rank materialises the model) and wrap with `deepspeed.initialize`."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    config = config or zero3_config()
+    hf_config = HfDeepSpeedConfig(config)  # transformers holds it weakly: while alive, loading uses zero.Init
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.hf_deepspeed_config = hf_config
+    return engine
 
 
 def device_for_rank() -> torch.device:

@@ -18,7 +18,7 @@ from compressed_tensors.utils import match_named_modules
 from torch import nn
 from tqdm.auto import tqdm
 
-from gptq_fsdp.backends import Backend, detect_backend
+from gptq_fsdp.backends import Backend, detect_backend, unwrap_engine
 from gptq_fsdp.comm import Pending
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.data import CalibrationSet, rank_batches
@@ -228,6 +228,7 @@ def quantize_model(
     shard receives the quantized-dequantized weight.
     """
     start = time.perf_counter()
+    model = unwrap_engine(model)
     backend = backend or detect_backend(model)
     rank, world = backend.rank, backend.world_size
     per_layer = target_modules(model, config)
@@ -248,7 +249,7 @@ def quantize_model(
     progress = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", disable=rank != 0)
     for index, layer in enumerate(layers):
         modules = per_layer[index]
-        hooks = HessianHooks(modules)
+        hooks = HessianHooks(modules, stop_early=backend.forwards_may_stop_early)
         measure = layer.register_forward_pre_hook(lambda m, a: _measure_layer(m, memory, backend))
         with clock("forward"), hooks.attached(), backend.layer_unsharded(layer):
             for x, mask, (args, kwargs) in zip(hidden, masks, layer_calls[index], strict=True):
@@ -284,7 +285,7 @@ def quantize_model(
 def _measure_layer(layer: nn.Module, memory: MemoryStats, backend: Backend) -> None:
     """Inside the layer's forward its parameters are whole (FSDP2 has unsharded them): count the copy."""
     if backend.copies_weights:
-        unsharded = sum(p.numel() * p.element_size() for p in layer.parameters())
+        unsharded = sum(backend.weight_shape(p).numel() * p.element_size() for p in layer.parameters())
         memory.layer_unsharded_bytes = max(memory.layer_unsharded_bytes, unsharded)
 
 
@@ -303,7 +304,8 @@ def _quantize_layer(
     transfers of its next groups are in flight; scatters are posted in the same global order.
     """
     rank = backend.rank
-    shapes = [(sum(modules[n].weight.shape[0] for n in g.names), g.columns) for g in groups]
+    rows_of = {n: backend.weight_shape(modules[n].weight)[0] for g in groups for n in g.names}
+    shapes = [(sum(rows_of[n] for n in g.names), g.columns) for g in groups]
     assignment = assign_owners(shapes, backend.world_size)
     logger.debug(
         "layer %d owners %s, predicted balance (max/mean) %.3f",
@@ -321,7 +323,7 @@ def _quantize_layer(
     held = 0  # bytes of gathered weights this rank holds (all its groups' transfers are in flight at once)
     for gi, owner in enumerate(assignment.owners):
         if owner == rank:
-            held += sum(modules[n].weight.numel() * modules[n].weight.element_size() for n in groups[gi].names)
+            held += sum(rows_of[n] * groups[gi].columns * modules[n].weight.element_size() for n in groups[gi].names)
     if backend.copies_weights:
         result.memory.owned_weight_bytes = max(result.memory.owned_weight_bytes, held)
     for gi in assignment.order:
@@ -344,7 +346,7 @@ def _quantize_layer(
                     name=", ".join(group.names),
                 )
                 del hessian, hessian_sum, parts
-                rows = [modules[n].weight.shape[0] for n in group.names]
+                rows = [rows_of[n] for n in group.names]
                 seconds = time.perf_counter() - begin
                 fulls = _record(index, group.names, rows, gptq, seconds, config, rank, result)
             group.release()

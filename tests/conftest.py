@@ -110,3 +110,12 @@ def make_tiny_model(family: str, directory: Path, tokenizer_dir: Path, seed: int
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
     return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_llama_dir, austen, tmp_path_factory):
+    """One-process results (model, dequantized weights) for 12 and 7 calibration samples."""
+    from sharded_helpers import dequantized, single_process
+
+    root = tmp_path_factory.mktemp("single")
+    return {n: dequantized(single_process(tiny_llama_dir, root / f"s{n}", austen / "emma.txt", n)) for n in (12, 7)}

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from gptq_fsdp import GPTQConfig, build_calibration, load_texts, quantize_model, save_quantized
-from gptq_fsdp.launch import init_distributed, load_rank0_broadcast, load_sharded
+from gptq_fsdp.launch import init_distributed, load_rank0_broadcast, load_sharded, load_zero3, zero3_config
 from gptq_fsdp.pipeline import find_decoder_layers
 
 
@@ -25,23 +25,28 @@ def main() -> None:
     parser.add_argument("output", type=Path)
     parser.add_argument("report", type=Path)
     parser.add_argument("--text", type=Path, required=True)
-    parser.add_argument("--load", choices=["sharded", "rank0"], default="sharded")
+    parser.add_argument("--load", choices=["sharded", "rank0", "zero3", "zero3-offload"], default="sharded")
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    init_distributed()
+    zero3 = args.load.startswith("zero3")
+    init_distributed(deepspeed_comm=zero3)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     calibration = build_calibration(load_texts(str(args.text)), tokenizer, num_samples=args.samples, max_seq_length=32)
-    model = (load_sharded if args.load == "sharded" else load_rank0_broadcast)(args.model)
+    if zero3:
+        model = load_zero3(args.model, config=zero3_config(offload_param=args.load == "zero3-offload")).module
+    else:
+        model = (load_sharded if args.load == "sharded" else load_rank0_broadcast)(args.model)
     config = GPTQConfig.from_options(group_size=32, batch_size=args.batch_size)
     result = quantize_model(model, calibration, config)
     save_quantized(model, args.output, result, tokenizer=tokenizer)
     ids = calibration.input_ids[:2]
     logits = model(input_ids=ids).logits  # the sharded in-memory model after quantization
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    shape = result.backend.weight_shape
+    model_bytes = sum(shape(p).numel() * p.element_size() for p in model.parameters())
     layer_bytes = max(
-        sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in find_decoder_layers(model)[1]
+        sum(shape(p).numel() * p.element_size() for p in layer.parameters()) for layer in find_decoder_layers(model)[1]
     )
     if dist.get_rank() == 0:
         report = {

@@ -23,6 +23,7 @@ class Backend:
 
     name = "single"
     copies_weights = False  # whether gather_weight / layer_unsharded allocate new parameter memory
+    forwards_may_stop_early = True  # whether a layer forward may be cut short by an exception
 
     @property
     def rank(self) -> int:
@@ -60,6 +61,10 @@ class Backend:
     def local_numel(self, param: torch.Tensor) -> int:
         """Elements of `param` this rank stores."""
         return param.numel()
+
+    def weight_shape(self, param: torch.Tensor) -> torch.Size:
+        """The whole parameter's shape (ZeRO-3 shows (0,) while partitioned)."""
+        return param.shape
 
     # Plain collectives (no-ops in one process).
     def reduce(self, tensor: torch.Tensor, owner: int) -> Pending:

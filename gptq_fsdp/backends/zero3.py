@@ -1,0 +1,95 @@
+"""DeepSpeed ZeRO-3: each parameter is a flat 1-D partition, `param.ds_tensor`, not aligned to rows.
+
+The flattened parameter is zero-padded to a multiple of the world size and rank r holds elements
+[r·p, (r+1)·p), p = ceil(numel / world). Partition boundaries cut through rows and quantization
+groups freely; only the owner ever sees the whole weight. Small parameters that ZeRO keeps whole on
+every rank (`ds_persist`, below `stage3_param_persistence_threshold`) also get their whole copy updated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gptq_fsdp.backends.base import Backend
+from gptq_fsdp.comm import Pending, done, gather_pieces, scatter_pieces
+
+
+def is_zero3_param(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+class ZeRO3Backend(Backend):
+    name = "zero3"
+    copies_weights = True
+    # A forward stopped by an exception would leave ZeRO's gathered copies and bookkeeping behind.
+    forwards_may_stop_early = False
+
+    def __init__(self) -> None:
+        # NCCL needs device tensors even when partitions are offloaded to CPU.
+        self.comm_device = torch.device("cuda", torch.cuda.current_device()) if _nccl() else torch.device("cpu")
+
+    def gather_weight(self, param: torch.Tensor, owner: int) -> Pending:
+        if not is_zero3_param(param):
+            return super().gather_weight(param, owner)
+        numel, shape = param.ds_numel, param.ds_shape
+
+        def assemble(pieces: torch.Tensor | None) -> torch.Tensor | None:
+            return None if pieces is None else pieces.reshape(-1)[:numel].view(shape)
+
+        return gather_pieces(param.ds_tensor.detach().to(self.comm_device), owner).then(assemble)
+
+    def scatter_weight(self, param: torch.Tensor, full: torch.Tensor | None, owner: int) -> Pending:
+        if not is_zero3_param(param):
+            return super().scatter_weight(param, full, owner)
+        partition = param.ds_tensor
+        size = partition.numel()
+        pieces = None
+        if self.rank == owner:
+            flat = torch.zeros(size * self.world_size, dtype=partition.dtype, device=self.comm_device)
+            flat[: param.ds_numel] = full.reshape(-1).to(flat)
+            pieces = flat.view(self.world_size, size)
+        out = torch.empty(size, dtype=partition.dtype, device=self.comm_device)
+
+        def write(received: torch.Tensor) -> None:
+            with torch.no_grad():
+                partition.copy_(received)
+
+        pending = scatter_pieces(pieces, out, owner).then(write)
+        if not getattr(param, "ds_persist", False):
+            return pending
+        pending.wait()  # persistent (small) parameters: every rank also holds the whole tensor
+        whole = (
+            full.to(self.comm_device, param.dtype)
+            if self.rank == owner
+            else torch.empty(param.ds_shape, dtype=param.dtype, device=self.comm_device)
+        )
+        dist.broadcast(whole, src=owner)
+        with torch.no_grad():
+            param.data.copy_(whole.view(param.data.shape))
+        return done(None)
+
+    def full_tensor(self, tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        if not is_zero3_param(tensor):
+            return tensor.detach() if self.rank == dst else None
+        return self.gather_weight(tensor, dst).wait()
+
+    def local_numel(self, param: torch.Tensor) -> int:
+        return param.ds_tensor.numel() if is_zero3_param(param) else param.numel()
+
+    def weight_shape(self, param: torch.Tensor) -> torch.Size:
+        return param.ds_shape if is_zero3_param(param) else param.shape
+
+
+def _nccl() -> bool:
+    return dist.is_initialized() and dist.get_backend() == "nccl"
+
+
+def unwrap_engine(model: nn.Module) -> nn.Module:
+    """The model inside a `deepspeed.initialize` engine (or the model itself)."""
+    try:
+        from deepspeed import DeepSpeedEngine
+    except ImportError:
+        return model
+    return model.module if isinstance(model, DeepSpeedEngine) else model

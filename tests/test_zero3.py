@@ -1,0 +1,82 @@
+"""DeepSpeed ZeRO-3 on 2 and 3 CPU ranks (gloo) against one process and against FSDP2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from sharded_helpers import ENV, REPO, dequantized, torchrun
+from transformers import AutoModelForCausalLM
+
+
+def run_worker(world: int, load: str, model_dir, output, report_path, austen, samples: int = 12) -> dict:
+    torchrun(
+        world, str(REPO / "tests" / "fsdp_worker.py"), str(model_dir), str(output), str(report_path),
+        "--text", str(austen / "emma.txt"), "--load", load, "--samples", str(samples),
+    )  # fmt: skip
+    return json.loads(report_path.read_text())
+
+
+@pytest.mark.parametrize("world,load", [(2, "zero3"), (3, "zero3"), (2, "zero3-offload")])
+def test_zero3_equals_single_process_and_fsdp2(world, load, tiny_llama_dir, austen, tmp_path, reference):
+    report = run_worker(world, load, tiny_llama_dir, tmp_path / "ckpt", tmp_path / "r.json", austen)
+    assert report["backend"] == "zero3" and report["world"] == world
+    assert len(set(report["owners"].values())) == world
+    zero3_model, zero3 = dequantized(tmp_path / "ckpt")
+    single_model, single = reference[12]
+    assert all(torch.equal(zero3[k], single[k]) for k in single), "batches line up: bit-identical"
+    ids = torch.tensor(report["input_ids"])
+    in_memory = torch.tensor(report["logits"])  # ZeRO-3's own forward after quantization
+    torch.testing.assert_close(zero3_model(ids).logits, in_memory, atol=1e-5, rtol=0)
+    torch.testing.assert_close(single_model(ids).logits, in_memory, atol=1e-5, rtol=0)
+    for memory in report["memory_per_rank"]:  # each rank stores a 1/world slice of every tensor
+        assert memory["shard_bytes"] <= report["model_bytes"] / world + 4 * 200
+
+
+def test_zero3_partitions_cut_through_rows_and_groups(tiny_llama_dir):
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    kv_rows = config["num_key_value_heads"] * config["hidden_size"] // config["num_attention_heads"]
+    partition = -(-kv_rows * config["hidden_size"] // 3)  # k_proj on 3 ranks
+    assert partition % config["hidden_size"] != 0  # a boundary inside a row
+    assert partition % config["hidden_size"] % 32 != 0  # ... and inside a 32-column quantization group
+
+
+def test_zero3_matches_fsdp2(tiny_llama_dir, austen, tmp_path):
+    run_worker(3, "zero3", tiny_llama_dir, tmp_path / "z", tmp_path / "z.json", austen, samples=7)
+    run_worker(3, "sharded", tiny_llama_dir, tmp_path / "f", tmp_path / "f.json", austen, samples=7)
+    _, zero3 = dequantized(tmp_path / "z")
+    _, fsdp2 = dequantized(tmp_path / "f")
+    assert all(torch.equal(zero3[k], fsdp2[k]) for k in fsdp2), "same batches on both backends: identical"
+
+
+def test_deepspeed_launcher_runs_the_cli(tiny_llama_dir, austen, tmp_path):
+    output = tmp_path / "ckpt"
+    command = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29731",
+        "--module", "gptq_fsdp", "quantize", str(tiny_llama_dir), "--backend", "zero3",
+        "--dataset", str(austen / "emma.txt"), "--num-samples", "4", "--max-seq-length", "32",
+        "--batch-size", "2", "--group-size", "32", "--output", str(output),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env={**ENV, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "on 2 rank(s) (zero3)" in done.stdout
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert torch.isfinite(model(torch.arange(8)[None]).logits).all()
+
+
+def test_accelerate_launch_with_the_zero3_cpu_config(tiny_llama_dir, austen, tmp_path):
+    output = tmp_path / "ckpt"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero3_cpu.yaml"),
+        "-m", "gptq_fsdp", "quantize", str(tiny_llama_dir), "--dataset", str(austen / "emma.txt"),
+        "--num-samples", "4", "--max-seq-length", "32", "--batch-size", "2", "--group-size", "32",
+        "--output", str(output),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env={**ENV, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "on 2 rank(s) (zero3)" in done.stdout
+    assert len(list(output.glob("model-*-of-00002.safetensors"))) == 2
