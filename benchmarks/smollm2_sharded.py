@@ -1,12 +1,12 @@
-"""Scaling benchmark: gptq_fsdp at world 1 and FSDP2 world 2 vs llm-compressor's DDP mode at world 2.
+"""Sharded benchmark: gptq_fsdp at world 1, FSDP2 and ZeRO-3 at world 2, llm-compressor DDP at world 2.
 
 SmolLM2-135M fp32, the job of smollm2_core.py (64 x 512 tokens of Emma, W4 group 64 symmetric,
 act-order static), 1 thread per rank everywhere, all in one run. Reports quantization wall time,
 strong scaling T(1)/T(2), peak parameter memory per rank, perplexity on 20,480 tokens of Persuasion,
 and each rank's GPTQ/wait timeline at world 2 (the overlap of collectives with GPTQ).
-Writes benchmarks/results/smollm2_fsdp2.{json,md}.
+Writes benchmarks/results/smollm2_sharded.{json,md}.
 
-    python benchmarks/smollm2_fsdp2.py
+    python benchmarks/smollm2_sharded.py
 """
 
 from __future__ import annotations
@@ -24,18 +24,29 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smollm2_core import AUSTEN, MODEL, PEER_PYTHON, RESULTS, SCHEME, WORK, score  # noqa: E402
 
+RUNS = {  # name: (ranks, backend)
+    "gptq_fsdp_world1": (1, "single"),
+    "gptq_fsdp_fsdp2_world2": (2, "fsdp2"),
+    "gptq_fsdp_zero3_world2": (2, "zero3"),
+}
 
-def worker(calibration: Path, output: Path, report: Path) -> None:
+
+def worker(backend: str, calibration: Path, output: Path, report: Path) -> None:
     """Under torchrun (or alone): quantize with gptq_fsdp and write rank 0's report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gptq_fsdp import CalibrationSet, GPTQConfig, quantize_model, save_quantized
-    from gptq_fsdp.launch import init_distributed, load_sharded
+    from gptq_fsdp.launch import init_distributed, load_sharded, load_zero3
 
     torch.set_num_threads(1)
-    world = init_distributed()
+    world = init_distributed(deepspeed_comm=backend == "zero3")
     start = time.perf_counter()
-    model = load_sharded(MODEL) if world > 1 else AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    if backend == "zero3":
+        model = load_zero3(MODEL)
+    elif backend == "fsdp2":
+        model = load_sharded(MODEL)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
     load_s = time.perf_counter() - start
     config = GPTQConfig.from_options(
         group_size=SCHEME["group_size"], actorder=SCHEME["actorder"], dampening_frac=SCHEME["dampening"]
@@ -87,7 +98,7 @@ def overlap_summary(timelines: list[list[dict]]) -> list[dict]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+        worker(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]))
         return
     if not PEER_PYTHON.exists():
         sys.exit("llm-compressor's venv is missing: run benchmarks/setup_llmcompressor.sh first")
@@ -104,11 +115,11 @@ def main() -> None:
     torch.save(calibration.input_ids, WORK / "calibration_ids.pt")
 
     reports = {}
-    for world in (1, 2):
-        report = WORK / f"fsdp2_w{world}.json"
+    for name, (world, backend) in RUNS.items():
+        report = WORK / f"{name}.json"
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
-        run([*launcher, __file__, "--worker", str(WORK / "calibration.pt"), str(WORK / f"w{world}"), str(report)])
-        reports[world] = json.loads(report.read_text())
+        run([*launcher, __file__, "--worker", backend, str(WORK / "calibration.pt"), str(WORK / name), str(report)])
+        reports[name] = json.loads(report.read_text())
     peer_report = WORK / "peer_ddp.json"
     run(
         [str(PEER_PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -121,45 +132,48 @@ def main() -> None:
     peer = json.loads(peer_report.read_text())
 
     tokens = text_tokens(tokenizer, AUSTEN / "persuasion.txt", 20480)
-    ppl = {
-        "fp32": score(MODEL, tokens, 2),
-        "gptq_fsdp_world1": score(WORK / "w1", tokens, 2),
-        "gptq_fsdp_fsdp2_world2": score(WORK / "w2", tokens, 2),
-        "llmcompressor_ddp_world2": score(WORK / "peer_ddp", tokens, 2),
-    }
-    mem = {w: max(m["shard_bytes"] + m["layer_unsharded_bytes"] + m["owned_weight_bytes"]
-                  for m in reports[w]["memory_per_rank"]) for w in (1, 2)}  # fmt: skip
+    ppl = {"fp32": score(MODEL, tokens, 2), "llmcompressor_ddp_world2": score(WORK / "peer_ddp", tokens, 2)}
+    ppl.update({name: score(WORK / name, tokens, 2) for name in RUNS})
+    mem = {name: max(m["shard_bytes"] + m["layer_unsharded_bytes"] + m["owned_weight_bytes"]
+                     for m in reports[name]["memory_per_rank"]) for name in RUNS}  # fmt: skip
+    w1, fsdp2, zero3 = RUNS
     result = {
         "job": "SmolLM2-135M fp32, W4A16 group 64 symmetric, act-order static, 64 x 512 tokens of emma.txt; "
         "perplexity on 20480 tokens of persuasion.txt (1024-token windows); 1 thread per rank",
         "date": time.strftime("%Y-%m-%d"),
         "quantize_s": {
-            "gptq_fsdp_world1": reports[1]["quantize_s"],
-            "gptq_fsdp_fsdp2_world2": reports[2]["quantize_s"],
+            **{name: reports[name]["quantize_s"] for name in RUNS},
             "llmcompressor_ddp_world2": peer["quantize_s"],
         },
-        "strong_scaling_T1_over_T2": reports[1]["quantize_s"] / reports[2]["quantize_s"],
-        "time_ratio_ours_world2_over_peer_ddp": reports[2]["quantize_s"] / peer["quantize_s"],
+        "strong_scaling_T1_over_T2": {
+            name: reports[w1]["quantize_s"] / reports[name]["quantize_s"] for name in (fsdp2, zero3)
+        },
+        "time_ratio_world2_over_peer_ddp": {
+            name: reports[name]["quantize_s"] / peer["quantize_s"] for name in (fsdp2, zero3)
+        },
         "peak_parameter_bytes_per_rank": mem,
-        "memory_ratio_world2_over_world1": mem[2] / mem[1],
+        "memory_ratio_world2_over_world1": {name: mem[name] / mem[w1] for name in (fsdp2, zero3)},
         "perplexity": ppl,
-        "phases_s": {w: reports[w]["phases_s"] for w in (1, 2)},
-        "memory_per_rank": {w: reports[w]["memory_per_rank"] for w in (1, 2)},
-        "overlap_world2": overlap_summary(reports[2]["timelines"]),
+        "phases_s": {name: reports[name]["phases_s"] for name in RUNS},
+        "memory_per_rank": {name: reports[name]["memory_per_rank"] for name in RUNS},
+        "overlap_world2": {name: overlap_summary(reports[name]["timelines"]) for name in (fsdp2, zero3)},
         "peer": peer,
     }
-    (RESULTS / "smollm2_fsdp2.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "smollm2_sharded.json").write_text(json.dumps(result, indent=2) + "\n")
     q, mib = result["quantize_s"], 2**20
     rows = "\n".join(
         f"| {label} | {q[key]:.1f} | {memory} | {ppl[key]:.3f} |"
         for label, key, memory in [
-            ("gptq_fsdp, 1 process", "gptq_fsdp_world1", f"{mem[1] / mib:.0f}"),
-            ("gptq_fsdp, FSDP2 2 ranks", "gptq_fsdp_fsdp2_world2", f"{mem[2] / mib:.0f}"),
+            ("gptq_fsdp, 1 process", w1, f"{mem[w1] / mib:.0f}"),
+            ("gptq_fsdp, FSDP2 2 ranks", fsdp2, f"{mem[fsdp2] / mib:.0f}"),
+            ("gptq_fsdp, ZeRO-3 2 ranks", zero3, f"{mem[zero3] / mib:.0f}"),
             ("llm-compressor DDP 2 ranks", "llmcompressor_ddp_world2", "(full copy per rank)"),
         ]
     )
-    (RESULTS / "smollm2_fsdp2.md").write_text(
-        f"""# SmolLM2-135M: world 1 vs FSDP2 world 2 vs llm-compressor DDP world 2 ({result["date"]})
+    scaling, ratio, memory = (result[k] for k in ("strong_scaling_T1_over_T2", "time_ratio_world2_over_peer_ddp",
+                                                   "memory_ratio_world2_over_world1"))  # fmt: skip
+    (RESULTS / "smollm2_sharded.md").write_text(
+        f"""# SmolLM2-135M: one process vs FSDP2 and ZeRO-3 at 2 ranks vs llm-compressor DDP ({result["date"]})
 
 {result["job"]}.
 
@@ -168,9 +182,11 @@ def main() -> None:
 | fp32 model | | | {ppl["fp32"]:.3f} |
 {rows}
 
-Strong scaling T(1)/T(2): **{result["strong_scaling_T1_over_T2"]:.2f}x**; time ratio FSDP2 world 2 / llm-compressor
-DDP world 2: **{result["time_ratio_ours_world2_over_peer_ddp"]:.3f}**; peak parameter memory world 2 / world 1:
-**{result["memory_ratio_world2_over_world1"]:.3f}**.
+| at 2 ranks | FSDP2 | ZeRO-3 |
+|---|---:|---:|
+| strong scaling T(1)/T(2) | {scaling[fsdp2]:.2f}x | {scaling[zero3]:.2f}x |
+| time / llm-compressor DDP | {ratio[fsdp2]:.3f} | {ratio[zero3]:.3f} |
+| peak parameter memory / one process | {memory[fsdp2]:.3f} | {memory[zero3]:.3f} |
 """
     )
     print(json.dumps({k: result[k] for k in ("quantize_s", "strong_scaling_T1_over_T2", "perplexity")}, indent=2))
