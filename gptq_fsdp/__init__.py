@@ -1,6 +1,6 @@
 """GPTQ quantization of language models, also while they stay sharded (FSDP2, DeepSpeed ZeRO-3)."""
 
-from gptq_fsdp.checkpoint import save_quantized
+from gptq_fsdp.api import quantize, save_quantized
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.data import CalibrationSet, build_calibration, load_texts
 from gptq_fsdp.gptq import GPTQError, GPTQResult, gptq_quantize
@@ -15,6 +15,7 @@ __all__ = [
     "build_calibration",
     "gptq_quantize",
     "load_texts",
+    "quantize",
     "quantize_model",
     "save_quantized",
 ]

@@ -1,0 +1,109 @@
+"""One call on whatever model a training script holds: `quantize(model, calibration)`, then `save_quantized`.
+
+Accepted: a plain model (one process), a model wrapped by FSDP2 `fully_shard`, what
+`Accelerator.prepare` returns (FSDP2 or DeepSpeed), a `deepspeed.initialize` engine, and
+`trainer.model` after `trainer.train()`. The model stays usable: its shards hold the
+quantized-dequantized weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+from torch import nn
+
+from gptq_fsdp.backends import UnsupportedModelError, unwrap_engine
+from gptq_fsdp.checkpoint import save_quantized as _save
+from gptq_fsdp.config import GPTQConfig
+from gptq_fsdp.data import CalibrationSet, build_calibration, load_texts
+from gptq_fsdp.launch import init_distributed
+from gptq_fsdp.pipeline import QuantizationResult, quantize_model
+
+SUPPORTED = (
+    "a plain model (one process), an FSDP2 fully_shard model, Accelerator.prepare output (FSDP2 or "
+    "DeepSpeed ZeRO-3), a deepspeed.initialize engine, or trainer.model"
+)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module whose parameters we work on; a clear error for wrappers we cannot work with."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        raise UnsupportedModelError(
+            f"FSDP1 (FullyShardedDataParallel) is not supported; use FSDP2. Supported: {SUPPORTED}"
+        )
+    if isinstance(model, DistributedDataParallel | DataParallel):
+        if dist.is_initialized() and dist.get_world_size() > 1 and _accelerate_wants_fsdp():
+            return model.module  # accelerate on CPU wraps in DDP even with an FSDP config; we shard below
+        raise UnsupportedModelError(
+            f"{type(model).__name__} keeps a full copy on every rank, which is what gptq_fsdp avoids; "
+            f"shard it with FSDP2 or DeepSpeed ZeRO-3 instead. Supported: {SUPPORTED}"
+        )
+    model = unwrap_engine(model)
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def _accelerate_wants_fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _shard_if_accelerate_asked(model: nn.Module) -> nn.Module:
+    """accelerate on a CPU-only machine exports FSDP settings without applying FSDP: apply them here."""
+    from torch.distributed.tensor import DTensor
+
+    from gptq_fsdp.launch import FSDPSettings, apply_fully_shard
+
+    whole = not any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+    if whole and dist.is_initialized() and dist.get_world_size() > 1 and _accelerate_wants_fsdp():
+        apply_fully_shard(model, FSDPSettings.from_env())
+    return model
+
+
+def quantize(
+    model: nn.Module,
+    calibration: CalibrationSet | str | list[str],
+    config: GPTQConfig | None = None,
+    *,
+    tokenizer=None,
+    num_samples: int = 128,
+    max_seq_length: int = 2048,
+    seed: int = 0,
+) -> QuantizationResult:
+    """GPTQ-quantize `model` in place (collective: every rank calls it with the same arguments).
+
+    `calibration` is a ready `CalibrationSet`, or texts / a dataset path or name that `tokenizer`
+    turns into `num_samples` packed samples of `max_seq_length` tokens. `config` defaults to W4A16,
+    group 128, symmetric, act-order static.
+    """
+    init_distributed()  # a no-op unless launched on several ranks with no process group yet
+    module = _shard_if_accelerate_asked(unwrap(model))
+    if not isinstance(calibration, CalibrationSet):
+        if tokenizer is None:
+            raise ValueError("calibration text needs a tokenizer (pass tokenizer=...)")
+        texts = load_texts(calibration, tokenizer=tokenizer) if isinstance(calibration, str) else calibration
+        calibration = build_calibration(
+            texts, tokenizer, num_samples=num_samples, max_seq_length=max_seq_length, seed=seed
+        )
+    result = quantize_model(module, calibration, config or GPTQConfig.from_options())
+    module.gptq_fsdp_result = result  # for save_quantized(model, ...) without passing the result
+    return result
+
+
+def save_quantized(
+    model: nn.Module,
+    output_dir: str | Path,
+    result: QuantizationResult | None = None,
+    *,
+    tokenizer=None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the model `quantize` just quantized as a compressed-tensors checkpoint (collective)."""
+    module = unwrap(model)
+    result = result or getattr(module, "gptq_fsdp_result", None)
+    if result is None:
+        raise ValueError("this model has not been quantized: call gptq_fsdp.quantize(model, ...) first")
+    return _save(module, output_dir, result, tokenizer=tokenizer, overwrite=overwrite)
