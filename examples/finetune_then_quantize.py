@@ -62,13 +62,16 @@ def main() -> None:
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=[callback])
     trainer.train()
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    rank, world = callback.result.backend.rank, callback.result.backend.world_size
+    if dist.is_initialized():  # compressed-tensors loads collectively while a process group exists
+        dist.destroy_process_group()
+    if rank == 0:
         reloaded = AutoModelForCausalLM.from_pretrained(args.output).eval()
         after = perplexity(reloaded, eval_ids, window=min(1024, args.eval_tokens))
         print(
             f"perplexity before fine-tuning {before:.3f}; fine-tuned + W4A16, reloaded from {args.output}: {after:.3f}"
         )
-        print(f"GPTQ wall time {callback.result.seconds:.1f} s on {callback.result.backend.world_size} rank(s)")
+        print(f"GPTQ wall time {callback.result.seconds:.1f} s on {world} rank(s)")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_positive(int), default=20480)
     p.add_argument("--window", type=_positive(int), default=1024)
     p.add_argument("--threads", type=_positive(int), default=None)
+
+    plan = commands.add_parser(
+        "plan", help="will a sharded run fit? memory per rank, traffic and time from a config.json (no weights)"
+    )
+    plan.add_argument("--model-config", type=Path, required=True, help="HF config.json, or a folder holding one")
+    plan.add_argument("--world-size", type=_positive(int), required=True, help="number of ranks (GPUs)")
+    plan.add_argument("--gpu-memory", default="80GiB", help="memory per GPU: 80GiB, 80GB (decimal), 81920MiB")
+    plan.add_argument("--samples", type=_positive(int), default=128, help="calibration samples")
+    plan.add_argument("--seq-len", type=_positive(int), default=2048, help="tokens per sample")
+    plan.add_argument("--backend", choices=["fsdp2", "zero3"], default="fsdp2")
+    plan.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    plan.add_argument("--group-size", type=int, default=128, help="columns per scale; 0 = one scale per channel")
+    plan.add_argument("--batch-size", type=_positive(int), default=8, help="samples per forward call")
+    plan.add_argument(
+        "--offload-activations", action="store_true", help="what-if: keep only one batch of activations on the GPU"
+    )
+    plan.add_argument("--matmul-tflops", type=_positive(float), default=400.0, help="dense matmul rate per GPU")
+    plan.add_argument("--cholesky-tflops", type=_positive(float), default=20.0, help="Cholesky/inverse rate per GPU")
+    plan.add_argument(
+        "--bandwidth-gbps", type=_positive(float), default=200.0, help="collective bandwidth per rank in GB/s (bytes)"
+    )
+    plan.set_defaults(threads=None)  # main() reads it
     return parser
 
 
@@ -205,6 +227,34 @@ def perplexity_command(args: argparse.Namespace) -> None:
     print(f"perplexity {ppl:.4f} ({args.tokens} tokens of {args.text.name}, windows of {args.window})")
 
 
+def plan_command(args: argparse.Namespace) -> None:
+    """Print the plan; "DOES NOT FIT" and what would fit are part of the output, not an error."""
+    from gptq_fsdp.gptq import GPTQError
+    from gptq_fsdp.planner import DTYPES as PLAN_DTYPES
+    from gptq_fsdp.planner import PlanOptions, format_plan, load_model_shape, parse_size, plan
+
+    config = args.model_config
+    if not (config.is_file() or (config / "config.json").is_file()):
+        _fail(f"{config} is neither a config.json nor a folder holding one")
+    try:
+        options = PlanOptions(
+            world_size=args.world_size,
+            gpu_memory=parse_size(args.gpu_memory),
+            samples=args.samples,
+            seq_len=args.seq_len,
+            backend=args.backend,
+            batch_size=args.batch_size,
+            offload_activations=args.offload_activations,
+            matmul_tflops=args.matmul_tflops,
+            cholesky_tflops=args.cholesky_tflops,
+            bandwidth_gbps=args.bandwidth_gbps,
+        )
+        shape = load_model_shape(config, PLAN_DTYPES[args.dtype], args.group_size or None)
+    except (ValueError, GPTQError) as error:
+        _fail(str(error))
+    print(format_plan(plan(shape, options)))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -214,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        {"quantize": quantize_command, "perplexity": perplexity_command}[args.command](args)
+        {"quantize": quantize_command, "perplexity": perplexity_command, "plan": plan_command}[args.command](args)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

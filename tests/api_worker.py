@@ -6,6 +6,7 @@ torchrun --nproc_per_node 2 tests/api_worker.py FORM MODEL_DIR OUTPUT_DIR TEXT
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -40,7 +41,9 @@ def main() -> None:
         from accelerate import Accelerator
 
         accelerator = Accelerator()
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = 1  # DeepSpeed wants batch sizes even with no training
+        ds_config["train_batch_size"] = int(os.environ["WORLD_SIZE"])  # accelerate says 1 process on CPU
         model = accelerator.prepare(AutoModelForCausalLM.from_pretrained(model_dir))
     elif form == "accelerate-fsdp-cpu":  # Accelerator() on CPU exports FSDP settings but does not shard
         from accelerate import Accelerator

@@ -3,7 +3,8 @@
 The flattened parameter is zero-padded to a multiple of the world size and rank r holds elements
 [r·p, (r+1)·p), p = ceil(numel / world). Partition boundaries cut through rows and quantization
 groups freely; only the owner ever sees the whole weight. Small parameters that ZeRO keeps whole on
-every rank (`ds_persist`, below `stage3_param_persistence_threshold`) also get their whole copy updated.
+every rank once gathered (`ds_persist`, below `stage3_param_persistence_threshold`) get their whole copy
+updated too.
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ class ZeRO3Backend(Backend):
                 partition.copy_(received)
 
         pending = scatter_pieces(pieces, out, owner).then(write)
-        if not getattr(param, "ds_persist", False):
+        if param.data.numel() != param.ds_numel:  # partitioned: the next forward gathers the new partitions
             return pending
-        pending.wait()  # persistent (small) parameters: every rank also holds the whole tensor
+        pending.wait()  # gathered and kept (ZeRO's persistent small parameters): update the whole copy too
         whole = (
             full.to(self.comm_device, param.dtype)
             if self.rank == owner

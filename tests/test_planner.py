@@ -1,0 +1,299 @@
+"""`gptq-fsdp plan`: numbers for public configs equal hand-computed ones; advice that is re-planned to fit.
+
+Every model is built on the meta device only. Expected values are written out as arithmetic on the
+published config numbers, not taken from the planner's helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from gptq_fsdp import planner
+from gptq_fsdp.cli import main
+from gptq_fsdp.config import GPTQConfig
+from gptq_fsdp.hessian import HessianHooks
+from gptq_fsdp.pipeline import capture_layer_inputs, find_decoder_layers, target_modules
+from gptq_fsdp.planner import PlanOptions, load_model_shape, parse_size, plan
+from gptq_fsdp.schedule import assign_owners
+
+CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+GiB = 2**30
+MEM80 = 80 * GiB
+
+
+@pytest.fixture(scope="module")
+def shapes() -> dict[str, planner.ModelShape]:
+    names = ["llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "mixtral-8x7b", "qwen3-30b-a3b"]
+    return {name: load_model_shape(CONFIGS / f"{name}.json") for name in names}
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# Llama-3.1-8B, by hand: hidden 4096, 8 KV heads of 128 (1024), intermediate 14336, vocab 128256, 32 layers.
+L8_LAYER_PARAMS = 4096 * 4096 + 1024 * 4096 + 1024 * 4096 + 4096 * 4096 + 3 * 14336 * 4096 + 2 * 4096
+L8_TOTAL = 32 * L8_LAYER_PARAMS + 2 * 128256 * 4096 + 4096
+# Every target's (rows, cols), the layer's parameter shapes.
+L8_TARGETS = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+L8_PARAMS = L8_TARGETS + [(4096,), (4096,)]
+
+
+def test_published_parameter_counts(shapes):
+    assert L8_LAYER_PARAMS == 218_112_000
+    assert shapes["llama-3.1-8b"].total_params == L8_TOTAL == 8_030_261_248
+    l70_layer = 2 * 8192 * 8192 + 2 * 1024 * 8192 + 3 * 28672 * 8192 + 2 * 8192
+    assert shapes["llama-3.1-70b"].total_params == 80 * l70_layer + 2 * 128256 * 8192 + 8192 == 70_553_706_496
+    l405_layer = 2 * 16384 * 16384 + 2 * 1024 * 16384 + 3 * 53248 * 16384 + 2 * 16384
+    assert shapes["llama-3.1-405b"].total_params == 126 * l405_layer + 2 * 128256 * 16384 + 16384 == 405_853_388_800
+    # Mixtral: 8 experts of 3 x 14336 x 4096, a router of 8 x 4096; vocab 32000.
+    mixtral_layer = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 8 * 3 * 14336 * 4096 + 8 * 4096 + 2 * 4096
+    assert shapes["mixtral-8x7b"].total_params == 32 * mixtral_layer + 2 * 32000 * 4096 + 4096 == 46_702_792_704
+    # Qwen3-30B-A3B: 32 heads and 4 KV heads of 128, q/k norms of 128, 128 experts of 3 x 768 x 2048.
+    qwen_layer = 4096 * 2048 + 2 * 512 * 2048 + 2048 * 4096 + 2 * 128 + 128 * 3 * 768 * 2048 + 128 * 2048 + 2 * 2048
+    assert shapes["qwen3-30b-a3b"].total_params == 48 * qwen_layer + 2 * 151936 * 2048 + 2048 == 30_532_122_624
+
+
+def test_llama_8b_world_8_by_hand(shapes):
+    shape = shapes["llama-3.1-8b"]
+    result = plan(shape, PlanOptions(world_size=8, gpu_memory=MEM80))
+    bf16 = 2
+    # Every dim 0 divides by 8, so FSDP2's row split is exact: an eighth of the model per rank.
+    shards = L8_TOTAL * bf16 // 8
+    assert shards == 2_007_565_312
+    assert [r.shards for r in result.ranks] == [shards] * 8
+    layer = L8_LAYER_PARAMS * bf16
+    assert layer == 436_224_000 and all(r.layer == layer for r in result.ranks)
+    hessians = 12 * (4096**2 * 3 + 14336**2)  # q/k/v, o, gate/up read 4096 features; down_proj 14336
+    assert hessians == 3_070_230_528 and all(r.hessians == hessians for r in result.ranks)
+    activations = 16 * 2048 * 4096 * bf16  # 128 samples / 8 ranks x seq x hidden x bf16
+    assert all(r.activations == activations == 268_435_456 for r in result.ranks)
+    working = 8 * 2048 * (2 * 14336 * bf16 + 14336 * 4)  # one batch: gate+up output, fp32 copy of down's input
+    assert all(r.working == working for r in result.ranks)
+
+    # Groups by tensor identity, and owners from the real LPT scheduler on the hand-written shapes.
+    groups = [(g.label, g.total_rows, g.columns) for g in shape.structures[0].groups]
+    assert groups == [
+        ("self_attn.q_proj+k_proj+v_proj", 6144, 4096),
+        ("self_attn.o_proj", 4096, 4096),
+        ("mlp.gate_proj+up_proj", 28672, 4096),
+        ("mlp.down_proj", 4096, 14336),
+    ]
+    expected = assign_owners([(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)], 8)
+    assert result.owners[0] == expected.owners == [2, 3, 1, 0]
+    assert result.balance[0] == pytest.approx(expected.balance) and result.balance[0] > 4  # 4 groups, 8 ranks
+
+    # Rank 0 owns down_proj [4096 x 14336]: its GPTQ phase, term by term.
+    pieces = sum(ceil_div(rows, 8) * cols for rows, cols in L8_TARGETS)  # each rank's piece of every target
+    down_piece = 512 * 14336
+    owned_weights = 2 * pieces * bf16 + 2 * 8 * down_piece * bf16  # own send/receive + gathered and scatter copies
+    w, h = 4096 * 14336 * 4, 14336 * 14336 * 4
+    workspace = 4096 * 14336 * bf16 + max(w + 6 * h, 2 * w + 3 * h)
+    rank0 = result.ranks[0]
+    assert (rank0.owned_weights, rank0.workspace) == (owned_weights, workspace)
+    assert rank0.hessians_owned == 12 * 14336**2
+    gptq_phase = shards + activations + hessians + owned_weights + workspace
+    hessian_phase = shards + layer + activations + working + hessians
+    propagate = shards + layer + 2 * activations + working
+    capture = shards + (2 * 128256 * 4096 + 4096) * bf16 + activations
+    assert rank0.peak == max(gptq_phase, hessian_phase, propagate, capture) == gptq_phase
+    assert rank0.peak_phase.startswith("GPTQ")
+    # A rank that owns nothing peaks in the Hessian forward.
+    assert result.ranks[7].peak == hessian_phase and result.ranks[7].workspace == 0
+    assert result.fits and result.peak == gptq_phase
+
+    traffic = result.traffic[0]
+    assert traffic.hessian_reduce == 8 * (4096**2 * 3 + 14336**2)
+    assert traffic.weight_transfer == 2 * 7 * pieces * bf16
+    assert traffic.layer_gather == 7 * (pieces + 2 * 512) * bf16
+    assert traffic.gathers == 2
+
+
+def test_time_model_by_hand(shapes):
+    options = PlanOptions(world_size=8, gpu_memory=MEM80, matmul_tflops=400, cholesky_tflops=20, bandwidth_gbps=200)
+    result = plan(shapes["llama-3.1-8b"], options)
+    tokens = 16 * 2048
+    mm, chol, bw = 400e12, 20e12, 200e9
+    forward = 32 * 2 * (2 * L8_LAYER_PARAMS * tokens + 16 * 2 * 2048**2 * 32 * 128) / mm
+    xtx = 32 * 2 * tokens * (3 * 4096**2 + 14336**2) / mm
+    gathers = 32 * 2 * 7 * 27_264_000 * 2 / bw
+    down = 4 / 3 * 14336**3 / chol + 4096 * 14336**2 / mm + 4.0e-5 * 14336  # rank 0: down_proj alone
+    assert result.time.forward == pytest.approx(forward)
+    assert result.time.xtx == pytest.approx(xtx)
+    assert result.time.gathers == pytest.approx(gathers)
+    assert result.time.gptq == pytest.approx(32 * down)  # GPTQ outlasts the transfers here
+    assert result.time.total == pytest.approx(forward + xtx + gathers + 32 * down)
+
+
+def test_zero3_flat_partitions_and_fsdp2_uneven_rows(shapes):
+    shape = shapes["llama-3.1-8b"]
+    outer = [(128256, 4096), (128256, 4096), (4096,)]
+    params = outer + L8_PARAMS * 32
+    zero3 = plan(shape, PlanOptions(world_size=3, gpu_memory=MEM80, backend="zero3"))
+    flat = sum(ceil_div(rows * (cols[0] if cols else 1), 3) for rows, *cols in params) * 2
+    assert [r.shards for r in zero3.ranks] == [flat] * 3
+
+    fsdp2 = plan(shape, PlanOptions(world_size=3, gpu_memory=MEM80))
+
+    def rows_on(rows: int, rank: int) -> int:  # torch.chunk: ceil(rows / 3) each, the rest on the last
+        chunk = ceil_div(rows, 3)
+        return max(0, min(chunk, rows - rank * chunk))
+
+    for rank in range(3):
+        expected = sum(rows_on(rows, rank) * (cols[0] if cols else 1) for rows, *cols in params) * 2
+        assert fsdp2.ranks[rank].shards == expected
+    assert fsdp2.ranks[0].shards > fsdp2.ranks[2].shards  # 4096 rows: 1366, 1366, 1364
+    # 128 samples on 3 ranks: 43, 43, 42 (data.rank_batches), so rank 2 holds fewer activations.
+    assert fsdp2.samples_per_rank == [43, 43, 42]
+    assert fsdp2.ranks[2].activations == 42 * 2048 * 4096 * 2
+
+
+def test_offload_keeps_one_batch(shapes):
+    result = plan(shapes["llama-3.1-8b"], PlanOptions(world_size=8, gpu_memory=MEM80, offload_activations=True))
+    assert all(r.activations == 8 * 2048 * 4096 * 2 for r in result.ranks)
+
+
+def test_405b_does_not_fit_on_8_gpus_and_says_why(shapes):
+    shape = shapes["llama-3.1-405b"]
+    result = plan(shape, PlanOptions(world_size=8, gpu_memory=MEM80))
+    assert not result.fits
+    text = planner.format_plan(result)
+    assert "DOES NOT FIT" in text and "FITS:" not in text
+    (why,) = planner.reasons(result)
+    assert why.startswith("rank 0 peaks at") and "GPTQ workspace" in why and "shards" in why
+    # down_proj's 53248 columns: its Hessian (12 B/elem) alone is 31.7 GiB and GPTQ's fp32 copies of it
+    # (6 x 4 B/elem) another 63 GiB, so no number of 80 GiB GPUs is enough.
+    assert result.ranks[0].hessians_owned == 12 * 53248**2
+    assert result.ranks[0].workspace > 6 * 4 * 53248**2
+    assert planner.smallest_world_size(shape, result.options) is None
+    assert any("no world size up to 128" in s for s in result.suggestions)
+    assert any("--offload-activations alone does not fit" in s for s in result.suggestions)
+
+
+@pytest.mark.parametrize(
+    "name,world,memory", [("llama-3.1-405b", 8, "141GiB"), ("llama-3.1-70b", 2, "80GiB"), ("mixtral-8x7b", 2, "48GiB")]
+)
+def test_suggested_world_size_fits_when_replanned(shapes, name, world, memory):
+    options = PlanOptions(world_size=world, gpu_memory=parse_size(memory))
+    result = plan(shapes[name], options)
+    assert not result.fits
+    suggested = planner.smallest_world_size(shapes[name], options)
+    assert suggested is not None and any(f"--world-size {suggested} fits" in s for s in result.suggestions)
+    assert plan(shapes[name], replace(options, world_size=suggested)).fits
+    assert not plan(shapes[name], replace(options, world_size=suggested - 1)).fits
+
+
+def test_fewer_samples_suggestion_fits_when_replanned(shapes):
+    # 70B on 2 GPUs of 100 GiB with 1024 samples: activations (8 GiB per 64 samples) are what overflows.
+    options = PlanOptions(world_size=2, gpu_memory=100 * GiB, samples=1024)
+    result = plan(shapes["llama-3.1-70b"], options)
+    assert not result.fits
+    samples = planner.most_samples(shapes["llama-3.1-70b"], options)
+    assert samples is not None and any(f"--samples {samples} " in s for s in result.suggestions)
+    assert plan(shapes["llama-3.1-70b"], replace(options, samples=samples)).fits
+    assert not plan(shapes["llama-3.1-70b"], replace(options, samples=samples + 2)).fits
+    offloaded = plan(shapes["llama-3.1-70b"], replace(options, offload_activations=True))
+    assert offloaded.fits and any("--offload-activations fits" in s for s in result.suggestions)
+
+
+def test_moe_fused_experts_are_not_targets(shapes):
+    # transformers 5 keeps MoE experts as fused 3-D parameters, not nn.Linear: the pipeline's targets
+    # (and so the planner) see only the attention projections.
+    for name, experts in [("mixtral-8x7b", 8 * 3 * 14336 * 4096), ("qwen3-30b-a3b", 128 * 3 * 768 * 2048)]:
+        structure = shapes[name].structures[0]
+        assert [g.label for g in structure.groups] == ["self_attn.q_proj+k_proj+v_proj", "self_attn.o_proj"]
+        assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= set(structure.unquantized)
+        assert structure.unquantized_params >= experts
+    # Forward FLOPs count top-k of the experts: Mixtral 2 of 8.
+    mixtral = shapes["mixtral-8x7b"].structures[0]
+    dense = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 8 * 4096 + 2 * 4096
+    assert mixtral.active_params == pytest.approx(dense + 2 * 3 * 14336 * 4096)
+
+
+def test_invalid_sample_split_is_reported(shapes):
+    result = plan(shapes["llama-3.1-8b"], PlanOptions(world_size=8, gpu_memory=MEM80, samples=4))
+    assert not result.fits and "cannot be split across 8 ranks" in result.problems[0]
+
+
+def test_every_fixture_groups_by_meta_forward(shapes):
+    for shape in shapes.values():
+        assert {s.grouping for s in shape.structures} == {"forward"}
+        assert len(shape.structures) == 1  # every layer alike in these five
+
+
+TINY = {
+    "llama": dict(model_type="llama", num_key_value_heads=2),
+    "opt": dict(model_type="opt", ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=64),
+    "gpt_neox": dict(model_type="gpt_neox", max_position_embeddings=64),
+    "gemma3_text": dict(model_type="gemma3_text", num_key_value_heads=2, head_dim=16, sliding_window=8),
+    "mixtral": dict(model_type="mixtral", num_key_value_heads=2, num_local_experts=4),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_meta_groups_equal_a_real_forward(family, tmp_path):
+    """The meta-device grouping equals what HessianHooks finds in a real CPU forward of the same model."""
+    config = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+    (tmp_path / "config.json").write_text(json.dumps({**config, **TINY[family]}))
+    shape = load_model_shape(tmp_path / "config.json", torch.float32, group_size=None)
+    assert shape.structures[0].grouping == "forward"
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path)).eval()
+    modules = target_modules(model, GPTQConfig.from_options(group_size=None))[0]
+    _, layers = find_decoder_layers(model)
+    ids = torch.randint(0, 128, (1, 8))
+    hidden, calls = capture_layer_inputs(model, layers, [(ids, torch.ones_like(ids))])
+    hooks = HessianHooks(modules)
+    with torch.no_grad(), hooks.attached(), hooks.forward(None):
+        args, kwargs = calls[0][0]
+        layers[0](hidden[0], *args, **kwargs)
+    prefix = f"{shape.layers_name}.0."
+    real = [tuple(n.removeprefix(prefix) for n in g.names) for g in hooks.groups]
+    assert [g.names for g in shape.structures[0].groups] == real
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "mixtral-8x7b"])
+def test_rule_fallback_gives_the_same_groups(shapes, name, monkeypatch):
+    """Without a meta forward (data-dependent layers), the sibling-name rule finds the same groups here."""
+    monkeypatch.setattr(planner, "_probe_layer_calls", lambda model, layers: [])
+    ruled = load_model_shape(CONFIGS / f"{name}.json").structures[0]
+    assert ruled.grouping == "rule"
+    assert sorted(g.names for g in ruled.groups) == sorted(g.names for g in shapes[name].structures[0].groups)
+
+
+def test_parse_size():
+    assert parse_size("80GiB") == 80 * 2**30 == parse_size("80G") == parse_size("81920MiB")
+    assert parse_size("80GB") == 80 * 10**9 and parse_size("1024") == 1024 and parse_size("1.5TiB") == 3 * 2**39
+    with pytest.raises(ValueError):
+        parse_size("eighty")
+
+
+def test_cli_prints_the_per_rank_table(tmp_path, capsys):
+    main(["plan", "--model-config", str(CONFIGS / "llama-3.1-8b.json"), "--world-size", "8", "--gpu-memory", "80GiB"])
+    out = capsys.readouterr().out
+    assert "per rank (GiB" in out and "shards" in out and "GPTQ ws" in out and "peak" in out
+    table = [line for line in out.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+    assert [int(line.split()[0]) for line in table] == list(range(8))
+    assert "owner balance (assign_owners" in out and "estimated time" in out and "FITS: peak" in out
+    assert "8,030,261,248 parameters" in out
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(CONFIGS / "llama-3.1-405b.json", folder / "config.json")
+    main(["plan", "--model-config", str(folder), "--world-size", "8", "--gpu-memory", "80GiB", "--backend", "zero3"])
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "what would make it fit" in out and "--offload-activations" in out
+
+
+def test_cli_rejects_a_missing_config(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--model-config", str(tmp_path), "--world-size", "2"])
+    assert exit_info.value.code == 2 and "config.json" in capsys.readouterr().err
