@@ -66,6 +66,24 @@ def run_ours(calibration: Path, output: Path, threads: int, report: Path) -> Non
     )
 
 
+def prepare_job(samples: int, seq_len: int):
+    """Check the peer's venv; write the calibration set (ours and the peer's token-id file); the tokenizer."""
+    if not PEER_PYTHON.exists():
+        sys.exit("llm-compressor's venv is missing: run benchmarks/setup_llmcompressor.sh first")
+    from transformers import AutoTokenizer
+
+    from gptq_fsdp.data import build_calibration, load_texts
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    texts = load_texts(str(AUSTEN / "emma.txt"))
+    calibration = build_calibration(texts, tokenizer, num_samples=samples, max_seq_length=seq_len)
+    calibration.save(WORK / "calibration.pt")
+    torch.save(calibration.input_ids, WORK / "calibration_ids.pt")
+    return tokenizer
+
+
 def score(model_dir: Path, tokens: torch.Tensor, threads: int) -> float:
     from transformers import AutoModelForCausalLM
 
@@ -96,23 +114,7 @@ def main() -> None:
     if args.worker == "ours":
         run_ours(args.calibration, args.output, args.threads, args.report)
         return
-    if not PEER_PYTHON.exists():
-        sys.exit("llm-compressor's venv is missing: run benchmarks/setup_llmcompressor.sh first")
-
-    from transformers import AutoTokenizer
-
-    from gptq_fsdp.data import build_calibration, load_texts
-    from gptq_fsdp.evaluate import text_tokens
-
-    WORK.mkdir(parents=True, exist_ok=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    calibration = build_calibration(
-        load_texts(str(AUSTEN / "emma.txt")), tokenizer, num_samples=args.samples, max_seq_length=args.seq_len
-    )
-    calibration.save(WORK / "calibration.pt")
-    torch.save(calibration.input_ids, WORK / "calibration_ids.pt")
-
+    tokenizer = prepare_job(args.samples, args.seq_len)
     runs: dict[str, list[dict]] = {"gptq_fsdp": [], "llmcompressor": []}
     for _ in range(args.repeats):
         report = WORK / "ours.json"
@@ -130,6 +132,8 @@ def main() -> None:
              "--json", str(report), "--threads", str(args.threads)]
         )  # fmt: skip
         runs["llmcompressor"].append(json.loads(report.read_text()))
+
+    from gptq_fsdp.evaluate import text_tokens
 
     tokens = text_tokens(tokenizer, AUSTEN / "persuasion.txt", 20480)
     ppl = {

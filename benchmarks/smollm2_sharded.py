@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from smollm2_core import AUSTEN, MODEL, PEER_PYTHON, RESULTS, SCHEME, WORK, score  # noqa: E402
+from smollm2_core import AUSTEN, MODEL, PEER_PYTHON, RESULTS, SCHEME, WORK, prepare_job, score  # noqa: E402
 
 RUNS = {  # name: (ranks, backend)
     "gptq_fsdp_world1": (1, "single"),
@@ -100,19 +100,8 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]))
         return
-    if not PEER_PYTHON.exists():
-        sys.exit("llm-compressor's venv is missing: run benchmarks/setup_llmcompressor.sh first")
-    from transformers import AutoTokenizer
-
-    from gptq_fsdp.data import build_calibration, load_texts
+    tokenizer = prepare_job(samples=64, seq_len=512)
     from gptq_fsdp.evaluate import text_tokens
-
-    WORK.mkdir(parents=True, exist_ok=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    calibration = build_calibration(load_texts(str(AUSTEN / "emma.txt")), tokenizer, num_samples=64, max_seq_length=512)
-    calibration.save(WORK / "calibration.pt")
-    torch.save(calibration.input_ids, WORK / "calibration_ids.pt")
 
     reports = {}
     for name, (world, backend) in RUNS.items():
