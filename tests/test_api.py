@@ -102,3 +102,12 @@ def test_trainer_callback_checkpoint_reloads_with_the_same_logits(tiny_llama_dir
     reloaded, _ = dequantized(tmp_path / "ckpt")
     ids = train.input_ids[:1]
     torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_cli_run_equals_the_api_reference(tiny_llama_dir, austen, tmp_path, reference):
+    """The API forms above are compared with `reference`; this ties `reference` to the direct CLI run."""
+    from gptq_fsdp.cli import main
+
+    main(["quantize", str(tiny_llama_dir), "--dataset", str(austen / "emma.txt"), "--output", str(tmp_path / "cli"),
+          "--num-samples", "12", "--max-seq-length", "32", "--batch-size", "2", "--group-size", "32"])  # fmt: skip
+    assert_same_as_reference(tmp_path / "cli", reference)
