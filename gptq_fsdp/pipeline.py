@@ -314,7 +314,9 @@ def _quantize_layer(
         assignment.balance,
     )
     tokens = [backend.sum_int(g.tokens) for g in groups]
-    hessians = [backend.reduce(g.sum, owner) for g, owner in zip(groups, assignment.owners, strict=True)]
+    hessians: list[Pending | None] = [
+        backend.reduce(g.sum, owner) for g, owner in zip(groups, assignment.owners, strict=True)
+    ]
     weights = [
         [backend.gather_weight(modules[n].weight, owner) for n in g.names]
         for g, owner in zip(groups, assignment.owners, strict=True)
@@ -334,6 +336,7 @@ def _quantize_layer(
             with clock("wait", **event):
                 hessian_sum = hessians[gi].wait()
                 parts = [p.wait() for p in weights[gi]]
+            hessians[gi], weights[gi] = None, []  # the pendings hold the buffers: drop them with the locals
             with clock("gptq", **event):
                 begin = time.perf_counter()
                 hessian = (hessian_sum * (2.0 / max(tokens[gi], 1))).float()
@@ -349,14 +352,17 @@ def _quantize_layer(
                 rows = [rows_of[n] for n in group.names]
                 seconds = time.perf_counter() - begin
                 fulls = _record(index, group.names, rows, gptq, seconds, config, rank, result)
-            group.release()
+        else:  # this rank's partial sum and its piece of the weight have been sent: free them now
+            with clock("wait"):
+                for pending in [hessians[gi], *weights[gi]]:
+                    pending.wait()
+            hessians[gi], weights[gi] = None, []
+        group.release()
         for name, full in zip(group.names, fulls, strict=True):
             scatters.append(backend.scatter_weight(modules[name].weight, full, owner))
     with clock("wait"):
-        for pending in [*hessians, *(p for ws in weights for p in ws), *scatters]:
+        for pending in scatters:
             pending.wait()
-    for group in groups:
-        group.release()
 
 
 def _record(
