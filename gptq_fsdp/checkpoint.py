@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
+from gptq_fsdp import faults
 from gptq_fsdp.backends import unwrap_engine
 from gptq_fsdp.pipeline import QuantizationResult
 
@@ -113,6 +114,7 @@ def save_quantized(
             if record.owner == rank:
                 tensors.update({f"{record.name}.{k}": v for k, v in record.packed.items()})
         file = "model.safetensors" if world == 1 else f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
+        faults.before_write(tmp / file)
         save_file(tensors, tmp / file, metadata={"format": "pt"})
         sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
         weight_maps = backend.gather_objects(({k: file for k in tensors}, sum(sizes.values())))

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="multi-rank sharding: FSDP2 (default), or DeepSpeed ZeRO-3 (default under accelerate's DeepSpeed config)",
     )
     run.add_argument("--deepspeed-config", type=Path, default=None, help="ZeRO-3 JSON config (implies zero3)")
+    run.add_argument(
+        "--timeout", type=_positive(float), default=None, help="seconds a rank waits for the others (default 1800)"
+    )
     run.add_argument("--offload-param", action="store_true", help="ZeRO-3: keep parameter partitions on CPU")
     run.add_argument(
         "--load",
@@ -139,7 +142,7 @@ def quantize_command(args: argparse.Namespace) -> None:
     from gptq_fsdp.pipeline import target_modules
 
     zero3 = args.backend == "zero3" or args.deepspeed_config is not None or (args.backend == "auto" and use_zero3())
-    world = init_distributed(deepspeed_comm=zero3)
+    world = init_distributed(deepspeed_comm=zero3, timeout_s=args.timeout)
     # Everything cheap is checked before the model is loaded.
     if not (args.model / "config.json").is_file():
         _fail(f"{args.model} is not a HF model folder (no config.json)")
@@ -200,13 +203,17 @@ def quantize_command(args: argparse.Namespace) -> None:
     except GPTQError as error:
         _fail(str(error))
 
-    from gptq_fsdp.pipeline import quantize_model
+    from gptq_fsdp.pipeline import LayerError, quantize_model
 
     start = time.perf_counter()
-    result = quantize_model(model, calibration, config)
-    quantize_seconds = time.perf_counter() - start
-    save_start = time.perf_counter()
-    save_quantized(model, args.output, result, tokenizer=tokenizer, overwrite=args.overwrite)
+    try:
+        result = quantize_model(model, calibration, config)
+        quantize_seconds = time.perf_counter() - start
+        save_start = time.perf_counter()
+        save_quantized(model, args.output, result, tokenizer=tokenizer, overwrite=args.overwrite)
+    except (LayerError, OSError) as error:  # a numerical fault, a dead/hung rank, a full disk
+        print(f"gptq-fsdp: error: {error}", file=sys.stderr)  # every rank: each may see a different cause
+        raise SystemExit(1) from error
     if result.backend.rank == 0:
         print(result.table())
         print(result.memory_report())

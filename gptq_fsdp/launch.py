@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -29,11 +30,14 @@ from gptq_fsdp.pipeline import find_decoder_layers
 logger = logging.getLogger(__name__)
 
 
-def init_distributed(deepspeed_comm: bool = False) -> int:
+def init_distributed(deepspeed_comm: bool = False, timeout_s: float | None = None) -> int:
     """Join the process group the launcher describes (gloo on CPU, nccl on GPU); return the world size.
 
-    `deepspeed_comm` initialises through `deepspeed.init_distributed`, which ZeRO-3 needs.
+    `deepspeed_comm` initialises through `deepspeed.init_distributed`, which ZeRO-3 needs. A collective
+    that waits longer than `timeout_s` (default: GPTQ_FSDP_TIMEOUT or 30 min) for a dead or hung rank
+    fails, so every rank exits instead of hanging.
     """
+    timeout = timedelta(seconds=timeout_s or float(os.environ.get("GPTQ_FSDP_TIMEOUT", 1800)))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -42,9 +46,9 @@ def init_distributed(deepspeed_comm: bool = False) -> int:
         if deepspeed_comm:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend=backend)
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
         else:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=timeout)
     return world
 
 

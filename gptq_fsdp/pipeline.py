@@ -18,6 +18,7 @@ from compressed_tensors.utils import match_named_modules
 from torch import nn
 from tqdm.auto import tqdm
 
+from gptq_fsdp import faults
 from gptq_fsdp.backends import Backend, detect_backend, unwrap_engine
 from gptq_fsdp.comm import Pending
 from gptq_fsdp.config import GPTQConfig
@@ -98,6 +99,10 @@ class QuantizationResult:
             f"total wall time {self.seconds:.1f} s; " + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
         )
         return "\n".join(lines)
+
+
+class LayerError(RuntimeError):
+    """Quantizing a decoder layer failed; the message names the rank and the layer."""
 
 
 class _StopForward(Exception):
@@ -248,26 +253,15 @@ def quantize_model(
         backend.reshard(model)
     progress = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", disable=rank != 0)
     for index, layer in enumerate(layers):
-        modules = per_layer[index]
-        hooks = HessianHooks(modules, stop_early=backend.forwards_may_stop_early)
-        measure = layer.register_forward_pre_hook(lambda m, a: _measure_layer(m, memory, backend))
-        with clock("forward"), hooks.attached(), backend.layer_unsharded(layer):
-            for x, mask, (args, kwargs) in zip(hidden, masks, layer_calls[index], strict=True):
-                with hooks.forward(mask):
-                    layer(x, *args, **kwargs)
-        measure.remove()
-        # float64 sums + fp32 product scratch: 12 bytes per element
-        memory.hessian_bytes = max(memory.hessian_bytes, sum(g.sum.numel() * 12 for g in hooks.groups))
-        result.phases["forward"] -= hooks.seconds
-        result.phases["hessian"] += hooks.seconds
-        _quantize_layer(index, hooks.groups, modules, config, backend, result, clock)
-        with clock("propagate"), backend.layer_unsharded(layer):
-            hidden = [
-                _layer_output(layer(x, *args, **kwargs))
-                for x, (args, kwargs) in zip(hidden, layer_calls[index], strict=True)
-            ]
+        faults.at_layer(rank, index, hidden)
+        try:
+            hidden = _run_layer(
+                index, layer, per_layer[index], hidden, masks, layer_calls[index], config, result, clock
+            )
+        except Exception as error:
+            raise LayerError(f"rank {rank} failed at layer {index} ({type(error).__name__}): {error}") from error
         layer_calls[index] = []
-        loss = sum(result.modules[n].loss for n in modules if n in result.modules)
+        loss = sum(result.modules[n].loss for n in per_layer[index] if n in result.modules)
         progress.set_postfix(loss=f"{loss:.4g}")
         progress.update()
     progress.close()
@@ -280,6 +274,35 @@ def quantize_model(
         result.memory_per_rank = [m for _, m in summaries]
         result.modules.update({r.name: r for records, _ in summaries for r in records if r.name not in result.modules})
     return result
+
+
+def _run_layer(
+    index: int,
+    layer: nn.Module,
+    modules: dict[str, nn.Linear],
+    hidden: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    calls: list[tuple[tuple, dict]],
+    config: GPTQConfig,
+    result: QuantizationResult,
+    clock: _Clock,
+) -> list[torch.Tensor]:
+    """Calibrate, quantize and propagate one decoder layer; returns the next layer's inputs."""
+    backend, memory = result.backend, result.memory
+    hooks = HessianHooks(modules, stop_early=backend.forwards_may_stop_early)
+    measure = layer.register_forward_pre_hook(lambda m, a: _measure_layer(m, memory, backend))
+    with clock("forward"), hooks.attached(), backend.layer_unsharded(layer):
+        for x, mask, (args, kwargs) in zip(hidden, masks, calls, strict=True):
+            with hooks.forward(mask):
+                layer(x, *args, **kwargs)
+    measure.remove()
+    # float64 sums + fp32 product scratch: 12 bytes per element
+    memory.hessian_bytes = max(memory.hessian_bytes, sum(g.sum.numel() * 12 for g in hooks.groups))
+    result.phases["forward"] -= hooks.seconds
+    result.phases["hessian"] += hooks.seconds
+    _quantize_layer(index, hooks.groups, modules, config, backend, result, clock)
+    with clock("propagate"), backend.layer_unsharded(layer):
+        return [_layer_output(layer(x, *args, **kwargs)) for x, (args, kwargs) in zip(hidden, calls, strict=True)]
 
 
 def _measure_layer(layer: nn.Module, memory: MemoryStats, backend: Backend) -> None:

@@ -1,0 +1,57 @@
+"""Faults injected with GPTQ_FSDP_FAULT: every rank exits with a clear error, nothing half-written remains."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from sharded_helpers import ENV
+
+from gptq_fsdp.cli import main
+
+
+def cli_args(model_dir, output, austen) -> list[str]:
+    return [
+        "quantize", str(model_dir), "--dataset", str(austen / "emma.txt"), "--output", str(output),
+        "--num-samples", "4", "--max-seq-length", "32", "--batch-size", "2", "--group-size", "32",
+    ]  # fmt: skip
+
+
+def launch(world: int, fault: str, args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               "-m", "gptq_fsdp", *args]  # fmt: skip
+    start = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, env={**ENV, "GPTQ_FSDP_FAULT": fault}, timeout=300)
+    return done, time.monotonic() - start
+
+
+@pytest.mark.parametrize("fault", ["kill:rank=1,layer=1", "hang:rank=1,layer=1"])
+def test_dead_or_hung_rank_stops_every_rank_and_writes_nothing(fault, tiny_llama_dir, austen, tmp_path):
+    output = tmp_path / "ckpt"
+    done, seconds = launch(2, fault, [*cli_args(tiny_llama_dir, output, austen), "--timeout", "15"])
+    assert done.returncode != 0
+    assert seconds < 120, f"took {seconds:.0f} s"
+    if fault.startswith("hang"):
+        assert "rank 0 failed at layer 1" in done.stderr  # the waiting rank names where it was
+    assert list(tmp_path.iterdir()) == [], "no checkpoint and no temporary directory"
+
+
+def test_nan_activations_name_layer_and_modules(tiny_llama_dir, austen, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GPTQ_FSDP_FAULT", "nan:layer=1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli_args(tiny_llama_dir, tmp_path / "ckpt", austen))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "failed at layer 1" in err and "model.layers.1." in err and "non-finite" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_during_save_leaves_no_partial_checkpoint(tiny_llama_dir, austen, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GPTQ_FSDP_FAULT", "disk_full")
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli_args(tiny_llama_dir, tmp_path / "ckpt", austen))
+    assert exit_info.value.code == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
