@@ -136,6 +136,8 @@ def save_quantized(
         if rank == 0:
             _move_into_place(tmp, target)
         backend.barrier()
+        if result.state is not None:
+            result.state.clear()
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

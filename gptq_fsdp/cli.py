@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="multi-rank sharding: FSDP2 (default), or DeepSpeed ZeRO-3 (default under accelerate's DeepSpeed config)",
     )
     run.add_argument("--deepspeed-config", type=Path, default=None, help="ZeRO-3 JSON config (implies zero3)")
+    run.add_argument("--resume", action="store_true", help="continue from the last layer recorded in OUTPUT.gptq_state")
+    run.add_argument("--no-state", action="store_true", help="do not record per-layer state for --resume")
     run.add_argument(
         "--timeout", type=_positive(float), default=None, help="seconds a rank waits for the others (default 1800)"
     )
@@ -207,7 +209,8 @@ def quantize_command(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     try:
-        result = quantize_model(model, calibration, config)
+        state_dir = None if args.no_state else Path(f"{args.output}.gptq_state")
+        result = quantize_model(model, calibration, config, state_dir=state_dir, resume=args.resume)
         quantize_seconds = time.perf_counter() - start
         save_start = time.perf_counter()
         save_quantized(model, args.output, result, tokenizer=tokenizer, overwrite=args.overwrite)

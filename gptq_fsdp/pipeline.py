@@ -11,6 +11,7 @@ import resource
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -25,6 +26,7 @@ from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.data import CalibrationSet, rank_batches
 from gptq_fsdp.gptq import GPTQError, GPTQResult, gptq_quantize, validate_args
 from gptq_fsdp.hessian import HessianGroup, HessianHooks
+from gptq_fsdp.resume import LayerState, fingerprint
 from gptq_fsdp.schedule import assign_owners
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class QuantizationResult:
     timeline: list[dict] = field(default_factory=list)  # this rank's (layer, group, event, start, end)
     memory: MemoryStats = field(default_factory=MemoryStats)
     memory_per_rank: list[MemoryStats] = field(default_factory=list)  # on rank 0
+    state: LayerState | None = None  # per-layer resume state, cleared once the checkpoint is saved
 
     def memory_report(self) -> str:
         mib = 2**20
@@ -224,13 +227,20 @@ class _Clock:
 
 @torch.no_grad()
 def quantize_model(
-    model: nn.Module, calibration: CalibrationSet, config: GPTQConfig, backend: Backend | None = None
+    model: nn.Module,
+    calibration: CalibrationSet,
+    config: GPTQConfig,
+    backend: Backend | None = None,
+    *,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> QuantizationResult:
     """Quantize `model` in place with GPTQ, layer by layer, and return what the checkpoint needs.
 
     Under a sharded backend every rank calls this with the same `calibration`; each rank runs its own
     slice of it, Hessians are summed on each group's owner, the owner runs GPTQ and every rank's
-    shard receives the quantized-dequantized weight.
+    shard receives the quantized-dequantized weight. With `state_dir`, each rank records its state
+    after every layer; `resume=True` continues from the last layer all ranks recorded.
     """
     start = time.perf_counter()
     model = unwrap_engine(model)
@@ -252,7 +262,21 @@ def quantize_model(
         hidden, layer_calls = capture_layer_inputs(model, layers, batches)
         backend.reshard(model)
     progress = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", disable=rank != 0)
+    first = 0
+    if state_dir is not None:
+        result.state = LayerState(state_dir, backend, fingerprint(config, calibration, world, result.quantized))
+        saved = result.state.load() if resume else None
+        if saved is not None:
+            all_modules = {name: module for modules in per_layer for name, module in modules.items()}
+            result.state.restore_weights(saved["records"], all_modules, config.scheme)
+            result.modules.update(saved["records"])
+            hidden, first = saved["hidden"], saved["layer"] + 1
+            logger.info("resuming after layer %d", saved["layer"])
+            progress.update(first)
     for index, layer in enumerate(layers):
+        if index < first:
+            layer_calls[index] = []
+            continue
         faults.at_layer(rank, index, hidden)
         try:
             hidden = _run_layer(
@@ -261,6 +285,8 @@ def quantize_model(
         except Exception as error:
             raise LayerError(f"rank {rank} failed at layer {index} ({type(error).__name__}): {error}") from error
         layer_calls[index] = []
+        if result.state is not None:
+            result.state.save(index, hidden, {n: r for n, r in result.modules.items() if r.owner == rank})
         loss = sum(result.modules[n].loss for n in per_layer[index] if n in result.modules)
         progress.set_postfix(loss=f"{loss:.4g}")
         progress.update()

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 from sharded_helpers import ENV
 
 from gptq_fsdp.cli import main
@@ -35,7 +36,8 @@ def test_dead_or_hung_rank_stops_every_rank_and_writes_nothing(fault, tiny_llama
     assert seconds < 120, f"took {seconds:.0f} s"
     if fault.startswith("hang"):
         assert "rank 0 failed at layer 1" in done.stderr  # the waiting rank names where it was
-    assert list(tmp_path.iterdir()) == [], "no checkpoint and no temporary directory"
+    # No checkpoint and no temporary directory; only the per-layer state that --resume reads.
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.gptq_state"]
 
 
 def test_nan_activations_name_layer_and_modules(tiny_llama_dir, austen, tmp_path, capsys, monkeypatch):
@@ -45,7 +47,7 @@ def test_nan_activations_name_layer_and_modules(tiny_llama_dir, austen, tmp_path
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "failed at layer 1" in err and "model.layers.1." in err and "non-finite" in err
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.gptq_state"]  # layer 0 kept for --resume
 
 
 def test_disk_full_during_save_leaves_no_partial_checkpoint(tiny_llama_dir, austen, tmp_path, capsys, monkeypatch):
@@ -54,4 +56,25 @@ def test_disk_full_during_save_leaves_no_partial_checkpoint(tiny_llama_dir, aust
         main(cli_args(tiny_llama_dir, tmp_path / "ckpt", austen))
     assert exit_info.value.code == 1
     assert "No space left on device" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.gptq_state"]  # no checkpoint, no temporary dir
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_llama_dir, austen, tmp_path):
+    from sharded_helpers import dequantized
+
+    def args(output):
+        return [*cli_args(tiny_llama_dir, output, austen), "--num-samples", "8"]
+
+    whole, _ = launch(2, "", args(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed, _ = launch(2, "kill:rank=1,layer=1", args(tmp_path / "resumed"))
+    assert killed.returncode != 0 and not (tmp_path / "resumed").exists()
+    states = sorted(p.name for p in (tmp_path / "resumed.gptq_state").iterdir())
+    assert states == ["rank00000.pt", "rank00001.pt"], states  # layer 0 recorded by both ranks
+    resumed, _ = launch(2, "", [*args(tmp_path / "resumed"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after layer 0" in resumed.stderr
+    assert not (tmp_path / "resumed.gptq_state").exists(), "the state is removed once the checkpoint is saved"
+    _, expected = dequantized(tmp_path / "whole")
+    _, got = dequantized(tmp_path / "resumed")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

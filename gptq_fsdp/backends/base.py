@@ -84,6 +84,14 @@ class Backend:
         dist.gather_object(obj, out, dst=dst)
         return out
 
+    def gather_all(self, obj) -> list:
+        """Every rank's `obj`, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast_object(self, obj, src: int = 0):
         if self.world_size == 1:
             return obj
