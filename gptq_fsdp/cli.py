@@ -168,7 +168,18 @@ def quantize_command(args: argparse.Namespace) -> None:
     except GPTQError as error:
         _fail(str(error))
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = AutoConfig.from_pretrained(args.model).model_type
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        _fail(f"{args.model} is a '{model_type}' model, not a causal language model")
+    if args.num_samples < world:
+        _fail(f"{args.num_samples} calibration samples cannot be split across {world} ranks")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as error:
+        _fail(f"no usable tokenizer in {args.model} (calibration text needs one): {error}")
     try:
         texts = load_texts(
             args.dataset,

@@ -77,6 +77,26 @@ def test_bad_options_fail_clearly_and_write_nothing(tiny_llama_dir, austen, tmp_
     assert list(tmp_path.iterdir()) == [], "nothing may be written on a bad option"
 
 
+def test_not_a_causal_lm_and_missing_tokenizer(tiny_llama_dir, austen, tmp_path, capsys):
+    import shutil
+
+    from transformers import ViTConfig
+
+    vit = tmp_path / "vit"
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(vit)
+    with pytest.raises(SystemExit):
+        main(quantize_args(vit, tmp_path / "out", austen))
+    assert "'vit' model, not a causal language model" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama_dir / name, bare / name)
+    with pytest.raises(SystemExit):
+        main(quantize_args(bare, tmp_path / "out", austen))
+    assert "no usable tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_model_and_non_empty_output(tiny_llama_dir, austen, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(quantize_args(tmp_path / "no-model", tmp_path / "out", austen))
