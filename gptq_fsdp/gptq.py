@@ -108,11 +108,12 @@ def fake_quantize(
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)^-1, λ = damping · mean(diag H). Raises LinAlgError."""
-    h = hessian.clone()
+    h = hessian.clone()  # the undamped H stays for a retry with more damping
     h.diagonal().add_(damping * torch.mean(torch.diag(h)))
-    lower = torch.linalg.cholesky(h)
-    h_inv = torch.cholesky_inverse(lower)
-    return torch.linalg.cholesky(h_inv, upper=True)
+    # At most two [cols, cols] temporaries alive at a time: for a 53248-column down_proj each is 11 GiB.
+    h = torch.linalg.cholesky(h)
+    h = torch.cholesky_inverse(h)
+    return torch.linalg.cholesky(h, upper=True)
 
 
 def gptq_quantize(
