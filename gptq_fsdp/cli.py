@@ -135,7 +135,6 @@ def _fail(message: str) -> None:
 def quantize_command(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gptq_fsdp.backends import unwrap_engine
     from gptq_fsdp.checkpoint import check_output_dir, save_quantized
     from gptq_fsdp.config import GPTQConfig
     from gptq_fsdp.data import build_calibration, load_texts
@@ -171,9 +170,21 @@ def quantize_command(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    model_type = AutoConfig.from_pretrained(args.model).model_type
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        _fail(f"{args.model} is a '{model_type}' model, not a causal language model")
+    model_config = AutoConfig.from_pretrained(args.model)
+    if model_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        _fail(f"{args.model} is a '{model_config.model_type}' model, not a causal language model")
+    if args.backend == "fsdp2" and world == 1:
+        _fail("--backend fsdp2 needs several processes: launch with torchrun/accelerate (WORLD_SIZE is 1)")
+    # Layers, targets and group sizes are checked on a weightless (meta) copy before any weight is read.
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    try:
+        target_modules(skeleton, config)
+    except GPTQError as error:
+        _fail(str(error))
+    del skeleton
     if args.num_samples < world:
         _fail(f"{args.num_samples} calibration samples cannot be split across {world} ranks")
     try:
@@ -211,10 +222,6 @@ def quantize_command(args: argparse.Namespace) -> None:
         model = loader(args.model, DTYPES[args.dtype], FSDPSettings.from_env())
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
-    try:
-        target_modules(unwrap_engine(model), config)
-    except GPTQError as error:
-        _fail(str(error))
 
     from gptq_fsdp.pipeline import LayerError, quantize_model
 

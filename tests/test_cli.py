@@ -64,11 +64,20 @@ BAD_OPTIONS = [
     (["--num-samples", "100000"], "fewer than the 100000 asked"),
     (["--targets", "re:.*nothing.*"], "match no module"),
     (["--ignore"], "target outside the decoder layers"),  # lm_head becomes a target
+    (["--backend", "fsdp2"], "needs several processes"),  # FSDP2 asked for, but no launcher
 ]
 
 
 @pytest.mark.parametrize("extra,message", BAD_OPTIONS)
-def test_bad_options_fail_clearly_and_write_nothing(tiny_llama_dir, austen, tmp_path, capsys, extra, message):
+def test_bad_options_fail_clearly_and_write_nothing(
+    tiny_llama_dir, austen, tmp_path, capsys, monkeypatch, extra, message
+):
+    from transformers import PreTrainedModel
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the options were checked")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_weights))
     output = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         main(quantize_args(tiny_llama_dir, output, austen, *extra))
