@@ -287,8 +287,8 @@ def quantize_model(
         layer_calls[index] = []
         if result.state is not None:
             result.state.save(index, hidden, {n: r for n, r in result.modules.items() if r.owner == rank})
-        loss = sum(result.modules[n].loss for n in per_layer[index] if n in result.modules)
-        progress.set_postfix(loss=f"{loss:.4g}")
+        if world == 1:  # with several ranks each one only knows the losses of the groups it owns
+            progress.set_postfix(loss=f"{sum(result.modules[n].loss for n in per_layer[index]):.4g}")
         progress.update()
     progress.close()
     model.train(was_training)
