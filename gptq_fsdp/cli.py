@@ -139,11 +139,14 @@ def quantize_command(args: argparse.Namespace) -> None:
     from gptq_fsdp.config import GPTQConfig
     from gptq_fsdp.data import build_calibration, load_texts
     from gptq_fsdp.gptq import GPTQError
-    from gptq_fsdp.launch import init_distributed, use_zero3
+    from gptq_fsdp.launch import LaunchError, init_distributed, use_zero3
     from gptq_fsdp.pipeline import target_modules
 
     zero3 = args.backend == "zero3" or args.deepspeed_config is not None or (args.backend == "auto" and use_zero3())
-    world = init_distributed(deepspeed_comm=zero3, timeout_s=args.timeout)
+    try:
+        world = init_distributed(deepspeed_comm=zero3, timeout_s=args.timeout)
+    except LaunchError as error:
+        _fail(str(error))
     # Everything cheap is checked before the model is loaded.
     if not (args.model / "config.json").is_file():
         _fail(f"{args.model} is not a HF model folder (no config.json)")

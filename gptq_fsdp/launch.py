@@ -30,6 +30,10 @@ from gptq_fsdp.pipeline import find_decoder_layers
 logger = logging.getLogger(__name__)
 
 
+class LaunchError(RuntimeError):
+    """The environment does not describe a consistent multi-process launch."""
+
+
 def init_distributed(deepspeed_comm: bool = False, timeout_s: float | None = None) -> int:
     """Join the process group the launcher describes (gloo on CPU, nccl on GPU); return the world size.
 
@@ -39,6 +43,12 @@ def init_distributed(deepspeed_comm: bool = False, timeout_s: float | None = Non
     """
     timeout = timedelta(seconds=timeout_s or float(os.environ.get("GPTQ_FSDP_TIMEOUT", 1800)))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if world > 1 and missing and not dist.is_initialized():
+        raise LaunchError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} not set: start every rank with a launcher "
+            "(torchrun, accelerate launch, deepspeed), or unset WORLD_SIZE for one process"
+        )
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():

@@ -86,6 +86,17 @@ def test_bad_options_fail_clearly_and_write_nothing(
     assert list(tmp_path.iterdir()) == [], "nothing may be written on a bad option"
 
 
+def test_world_size_without_a_launcher(tiny_llama_dir, austen, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(quantize_args(tiny_llama_dir, tmp_path / "out", austen))
+    assert exit_info.value.code == 2
+    assert "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_not_a_causal_lm_and_missing_tokenizer(tiny_llama_dir, austen, tmp_path, capsys):
     import shutil
 
