@@ -265,13 +265,20 @@ def quantize_model(
     first = 0
     if state_dir is not None:
         result.state = LayerState(state_dir, backend, fingerprint(config, calibration, world, result.quantized))
-        saved = result.state.load() if resume else None
-        if saved is not None:
+        finished, records = result.state.load() if resume else (-1, {})
+        if finished >= 0:
             all_modules = {name: module for modules in per_layer for name, module in modules.items()}
-            result.state.restore_weights(saved["records"], all_modules, config.scheme)
-            result.modules.update(saved["records"])
-            hidden, first = saved["hidden"], saved["layer"] + 1
-            logger.info("resuming after layer %d", saved["layer"])
+            result.state.restore_weights(records, all_modules, config.scheme)
+            result.modules.update(records)
+            logger.info("resuming after layer %d", finished)
+            for index in range(finished + 1):  # recompute the inputs of the first unfinished layer
+                with clock("propagate"), backend.layer_unsharded(layers[index]):
+                    hidden = [
+                        _layer_output(layers[index](x, *args, **kwargs))
+                        for x, (args, kwargs) in zip(hidden, layer_calls[index], strict=True)
+                    ]
+                layer_calls[index] = []
+            first = finished + 1
             progress.update(first)
     for index, layer in enumerate(layers):
         if index < first:
@@ -286,7 +293,8 @@ def quantize_model(
             raise LayerError(f"rank {rank} failed at layer {index} ({type(error).__name__}): {error}") from error
         layer_calls[index] = []
         if result.state is not None:
-            result.state.save(index, hidden, {n: r for n, r in result.modules.items() if r.owner == rank})
+            owned = {n: result.modules[n] for n in per_layer[index] if n in result.modules}
+            result.state.save(index, {n: r for n, r in owned.items() if r.owner == rank})
         if world == 1:  # with several ranks each one only knows the losses of the groups it owns
             progress.set_postfix(loss=f"{sum(result.modules[n].loss for n in per_layer[index]):.4g}")
         progress.update()

@@ -1,15 +1,17 @@
 """Per-rank state after each finished layer, so a crashed run continues where it stopped.
 
-Each rank keeps one small file: the layer it finished, the packed weights it owns (the checkpoint
-tensors, 1/8 of fp32 at 4 bits) and its slice of the next layer's inputs. The previous generation
-is kept beside it, so ranks that crashed while writing different layers still agree on one. On
-resume, owners unpack their weights and scatter them into every rank's shards, exactly as after GPTQ.
+After layer L each rank writes one small file with the packed weights it owns in that layer (the
+checkpoint tensors: 1/8 of fp32 at 4 bits, and only the owner's). On resume, the last layer every
+rank recorded is found, owners unpack their weights and scatter them into every rank's shards
+(exactly as after GPTQ), and the calibration inputs are recomputed by running the finished layers
+forward once: the state stays small, and the result is the uninterrupted run's, bit for bit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -29,30 +31,38 @@ def fingerprint(config, calibration, world_size: int, quantized: list[str]) -> s
 
 
 class LayerState:
-    def __init__(self, directory: Path, backend: Backend, fingerprint: str) -> None:
+    def __init__(self, directory: str | Path, backend: Backend, fingerprint: str) -> None:
         self.directory, self.backend, self.fingerprint = Path(directory), backend, fingerprint
-        self.path = self.directory / f"rank{backend.rank:05d}.pt"
-        self.previous = self.path.with_suffix(".prev.pt")
+        self.prefix = f"rank{backend.rank:05d}-layer"
 
-    def save(self, layer: int, hidden: list[torch.Tensor], records: dict) -> None:
-        """After `layer` is finished everywhere: this rank's next inputs and owned packed weights."""
-        self.backend.barrier()  # every rank has finished the layer before anyone records it
+    def _file(self, layer: int) -> Path:
+        return self.directory / f"{self.prefix}{layer:05d}.pt"
+
+    def save(self, layer: int, records: dict) -> None:
+        """This rank has finished `layer`: record the packed weights it owns there."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({"fingerprint": self.fingerprint, "layer": layer, "hidden": hidden, "records": records}, tmp)
-        if self.path.exists():
-            os.replace(self.path, self.previous)
-        os.replace(tmp, self.path)
+        tmp = self._file(layer).with_suffix(".tmp")
+        torch.save({"fingerprint": self.fingerprint, "records": records}, tmp)
+        os.replace(tmp, self._file(layer))
 
-    def load(self) -> dict | None:
-        """The newest layer every rank has recorded (None when there is nothing to resume)."""
-        states = [torch.load(p, weights_only=False) for p in (self.path, self.previous) if p.exists()]
-        states = [s for s in states if s["fingerprint"] == self.fingerprint]
-        newest = max((s["layer"] for s in states), default=-1)
+    def load(self) -> tuple[int, dict]:
+        """The last layer every rank recorded (-1 if none) and this rank's records up to it."""
+        pattern = re.compile(re.escape(self.prefix) + r"(\d{5})\.pt$")
+        states = {}
+        if self.directory.exists():
+            for path in self.directory.iterdir():
+                if match := pattern.match(path.name):
+                    state = torch.load(path, weights_only=False)
+                    if state["fingerprint"] == self.fingerprint:
+                        states[int(match.group(1))] = state["records"]
+        newest = -1
+        while newest + 1 in states:  # only an unbroken run of layers from the first counts
+            newest += 1
         common = min(self.backend.gather_all(newest))
-        if common < 0:
-            return None
-        return next(s for s in states if s["layer"] == common)
+        records = {}
+        for layer in range(common + 1):
+            records.update(states[layer])
+        return common, records
 
     def restore_weights(self, records: dict, modules: dict[str, nn.Linear], scheme) -> None:
         """Owners unpack their weights; every rank's shards receive them (collective, global order)."""
@@ -66,8 +76,10 @@ class LayerState:
             self.backend.scatter_weight(modules[name].weight, full, owners[name]).wait()
 
     def clear(self) -> None:
-        for path in (self.path, self.previous):
-            path.unlink(missing_ok=True)
+        if self.directory.exists():
+            for path in self.directory.iterdir():
+                if path.name.startswith(self.prefix):
+                    path.unlink()
         self.backend.barrier()
         if self.backend.rank == 0 and self.directory.exists() and not any(self.directory.iterdir()):
             self.directory.rmdir()

@@ -70,7 +70,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_llama_dir, austen,
     killed, _ = launch(2, "kill:rank=1,layer=1", args(tmp_path / "resumed"))
     assert killed.returncode != 0 and not (tmp_path / "resumed").exists()
     states = sorted(p.name for p in (tmp_path / "resumed.gptq_state").iterdir())
-    assert states == ["rank00000.pt", "rank00001.pt"], states  # layer 0 recorded by both ranks
+    assert states == ["rank00000-layer00000.pt", "rank00001-layer00000.pt"], states  # layer 0, both ranks
     resumed, _ = launch(2, "", [*args(tmp_path / "resumed"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after layer 0" in resumed.stderr
