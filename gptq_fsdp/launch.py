@@ -16,15 +16,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from torch import nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from gptq_fsdp.backends.fsdp2 import FSDP2Backend, row_counts
+from gptq_fsdp.backends.fsdp2 import FSDP2Backend
 from gptq_fsdp.pipeline import find_decoder_layers
 
 logger = logging.getLogger(__name__)
@@ -147,19 +146,6 @@ def apply_fully_shard(model: nn.Module, settings: FSDPSettings) -> nn.Module:
     return model
 
 
-def _checkpoint_files(model_dir: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file of a HF folder."""
-    index = model_dir / SAFE_WEIGHTS_INDEX_NAME
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: model_dir / file for name, file in weight_map.items()}
-    single = model_dir / SAFE_WEIGHTS_NAME
-    if not single.exists():
-        raise FileNotFoundError(f"{model_dir} has no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}")
-    with safe_open(single, "pt") as f:
-        return dict.fromkeys(f.keys(), single)
-
-
 def _empty_sharded_model(model_dir: Path, dtype: torch.dtype | str, settings: FSDPSettings) -> nn.Module:
     """The model's FSDP2 skeleton with uninitialised local shards; buffers (rotary tables) real."""
     config = AutoConfig.from_pretrained(model_dir)
@@ -183,25 +169,9 @@ def load_sharded(
     """Build the model on the meta device, `fully_shard` it, and read only this rank's rows from disk."""
     model_dir = Path(model_dir)
     model = _empty_sharded_model(model_dir, dtype, settings or FSDPSettings())
-    files = _checkpoint_files(model_dir)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    handles: dict[Path, object] = {}
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name not in files:
-                raise KeyError(f"{name} is not in the checkpoint at {model_dir}")
-            path = files[name]
-            if path not in handles:
-                handles[path] = safe_open(path, "pt")
-            tensor_slice = handles[path].get_slice(name)
-            local = param.to_local() if isinstance(param, DTensor) else param
-            if isinstance(param, DTensor):
-                counts = row_counts(param.shape[0], world)
-                start = sum(counts[:rank])
-                piece = tensor_slice[start : start + counts[rank]]
-            else:
-                piece = tensor_slice[:]
-            local.copy_(piece.to(local.dtype))
+    # torch.distributed.checkpoint reads each rank's DTensor slices straight from the HF safetensors;
+    # tied parameters appear once (named_parameters dedups them), as in the files.
+    dcp.load(dict(model.named_parameters()), storage_reader=HuggingFaceStorageReader(str(model_dir)))
     return model
 
 
