@@ -137,7 +137,7 @@ def gptq_quantize(
         raise GPTQError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match {cols} input columns")
     out_dtype = weight.dtype
     W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
+    H = hessian.detach().to(device=W.device, dtype=torch.float32)  # not modified: permuted into a copy below
     if not torch.isfinite(H).all():
         raise GPTQError(f"{name}: the Hessian has non-finite values (inf/NaN in the calibration activations)")
     if not torch.isfinite(W).all():
@@ -150,7 +150,6 @@ def gptq_quantize(
 
     # Columns no calibration token touched: their weights cannot affect outputs; quantize them to 0.
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
     W[:, dead] = 0
 
     scale = torch.zeros(rows, num_groups, device=W.device)
@@ -161,8 +160,10 @@ def gptq_quantize(
         s, z = qparams(W.reshape(rows, num_groups, group), args, out_dtype)
         scale[:], zero_point[:] = s, z
 
-    perm = torch.argsort(torch.diag(H), descending=True) if order is not None else torch.arange(cols, device=W.device)
+    diagonal = torch.diag(H).masked_fill(dead, 1)
+    perm = torch.argsort(diagonal, descending=True) if order is not None else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
+    H[dead[perm], dead[perm]] = 1
     # Group of each column in processing order.
     column_group = (perm if static_scales else torch.arange(cols, device=W.device)) // group
     groups_in_order = column_group.tolist()  # host list: no device sync inside the column loop
@@ -183,10 +184,11 @@ def gptq_quantize(
 
     # Work on Wᵀ so that a weight column (the unit GPTQ steps over) is one contiguous vector.
     Wt = W.T.contiguous()
+    del W
     scale_t, zero_point_t = scale.T.contiguous(), zero_point.T.contiguous()
     # Blocks must not cut through a group whose scale is computed on entry.
     block = block_size if static_scales else max(group, block_size - block_size % group)
-    losses = torch.zeros(rows, device=W.device)
+    losses = torch.zeros(rows, device=Wt.device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1 = Wt[i1:i2]  # a view: updated in place, ends up holding the quantized columns

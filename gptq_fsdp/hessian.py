@@ -50,11 +50,16 @@ class HessianGroup:
         self.tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        """H = 2·XᵀX / n in fp32. A group that saw no token gets all zeros (every column dead)."""
-        return (self.sum * (2.0 / max(self.tokens, 1))).float()
+        return hessian_from_sum(self.sum, self.tokens)
 
     def release(self) -> None:
         self.sum = self._product = torch.empty(0)
+
+
+def hessian_from_sum(total: torch.Tensor, tokens: int) -> torch.Tensor:
+    """H = 2·XᵀX / n in fp32 from the float64 sum (no float64 temporary). No tokens: all zeros, every
+    column dead."""
+    return total.float().mul_(2.0 / max(tokens, 1))
 
 
 class _InputsTaken(Exception):

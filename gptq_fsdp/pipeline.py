@@ -25,7 +25,7 @@ from gptq_fsdp.comm import Pending
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.data import CalibrationSet, rank_batches
 from gptq_fsdp.gptq import GPTQError, GPTQResult, gptq_quantize, validate_args
-from gptq_fsdp.hessian import HessianGroup, HessianHooks
+from gptq_fsdp.hessian import HessianGroup, HessianHooks, hessian_from_sum
 from gptq_fsdp.resume import LayerState, fingerprint
 from gptq_fsdp.schedule import assign_owners
 
@@ -370,7 +370,7 @@ def _quantize_layer(
         {", ".join(g.names): o for g, o in zip(groups, assignment.owners, strict=True)},
         assignment.balance,
     )
-    tokens = [backend.sum_int(g.tokens) for g in groups]
+    tokens = backend.sum_ints([g.tokens for g in groups])
     hessians: list[Pending | None] = [
         backend.reduce(g.sum, owner) for g, owner in zip(groups, assignment.owners, strict=True)
     ]
@@ -396,7 +396,7 @@ def _quantize_layer(
             hessians[gi], weights[gi] = None, []  # the pendings hold the buffers: drop them with the locals
             with clock("gptq", **event):
                 begin = time.perf_counter()
-                hessian = (hessian_sum * (2.0 / max(tokens[gi], 1))).float()
+                hessian = hessian_from_sum(hessian_sum, tokens[gi])
                 gptq = gptq_quantize(
                     torch.cat(parts) if len(parts) > 1 else parts[0],
                     hessian,

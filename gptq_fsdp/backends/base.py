@@ -70,12 +70,20 @@ class Backend:
     def reduce(self, tensor: torch.Tensor, owner: int) -> Pending:
         return reduce_to(tensor, owner) if self.world_size > 1 else done(tensor)
 
-    def sum_int(self, value: int) -> int:
+    @property
+    def comm_device(self) -> torch.device:
+        """Where collective buffers live: NCCL needs device tensors, even for CPU-offloaded shards."""
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def sum_ints(self, values: list[int]) -> list[int]:
+        """Element-wise sums over ranks, in one collective."""
         if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.int64, device=self.comm_device)
         dist.all_reduce(t)
-        return int(t.item())
+        return t.tolist()
 
     def gather_objects(self, obj, dst: int = 0) -> list | None:
         if self.world_size == 1:

@@ -75,7 +75,7 @@ class FSDP2Backend(Backend):
         counts = row_counts(param.shape[0], self.world_size)
         local = self._local(param).detach()
         assert local.shape[0] == counts[self.rank], (local.shape, counts)
-        padded = local.new_zeros((max(counts), *param.shape[1:]))
+        padded = torch.zeros((max(counts), *param.shape[1:]), dtype=local.dtype, device=self.comm_device)
         padded[: local.shape[0]] = local
         return padded, counts
 
@@ -97,10 +97,12 @@ class FSDP2Backend(Backend):
         local = self._local(param)
         pieces = None
         if self.rank == owner:
-            pieces = full.new_zeros((self.world_size, max(counts), *full.shape[1:]))
+            pieces = torch.zeros(
+                (self.world_size, max(counts), *full.shape[1:]), dtype=local.dtype, device=self.comm_device
+            )
             for r, piece in enumerate(full.to(local.dtype).split(counts)):
                 pieces[r, : piece.shape[0]] = piece
-        out = local.new_empty((max(counts), *local.shape[1:]))
+        out = torch.empty((max(counts), *local.shape[1:]), dtype=local.dtype, device=self.comm_device)
 
         def write(received: torch.Tensor) -> None:
             with torch.no_grad():

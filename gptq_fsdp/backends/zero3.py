@@ -27,10 +27,6 @@ class ZeRO3Backend(Backend):
     # A forward stopped by an exception would leave ZeRO's gathered copies and bookkeeping behind.
     forwards_may_stop_early = False
 
-    def __init__(self) -> None:
-        # NCCL needs device tensors even when partitions are offloaded to CPU.
-        self.comm_device = torch.device("cuda", torch.cuda.current_device()) if _nccl() else torch.device("cpu")
-
     def gather_weight(self, param: torch.Tensor, owner: int) -> Pending:
         if not is_zero3_param(param):
             return super().gather_weight(param, owner)
@@ -81,10 +77,6 @@ class ZeRO3Backend(Backend):
 
     def weight_shape(self, param: torch.Tensor) -> torch.Size:
         return param.ds_shape if is_zero3_param(param) else param.shape
-
-
-def _nccl() -> bool:
-    return dist.is_initialized() and dist.get_backend() == "nccl"
 
 
 def unwrap_engine(model: nn.Module) -> nn.Module:
