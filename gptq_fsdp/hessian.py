@@ -98,6 +98,7 @@ class HessianHooks:
         self.seconds = 0.0  # time spent accumulating XᵀX
         self._calls: list[str] = []  # targets in call order, during the first forward
         self._stop_after: str | None = None
+        self._calls_open = False  # recording the call order (first forward only)
 
     def start_forward(self, attention_mask: torch.Tensor | None) -> None:
         self._seen = []  # drops references to the previous forward's inputs
@@ -107,16 +108,18 @@ class HessianHooks:
     def forward(self, attention_mask: torch.Tensor | None) -> Iterator[None]:
         self.start_forward(attention_mask)
         first = not self._group_of
+        self._calls_open = first
         try:
             yield
         except _InputsTaken:
             pass
+        self._calls_open = False
         if first and self.stop_early and sorted(self._calls) == sorted(self.modules):  # each target once
             self._stop_after = self._calls[-1]
 
     def _hook(self, name: str, module: nn.Linear, args: tuple) -> None:
         self._accumulate(name, module, args[0])
-        if self._stop_after is None:
+        if self._calls_open:
             self._calls.append(name)
         elif name == self._stop_after:
             raise _InputsTaken
