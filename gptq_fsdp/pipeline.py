@@ -397,6 +397,8 @@ def _quantize_layer(
             with clock("gptq", **event):
                 begin = time.perf_counter()
                 hessian = hessian_from_sum(hessian_sum, tokens[gi])
+                del hessian_sum
+                group.release()  # the float64 sum (twice the fp32 H) is not needed during GPTQ
                 gptq = gptq_quantize(
                     torch.cat(parts) if len(parts) > 1 else parts[0],
                     hessian,
@@ -405,7 +407,7 @@ def _quantize_layer(
                     block_size=config.block_size,
                     name=", ".join(group.names),
                 )
-                del hessian, hessian_sum, parts
+                del hessian, parts
                 rows = [rows_of[n] for n in group.names]
                 seconds = time.perf_counter() - begin
                 fulls = _record(index, group.names, rows, gptq, seconds, config, rank, result)

@@ -29,10 +29,10 @@ Memory of rank r (bytes; b = bytes per element of --dtype, N = world size, T = -
   target, its own send and receive piece (2·piece·b). piece = ceil(rows/N)·cols (FSDP2) or
   ceil(rows·cols/N) (ZeRO-3).
 - GPTQ workspace, for the owned group that needs most: the gathered weight handed to GPTQ
-  (rows·cols·b) + max(W + 6·H, 2·W + 3·H) with W = rows·cols·4 and H = cols²·4: inside
-  `inverse_hessian_cholesky` the caller's fp32 Hessian, GPTQ's clone, and the clone, Cholesky
-  factor, inverse and upper factor are alive at once (6·H); in the column loop W and its transposed
-  copy Wt are both alive beside H and its Cholesky inverse (2·W + 3·H, with the caller's copy).
+  (rows·cols·b) + max(W + 4·H, 2·W + 3·H) with W = rows·cols·4 and H = cols²·4: inside
+  `inverse_hessian_cholesky` the caller's fp32 Hessian, GPTQ's permuted copy, the damped copy and
+  one factor are alive at once (4·H); when the weight is transposed W and Wt are both alive beside
+  the caller's H, the permuted H and the inverse factor (2·W + 3·H).
 - phases of a layer (peak = the largest, over layers, plus the capture phase):
   hessian forward = shards + layer + activations + working set + Hessians;
   GPTQ = shards + activations + Hessians + owned weights + workspace;
@@ -480,7 +480,7 @@ def _workspace(group: GroupShape, element_size: int) -> int:
     """GPTQ's own memory for one group (see the module docstring: gptq.py's live fp32 copies)."""
     w = group.total_rows * group.columns * FP32
     h = group.columns**2 * FP32
-    return group.total_rows * group.columns * element_size + max(w + 6 * h, 2 * w + 3 * h)
+    return group.total_rows * group.columns * element_size + max(w + 4 * h, 2 * w + 3 * h)
 
 
 def _gptq_seconds(group: GroupShape, options: PlanOptions) -> float:
