@@ -8,6 +8,10 @@ windows. Writes benchmarks/results/smollm2_core.{json,md}.
 
     python benchmarks/smollm2_core.py [--threads 2] [--repeats 1]
 
+gptq_fsdp runs twice: exact (IEEE fp32 matmuls, the default) and with `matmul_precision="medium"`
+(bf16 products with fp32 accumulation in the calibration forwards and XᵀX, on this CPU's AMX units;
+GPTQ itself stays fp32). llm-compressor runs at its default (IEEE fp32).
+
 Needs benchmarks/setup_llmcompressor.sh run once (llm-compressor's own venv).
 """
 
@@ -31,9 +35,10 @@ PEER_PYTHON = REPO / "benchmarks" / ".venv-llmc" / "bin" / "python"
 WORK = REPO / "benchmarks" / "work"
 RESULTS = REPO / "benchmarks" / "results"
 SCHEME = dict(group_size=64, actorder="static", dampening=0.01, block_size=128)
+OURS = {"gptq_fsdp": "highest", "gptq_fsdp_bf16_matmul": "medium"}  # run name -> matmul_precision
 
 
-def run_ours(calibration: Path, output: Path, threads: int, report: Path) -> None:
+def run_ours(calibration: Path, output: Path, threads: int, report: Path, matmul_precision: str) -> None:
     """Worker: quantize with gptq_fsdp in this process and write timings to `report`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,6 +52,7 @@ def run_ours(calibration: Path, output: Path, threads: int, report: Path) -> Non
         actorder=SCHEME["actorder"],
         dampening_frac=SCHEME["dampening"],
         block_size=SCHEME["block_size"],
+        matmul_precision=matmul_precision,
     )
     start = time.perf_counter()
     result = quantize_model(model, CalibrationSet.load(calibration), config)
@@ -57,6 +63,7 @@ def run_ours(calibration: Path, output: Path, threads: int, report: Path) -> Non
         json.dumps(
             {
                 "tool": "gptq_fsdp",
+                "matmul_precision": matmul_precision,
                 "quantize_s": quantize_s,
                 "save_s": time.perf_counter() - start,
                 "phases_s": result.phases,
@@ -110,19 +117,22 @@ def main() -> None:
     parser.add_argument("--calibration", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--matmul-precision", default="highest", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "ours":
-        run_ours(args.calibration, args.output, args.threads, args.report)
+        run_ours(args.calibration, args.output, args.threads, args.report, args.matmul_precision)
         return
     tokenizer = prepare_job(args.samples, args.seq_len)
-    runs: dict[str, list[dict]] = {"gptq_fsdp": [], "llmcompressor": []}
+    runs: dict[str, list[dict]] = {tool: [] for tool in (*OURS, "llmcompressor")}
     for _ in range(args.repeats):
-        report = WORK / "ours.json"
-        timed_subprocess(
-            [sys.executable, __file__, "--worker", "ours", "--calibration", str(WORK / "calibration.pt"),
-             "--output", str(WORK / "ours"), "--report", str(report), "--threads", str(args.threads)]
-        )  # fmt: skip
-        runs["gptq_fsdp"].append(json.loads(report.read_text()))
+        for tool, precision in OURS.items():
+            report = WORK / f"{tool}.json"
+            timed_subprocess(
+                [sys.executable, __file__, "--worker", "ours", "--calibration", str(WORK / "calibration.pt"),
+                 "--output", str(WORK / tool), "--report", str(report), "--matmul-precision", precision,
+                 "--threads", str(args.threads)]
+            )  # fmt: skip
+            runs[tool].append(json.loads(report.read_text()))
         report = WORK / "peer.json"
         timed_subprocess(
             [str(PEER_PYTHON), str(REPO / "benchmarks" / "peer_llmcompressor.py"), "--model", str(MODEL),
@@ -136,11 +146,9 @@ def main() -> None:
     from gptq_fsdp.evaluate import text_tokens
 
     tokens = text_tokens(tokenizer, AUSTEN / "persuasion.txt", 20480)
-    ppl = {
-        "fp32": score(MODEL, tokens, args.threads),
-        "gptq_fsdp": score(WORK / "ours", tokens, args.threads),
-        "llmcompressor": score(WORK / "peer", tokens, args.threads),
-    }
+    ppl = {"fp32": score(MODEL, tokens, args.threads)}
+    ppl.update({tool: score(WORK / tool, tokens, args.threads) for tool in OURS})
+    ppl["llmcompressor"] = score(WORK / "peer", tokens, args.threads)
     best = {tool: min(runs[tool], key=lambda r: r["quantize_s"]) for tool in runs}
     result = {
         "job": f"SmolLM2-135M fp32, W4A16 group {SCHEME['group_size']} symmetric, act-order {SCHEME['actorder']}, "
@@ -150,30 +158,38 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
         "perplexity": ppl,
-        "perplexity_ratio_ours_over_peer": ppl["gptq_fsdp"] / ppl["llmcompressor"],
+        "perplexity_ratio_ours_over_peer": {tool: ppl[tool] / ppl["llmcompressor"] for tool in OURS},
         "quantize_s": {tool: best[tool]["quantize_s"] for tool in best},
-        "time_ratio_ours_over_peer": best["gptq_fsdp"]["quantize_s"] / best["llmcompressor"]["quantize_s"],
-        "our_phases_s": best["gptq_fsdp"]["phases_s"],
+        "time_ratio_ours_over_peer": {
+            tool: best[tool]["quantize_s"] / best["llmcompressor"]["quantize_s"] for tool in OURS
+        },
+        "our_phases_s": {tool: best[tool]["phases_s"] for tool in OURS},
         "runs": runs,
     }
     (RESULTS / "smollm2_core.json").write_text(json.dumps(result, indent=2) + "\n")
-    phases = ", ".join(f"{k} {v:.1f} s" for k, v in result["our_phases_s"].items())
     peer = f"llm-compressor {best['llmcompressor'].get('version', '')}"
+    time_ratio, ppl_ratio = result["time_ratio_ours_over_peer"], result["perplexity_ratio_ours_over_peer"]
+    rows = "\n".join(
+        f"| {tool} (matmul_precision={precision}) | {result['quantize_s'][tool]:.1f} | {ppl[tool]:.3f} "
+        f"| **{time_ratio[tool]:.3f}** | {ppl_ratio[tool]:.4f} |"
+        for tool, precision in OURS.items()
+    )
+    phases = "\n".join(
+        f"- {tool}: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["our_phases_s"][tool].items()) for tool in OURS
+    )
     (RESULTS / "smollm2_core.md").write_text(
         f"""# SmolLM2-135M, one process ({result["date"]})
 
 {result["job"]}; {args.threads} threads each, {result["machine"]}.
 
-| | quantize wall time (s) | perplexity |
-|---|---:|---:|
-| fp32 model | | {ppl["fp32"]:.3f} |
-| gptq_fsdp | {result["quantize_s"]["gptq_fsdp"]:.1f} | {ppl["gptq_fsdp"]:.3f} |
-| {peer} | {result["quantize_s"]["llmcompressor"]:.1f} | {ppl["llmcompressor"]:.3f} |
+| | quantize wall time (s) | perplexity | time / llm-compressor | perplexity / llm-compressor |
+|---|---:|---:|---:|---:|
+| fp32 model | | {ppl["fp32"]:.3f} | | |
+{rows}
+| {peer} (IEEE fp32) | {result["quantize_s"]["llmcompressor"]:.1f} | {ppl["llmcompressor"]:.3f} | | |
 
-Time ratio gptq_fsdp / llm-compressor: **{result["time_ratio_ours_over_peer"]:.3f}**;
-perplexity ratio: **{result["perplexity_ratio_ours_over_peer"]:.4f}**.
-
-Where gptq_fsdp's time goes: {phases}.
+Where gptq_fsdp's time goes:
+{phases}
 """
     )
     print(json.dumps({k: result[k] for k in ("perplexity", "quantize_s", "time_ratio_ours_over_peer")}, indent=2))

@@ -11,7 +11,7 @@ from compressed_tensors.quantization import (
     QuantizationType,
 )
 
-from gptq_fsdp.gptq import GPTQError, validate_args
+from gptq_fsdp.gptq import MATMUL_PRECISIONS, GPTQError, validate_args
 
 ACTORDER_CHOICES = ("none", "static", "weight")
 
@@ -25,6 +25,10 @@ class GPTQConfig:
     dampening_frac: float = 0.01
     block_size: int = 128
     batch_size: int = 8
+    # fp32 matmuls in the calibration forwards and XᵀX (torch.set_float32_matmul_precision); GPTQ
+    # itself always runs in IEEE fp32. "highest" is exact; "medium" uses bf16 products where the
+    # hardware has them (much faster on GPUs and AMX CPUs, activations rounded to bf16).
+    matmul_precision: str = "highest"
 
     def __post_init__(self) -> None:
         if self.scheme.weights is None:
@@ -35,6 +39,8 @@ class GPTQConfig:
             raise GPTQError(f"dampening_frac must be >= 0, got {self.dampening_frac}")
         if self.block_size < 1 or self.batch_size < 1:
             raise GPTQError("block_size and batch_size must be positive")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise GPTQError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
         # Group size vs. columns is checked per module once the model is known.
         validate_args(self.weights, columns=self.weights.group_size or 1, name="scheme")
 
@@ -60,6 +66,7 @@ class GPTQConfig:
         dampening_frac: float = 0.01,
         block_size: int = 128,
         batch_size: int = 8,
+        matmul_precision: str = "highest",
     ) -> GPTQConfig:
         """W{bits}A16: group strategy when `group_size` is given, else one scale per output channel."""
         if actorder == "group":
@@ -87,4 +94,5 @@ class GPTQConfig:
             dampening_frac=dampening_frac,
             block_size=block_size,
             batch_size=batch_size,
+            matmul_precision=matmul_precision,
         )

@@ -15,6 +15,8 @@ Scale semantics (per strategy / act-order), chosen so the result does not depend
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,10 @@ from compressed_tensors.quantization import (
     QuantizationType,
 )
 from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
+
+# torch.set_float32_matmul_precision's values: "highest" is IEEE fp32; "high" allows TF32 (GPU);
+# "medium" also allows bf16 products with fp32 accumulation (GPU, and CPUs with AMX/AVX512-BF16).
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 # Damping fractions tried in turn after the configured one when Cholesky fails.
 DAMPING_RETRY_FACTORS = (10.0, 100.0)
@@ -45,6 +51,17 @@ class GPTQResult:
     @property
     def loss(self) -> float:
         return float(self.row_losses.sum())
+
+
+@contextmanager
+def float32_matmul_precision(precision: str) -> Iterator[None]:
+    """`torch.set_float32_matmul_precision(precision)` inside the block, the previous value after it."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def validate_args(args: QuantizationArgs, columns: int, name: str = "weight") -> None:
@@ -116,6 +133,7 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damping: float) -> torch.Ten
     return torch.linalg.cholesky(h, upper=True)
 
 
+@float32_matmul_precision("highest")  # the error feedback needs full fp32, whatever the caller set
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,

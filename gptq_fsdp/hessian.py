@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from gptq_fsdp.gptq import float32_matmul_precision
+
+# Matmul precision that represents these input dtypes exactly (see HessianGroup.add).
+LOSSLESS_PRECISION = {torch.bfloat16: "medium", torch.float16: "high"}
+
 
 @dataclass
 class HessianGroup:
@@ -37,16 +42,22 @@ class HessianGroup:
         The float64 sum makes the result independent of summation order (to fp32 rounding), so a
         run that splits the batches over ranks gets the same Hessian as one process. XᵀX is
         symmetric: only the blocks on and above the diagonal are multiplied.
+
+        16-bit activations are exactly representable in the reduced-precision matmul inputs (bf16 in
+        bf16, fp16 in TF32), so their products go through the fast units with fp32 accumulation and
+        lose nothing; fp32 activations use the ambient `torch.get_float32_matmul_precision()`.
         """
+        precision = LOSSLESS_PRECISION.get(x.dtype, torch.get_float32_matmul_precision())
         x = x.to(torch.float32)
         bounds = _blocks(self.columns)
-        for i, (a, b) in enumerate(bounds):
-            for c, d in bounds[i:]:
-                block = self._product[a:b, c:d]
-                torch.mm(x[:, a:b].T, x[:, c:d], out=block)
-                self.sum[a:b, c:d] += block
-                if c != a:
-                    self.sum[c:d, a:b] += block.T
+        with float32_matmul_precision(precision):
+            for i, (a, b) in enumerate(bounds):
+                for c, d in bounds[i:]:
+                    block = self._product[a:b, c:d]
+                    torch.mm(x[:, a:b].T, x[:, c:d], out=block)
+                    self.sum[a:b, c:d] += block
+                    if c != a:
+                        self.sum[c:d, a:b] += block.T
         self.tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:

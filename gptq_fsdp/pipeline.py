@@ -24,7 +24,7 @@ from gptq_fsdp.backends import Backend, detect_backend, unwrap_engine
 from gptq_fsdp.comm import Pending
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.data import CalibrationSet, rank_batches
-from gptq_fsdp.gptq import GPTQError, GPTQResult, gptq_quantize, validate_args
+from gptq_fsdp.gptq import GPTQError, GPTQResult, float32_matmul_precision, gptq_quantize, validate_args
 from gptq_fsdp.hessian import HessianGroup, HessianHooks, hessian_from_sum
 from gptq_fsdp.resume import LayerState, fingerprint
 from gptq_fsdp.schedule import assign_owners
@@ -258,47 +258,37 @@ def quantize_model(
     backend.prepare(model)
     memory = result.memory
     memory.shard_bytes = sum(backend.local_numel(p) * p.element_size() for p in model.parameters())
-    with clock("capture"):
-        hidden, layer_calls = capture_layer_inputs(model, layers, batches)
-        backend.reshard(model)
-    progress = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", disable=rank != 0)
-    first = 0
-    if state_dir is not None:
-        result.state = LayerState(state_dir, backend, fingerprint(config, calibration, world, result.quantized))
-        finished, records = result.state.load() if resume else (-1, {})
-        if finished >= 0:
-            all_modules = {name: module for modules in per_layer for name, module in modules.items()}
-            result.state.restore_weights(records, all_modules, config.scheme)
-            result.modules.update(records)
-            logger.info("resuming after layer %d", finished)
-            for index in range(finished + 1):  # recompute the inputs of the first unfinished layer
-                with clock("propagate"), backend.layer_unsharded(layers[index]):
-                    hidden = [
-                        _layer_output(layers[index](x, *args, **kwargs))
-                        for x, (args, kwargs) in zip(hidden, layer_calls[index], strict=True)
-                    ]
+    with float32_matmul_precision(config.matmul_precision):
+        with clock("capture"):
+            hidden, layer_calls = capture_layer_inputs(model, layers, batches)
+            backend.reshard(model)
+        progress = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", disable=rank != 0)
+        first = 0
+        if state_dir is not None:
+            result.state = LayerState(state_dir, backend, fingerprint(config, calibration, world, result.quantized))
+            if resume:
+                first, hidden = _resume(result, per_layer, layers, hidden, layer_calls, clock)
+                progress.update(first)
+        for index, layer in enumerate(layers):
+            if index < first:
                 layer_calls[index] = []
-            first = finished + 1
-            progress.update(first)
-    for index, layer in enumerate(layers):
-        if index < first:
+                continue
+            faults.at_layer(rank, index, hidden)
+            try:
+                hidden = _run_layer(
+                    index, layer, per_layer[index], hidden, masks, layer_calls[index], config, result, clock,
+                    propagate=index < len(layers) - 1,
+                )  # fmt: skip
+            except Exception as error:
+                raise LayerError(f"rank {rank} failed at layer {index} ({type(error).__name__}): {error}") from error
             layer_calls[index] = []
-            continue
-        faults.at_layer(rank, index, hidden)
-        try:
-            hidden = _run_layer(
-                index, layer, per_layer[index], hidden, masks, layer_calls[index], config, result, clock
-            )
-        except Exception as error:
-            raise LayerError(f"rank {rank} failed at layer {index} ({type(error).__name__}): {error}") from error
-        layer_calls[index] = []
-        if result.state is not None:
-            owned = {n: result.modules[n] for n in per_layer[index] if n in result.modules}
-            result.state.save(index, {n: r for n, r in owned.items() if r.owner == rank})
-        if world == 1:  # with several ranks each one only knows the losses of the groups it owns
-            progress.set_postfix(loss=f"{sum(result.modules[n].loss for n in per_layer[index]):.4g}")
-        progress.update()
-    progress.close()
+            if result.state is not None:
+                owned = {n: result.modules[n] for n in per_layer[index] if n in result.modules}
+                result.state.save(index, {n: r for n, r in owned.items() if r.owner == rank})
+            if world == 1:  # with several ranks each one only knows the losses of the groups it owns
+                progress.set_postfix(loss=f"{sum(result.modules[n].loss for n in per_layer[index]):.4g}")
+            progress.update()
+        progress.close()
     model.train(was_training)
     result.seconds = time.perf_counter() - start
     memory.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -308,6 +298,33 @@ def quantize_model(
         result.memory_per_rank = [m for _, m in summaries]
         result.modules.update({r.name: r for records, _ in summaries for r in records if r.name not in result.modules})
     return result
+
+
+def _resume(
+    result: QuantizationResult,
+    per_layer: list[dict[str, nn.Linear]],
+    layers: nn.ModuleList,
+    hidden: list[torch.Tensor],
+    layer_calls: list[list[tuple[tuple, dict]]],
+    clock: _Clock,
+) -> tuple[int, list[torch.Tensor]]:
+    """Restore the layers every rank recorded; the first layer to quantize and its inputs."""
+    assert result.state is not None
+    finished, records = result.state.load()
+    if finished < 0:
+        return 0, hidden
+    all_modules = {name: module for modules in per_layer for name, module in modules.items()}
+    result.state.restore_weights(records, all_modules, result.config.scheme)
+    result.modules.update(records)
+    logger.info("resuming after layer %d", finished)
+    for index in range(finished + 1):  # recompute the inputs of the first unfinished layer
+        with clock("propagate"), result.backend.layer_unsharded(layers[index]):
+            hidden = [
+                _layer_output(layers[index](x, *args, **kwargs))
+                for x, (args, kwargs) in zip(hidden, layer_calls[index], strict=True)
+            ]
+        layer_calls[index] = []
+    return finished + 1, hidden
 
 
 def _run_layer(
@@ -320,8 +337,10 @@ def _run_layer(
     config: GPTQConfig,
     result: QuantizationResult,
     clock: _Clock,
+    propagate: bool = True,
 ) -> list[torch.Tensor]:
-    """Calibrate, quantize and propagate one decoder layer; returns the next layer's inputs."""
+    """Calibrate, quantize and propagate one decoder layer; returns the next layer's inputs ([] when
+    not `propagate`: the last layer's outputs are not needed)."""
     backend, memory = result.backend, result.memory
     hooks = HessianHooks(modules, stop_early=backend.forwards_may_stop_early)
     measure = layer.register_forward_pre_hook(lambda m, a: _measure_layer(m, memory, backend))
@@ -335,6 +354,8 @@ def _run_layer(
     result.phases["forward"] -= hooks.seconds
     result.phases["hessian"] += hooks.seconds
     _quantize_layer(index, hooks.groups, modules, config, backend, result, clock)
+    if not propagate:
+        return []
     with clock("propagate"), backend.layer_unsharded(layer):
         return [_layer_output(layer(x, *args, **kwargs)) for x, (args, kwargs) in zip(hidden, calls, strict=True)]
 

@@ -64,7 +64,8 @@ BAD_OPTIONS = [
     (["--num-samples", "100000"], "fewer than the 100000 asked"),
     (["--targets", "re:.*nothing.*"], "match no module"),
     (["--ignore"], "target outside the decoder layers"),  # lm_head becomes a target
-    (["--backend", "fsdp2"], "needs several processes"),  # FSDP2 asked for, but no launcher
+    (["--backend", "fsdp2"], "needs several processes"),
+    (["--matmul-precision", "low"], "matmul_precision must be one of"),  # FSDP2 asked for, but no launcher
 ]
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from sharded_helpers import ENV, REPO, dequantized, torchrun
+from sharded_helpers import ENV, REPO, dequantized, single_process, torchrun
 from transformers import AutoModelForCausalLM
 
 from gptq_fsdp.schedule import assign_owners, gptq_cost
@@ -50,6 +50,20 @@ def test_sharded_equals_single_process(world, load, samples, tiny_llama_dir, aus
     torch.testing.assert_close(sharded_model(ids).logits, in_memory, atol=1e-5, rtol=0)
     if samples == 12:
         torch.testing.assert_close(single_model(ids).logits, in_memory, atol=1e-5, rtol=0)
+
+
+def test_fast_matmul_precision_keeps_sharded_equal_to_single_process(tiny_llama_dir, austen, tmp_path):
+    """bf16 products in the forwards and XᵀX (matmul_precision='medium'): 2 ranks == 1 process, bit for bit."""
+    output = tmp_path / "ckpt"
+    torchrun(
+        2, str(REPO / "tests" / "fsdp_worker.py"), str(tiny_llama_dir), str(output), str(tmp_path / "report.json"),
+        "--text", str(austen / "emma.txt"), "--matmul-precision", "medium",
+    )  # fmt: skip
+    single = single_process(tiny_llama_dir, tmp_path / "single", austen / "emma.txt", 12, matmul_precision="medium")
+    _, sharded = dequantized(output)
+    _, expected = dequantized(single)
+    assert sharded.keys() == expected.keys()
+    assert all(torch.equal(sharded[k], expected[k]) for k in expected)
 
 
 def test_uneven_row_shards_exist_in_the_tiny_model(tiny_llama_dir):

@@ -9,7 +9,7 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
 
-from gptq_fsdp.gptq import GPTQError, gptq_quantize
+from gptq_fsdp.gptq import GPTQError, float32_matmul_precision, gptq_quantize
 
 
 def args_for(bits: int, symmetric: bool, group_size: int | None) -> QuantizationArgs:
@@ -130,6 +130,17 @@ def test_block_size_does_not_change_the_result(block_size):
     base = gptq_quantize(W, H, args, block_size=32)
     other = gptq_quantize(W, H, args, block_size=block_size)
     torch.testing.assert_close(other.weight, base.weight, atol=1e-6, rtol=0)
+
+
+def test_ieee_fp32_whatever_the_callers_matmul_precision():
+    """A caller running its forwards with bf16/TF32 matmuls must not change GPTQ's error feedback."""
+    W, _, H = correlated_problem(rows=64, cols=256, seed=3)
+    args = args_for(4, True, 32)
+    exact = gptq_quantize(W, H, args, block_size=32)
+    with float32_matmul_precision("medium"):
+        fast_caller = gptq_quantize(W, H, args, block_size=32)
+        assert torch.get_float32_matmul_precision() == "medium", "the caller's setting is restored"
+    assert torch.equal(fast_caller.weight, exact.weight) and torch.equal(fast_caller.scale, exact.scale)
 
 
 @pytest.mark.parametrize("group_size,actorder", [(None, None), (32, None), (32, "weight"), (32, "group")])

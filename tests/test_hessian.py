@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from gptq_fsdp.gptq import float32_matmul_precision
 from gptq_fsdp.hessian import HessianGroup, HessianHooks
 
 HIDDEN = 12
@@ -171,6 +172,17 @@ def test_group_add_accumulates_in_fp32():
     rows = torch.cat([a, b]).double()
     assert group.tokens == 13 and group.sum.dtype == torch.float64
     torch.testing.assert_close(group.sum.double(), rows.T @ rows, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ambient", ["highest", "medium"])
+def test_16_bit_activations_lose_nothing_in_reduced_precision_xtx(ambient):
+    """bf16 activations take the bf16 matmul path (fp32 accumulation) at any setting: still exact."""
+    x = (torch.randn(2048, 768) * 3).bfloat16()
+    group = HessianGroup(["x"], 768, torch.device("cpu"))
+    with float32_matmul_precision(ambient):
+        group.add(x)
+    exact = x.double().T @ x.double()
+    assert ((group.sum - exact).abs().max() / exact.abs().max()).item() < 1e-6
 
 
 # ------------------------------------------------------------------------------------- real Llama layer

@@ -330,6 +330,25 @@ def test_channel_strategy_round_trip(model_dirs, calibration, tokenizer, tmp_pat
     torch.testing.assert_close(logits(load_model(out), calibration), logits(model, calibration), rtol=0, atol=1e-5)
 
 
+def test_matmul_precision_reaches_the_forwards_and_is_restored(model_dirs, calibration, small_quantized):
+    model = load_model(model_dirs("llama"))
+    seen: set[str] = set()
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda m, a: seen.add(torch.get_float32_matmul_precision()))
+    config = GPTQConfig.from_options(group_size=GROUP, batch_size=2, matmul_precision="medium")
+    result = quantize_model(model, calibration, config)
+    assert seen == {"medium"}, "calibration and propagation forwards run at the asked precision"
+    assert torch.get_float32_matmul_precision() == "highest", "the caller's setting is restored"
+    exact_model, _ = small_quantized  # the same model and data at "highest"
+    exact = layer_linears(exact_model)
+    same = total = 0
+    for name, module in layer_linears(model).items():
+        check_dequantized(name, module.weight, result.modules[name], GROUP)
+        same += (module.weight == exact[name].weight).sum().item()
+        total += module.weight.numel()
+    assert same / total >= 0.9, f"bf16 forwards moved {1 - same / total:.1%} of the quantized weights"
+
+
 def test_group_size_not_dividing_columns_fails_before_any_forward(model_dirs, calibration, monkeypatch):
     model = load_model(model_dirs("llama"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
