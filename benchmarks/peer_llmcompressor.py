@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dampening", type=float, default=0.01)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--matmul-precision", default="highest", help="torch.set_float32_matmul_precision")
     p.add_argument("--json", default=None)
     return p.parse_args()
 
@@ -73,6 +74,7 @@ def add_barrier_after_gptq() -> None:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         # compressed_tensors' init_dist() requires an accelerator; gloo on CPU instead.
@@ -135,6 +137,7 @@ def main() -> None:
             "quantize_s": round(quantize_s, 3),
             "save_s": round(save_s, 3),
             "threads": args.threads,
+            "matmul_precision": args.matmul_precision,
             "world_size": world,
             "num_samples": num_samples,
             "seq_len": seq_len,

@@ -8,9 +8,11 @@ windows. Writes benchmarks/results/smollm2_core.{json,md}.
 
     python benchmarks/smollm2_core.py [--threads 2] [--repeats 1]
 
-gptq_fsdp runs twice: exact (IEEE fp32 matmuls, the default) and with `matmul_precision="medium"`
-(bf16 products with fp32 accumulation in the calibration forwards and XᵀX, on this CPU's AMX units;
-GPTQ itself stays fp32). llm-compressor runs at its default (IEEE fp32).
+Each tool runs twice: at IEEE fp32 matmuls (the default of both) and with fp32 matmuls allowed to
+use bf16 products with fp32 accumulation (this CPU's AMX units): gptq_fsdp's `matmul_precision="medium"`
+(calibration forwards and XᵀX; GPTQ itself stays IEEE fp32), and llm-compressor under
+`torch.set_float32_matmul_precision("medium")` (its whole run). Time ratios compare runs at the same
+precision.
 
 Needs benchmarks/setup_llmcompressor.sh run once (llm-compressor's own venv).
 """
@@ -35,7 +37,10 @@ PEER_PYTHON = REPO / "benchmarks" / ".venv-llmc" / "bin" / "python"
 WORK = REPO / "benchmarks" / "work"
 RESULTS = REPO / "benchmarks" / "results"
 SCHEME = dict(group_size=64, actorder="static", dampening=0.01, block_size=128)
-OURS = {"gptq_fsdp": "highest", "gptq_fsdp_bf16_matmul": "medium"}  # run name -> matmul_precision
+# run name -> matmul precision; each of ours is compared with the peer run at the same precision
+OURS = {"gptq_fsdp": "highest", "gptq_fsdp_bf16_matmul": "medium"}
+PEERS = {"llmcompressor": "highest", "llmcompressor_bf16_matmul": "medium"}
+PEER_OF = dict(zip(OURS, PEERS, strict=True))
 
 
 def run_ours(calibration: Path, output: Path, threads: int, report: Path, matmul_precision: str) -> None:
@@ -123,7 +128,7 @@ def main() -> None:
         run_ours(args.calibration, args.output, args.threads, args.report, args.matmul_precision)
         return
     tokenizer = prepare_job(args.samples, args.seq_len)
-    runs: dict[str, list[dict]] = {tool: [] for tool in (*OURS, "llmcompressor")}
+    runs: dict[str, list[dict]] = {tool: [] for tool in (*OURS, *PEERS)}
     for _ in range(args.repeats):
         for tool, precision in OURS.items():
             report = WORK / f"{tool}.json"
@@ -133,22 +138,22 @@ def main() -> None:
                  "--threads", str(args.threads)]
             )  # fmt: skip
             runs[tool].append(json.loads(report.read_text()))
-        report = WORK / "peer.json"
-        timed_subprocess(
-            [str(PEER_PYTHON), str(REPO / "benchmarks" / "peer_llmcompressor.py"), "--model", str(MODEL),
-             "--calibration", str(WORK / "calibration_ids.pt"), "--output", str(WORK / "peer"),
-             "--group-size", str(SCHEME["group_size"]), "--actorder", SCHEME["actorder"],
-             "--dampening", str(SCHEME["dampening"]), "--block-size", str(SCHEME["block_size"]),
-             "--json", str(report), "--threads", str(args.threads)]
-        )  # fmt: skip
-        runs["llmcompressor"].append(json.loads(report.read_text()))
+        for tool, precision in PEERS.items():
+            report = WORK / f"{tool}.json"
+            timed_subprocess(
+                [str(PEER_PYTHON), str(REPO / "benchmarks" / "peer_llmcompressor.py"), "--model", str(MODEL),
+                 "--calibration", str(WORK / "calibration_ids.pt"), "--output", str(WORK / tool),
+                 "--group-size", str(SCHEME["group_size"]), "--actorder", SCHEME["actorder"],
+                 "--dampening", str(SCHEME["dampening"]), "--block-size", str(SCHEME["block_size"]),
+                 "--matmul-precision", precision, "--json", str(report), "--threads", str(args.threads)]
+            )  # fmt: skip
+            runs[tool].append(json.loads(report.read_text()))
 
     from gptq_fsdp.evaluate import text_tokens
 
     tokens = text_tokens(tokenizer, AUSTEN / "persuasion.txt", 20480)
     ppl = {"fp32": score(MODEL, tokens, args.threads)}
-    ppl.update({tool: score(WORK / tool, tokens, args.threads) for tool in OURS})
-    ppl["llmcompressor"] = score(WORK / "peer", tokens, args.threads)
+    ppl.update({tool: score(WORK / tool, tokens, args.threads) for tool in (*OURS, *PEERS)})
     best = {tool: min(runs[tool], key=lambda r: r["quantize_s"]) for tool in runs}
     result = {
         "job": f"SmolLM2-135M fp32, W4A16 group {SCHEME['group_size']} symmetric, act-order {SCHEME['actorder']}, "
@@ -158,10 +163,10 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
         "perplexity": ppl,
-        "perplexity_ratio_ours_over_peer": {tool: ppl[tool] / ppl["llmcompressor"] for tool in OURS},
+        "perplexity_ratio_ours_over_peer": {tool: ppl[tool] / ppl[PEER_OF[tool]] for tool in OURS},
         "quantize_s": {tool: best[tool]["quantize_s"] for tool in best},
         "time_ratio_ours_over_peer": {
-            tool: best[tool]["quantize_s"] / best["llmcompressor"]["quantize_s"] for tool in OURS
+            tool: best[tool]["quantize_s"] / best[PEER_OF[tool]]["quantize_s"] for tool in OURS
         },
         "our_phases_s": {tool: best[tool]["phases_s"] for tool in OURS},
         "runs": runs,
@@ -169,11 +174,13 @@ def main() -> None:
     (RESULTS / "smollm2_core.json").write_text(json.dumps(result, indent=2) + "\n")
     peer = f"llm-compressor {best['llmcompressor'].get('version', '')}"
     time_ratio, ppl_ratio = result["time_ratio_ours_over_peer"], result["perplexity_ratio_ours_over_peer"]
-    rows = "\n".join(
-        f"| {tool} (matmul_precision={precision}) | {result['quantize_s'][tool]:.1f} | {ppl[tool]:.3f} "
-        f"| **{time_ratio[tool]:.3f}** | {ppl_ratio[tool]:.4f} |"
-        for tool, precision in OURS.items()
-    )
+    rows = []
+    for ours, theirs in PEER_OF.items():
+        rows.append(
+            f"| {OURS[ours]} | gptq_fsdp | {result['quantize_s'][ours]:.1f} | {ppl[ours]:.3f} "
+            f"| **{time_ratio[ours]:.3f}** | {ppl_ratio[ours]:.4f} |"
+        )
+        rows.append(f"| {PEERS[theirs]} | {peer} | {result['quantize_s'][theirs]:.1f} | {ppl[theirs]:.3f} | | |")
     phases = "\n".join(
         f"- {tool}: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["our_phases_s"][tool].items()) for tool in OURS
     )
@@ -181,12 +188,11 @@ def main() -> None:
         f"""# SmolLM2-135M, one process ({result["date"]})
 
 {result["job"]}; {args.threads} threads each, {result["machine"]}.
+fp32 model perplexity: {ppl["fp32"]:.3f}. Ratios are gptq_fsdp / llm-compressor at the same matmul precision.
 
-| | quantize wall time (s) | perplexity | time / llm-compressor | perplexity / llm-compressor |
-|---|---:|---:|---:|---:|
-| fp32 model | | {ppl["fp32"]:.3f} | | |
-{rows}
-| {peer} (IEEE fp32) | {result["quantize_s"]["llmcompressor"]:.1f} | {ppl["llmcompressor"]:.3f} | | |
+| fp32 matmul precision | tool | quantize wall time (s) | perplexity | time ratio | perplexity ratio |
+|---|---|---:|---:|---:|---:|
+{chr(10).join(rows)}
 
 Where gptq_fsdp's time goes:
 {phases}

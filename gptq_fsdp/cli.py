@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         "high = TF32 on GPUs; medium = bf16 products, fp32 accumulation (GPUs, AMX CPUs; much faster). "
         "GPTQ itself always runs in fp32; 16-bit activations lose nothing in XᵀX at any setting",
     )
+    run.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="keep calibration activations in pinned CPU memory between layers, one batch on the GPU at a time",
+    )
     run.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads")
     run.add_argument("-v", "--verbose", action="store_true")
 
@@ -174,6 +179,7 @@ def quantize_command(args: argparse.Namespace) -> None:
             block_size=args.block_size,
             batch_size=args.batch_size,
             matmul_precision=args.matmul_precision,
+            offload_activations=args.offload_activations,
         )
     except GPTQError as error:
         _fail(str(error))

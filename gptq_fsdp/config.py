@@ -29,6 +29,8 @@ class GPTQConfig:
     # itself always runs in IEEE fp32. "highest" is exact; "medium" uses bf16 products where the
     # hardware has them (much faster on GPUs and AMX CPUs, activations rounded to bf16).
     matmul_precision: str = "highest"
+    # Keep the calibration hidden states in (pinned) CPU memory between layers, one batch on the device.
+    offload_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.scheme.weights is None:
@@ -67,6 +69,7 @@ class GPTQConfig:
         block_size: int = 128,
         batch_size: int = 8,
         matmul_precision: str = "highest",
+        offload_activations: bool = False,
     ) -> GPTQConfig:
         """W{bits}A16: group strategy when `group_size` is given, else one scale per output channel."""
         if actorder == "group":
@@ -95,4 +98,5 @@ class GPTQConfig:
             block_size=block_size,
             batch_size=batch_size,
             matmul_precision=matmul_precision,
+            offload_activations=offload_activations,
         )

@@ -46,15 +46,16 @@ class HessianGroup:
         16-bit activations are exactly representable in the reduced-precision matmul inputs (bf16 in
         bf16, fp16 in TF32), so their products go through the fast units with fp32 accumulation and
         lose nothing; fp32 activations use the ambient `torch.get_float32_matmul_precision()`.
+        16-bit inputs are up-cast one column block at a time (the matmul needs fp32 inputs on CPU).
         """
         precision = LOSSLESS_PRECISION.get(x.dtype, torch.get_float32_matmul_precision())
-        x = x.to(torch.float32)
         bounds = _blocks(self.columns)
         with float32_matmul_precision(precision):
             for i, (a, b) in enumerate(bounds):
+                left = x[:, a:b].float()  # one column block at a time: never a whole fp32 copy of x
                 for c, d in bounds[i:]:
                     block = self._product[a:b, c:d]
-                    torch.mm(x[:, a:b].T, x[:, c:d], out=block)
+                    torch.mm(left.T, left if c == a else x[:, c:d].float(), out=block)
                     self.sum[a:b, c:d] += block
                     if c != a:
                         self.sum[c:d, a:b] += block.T

@@ -57,6 +57,7 @@ class MemoryStats:
     layer_unsharded_bytes: int = 0  # largest whole-layer copy made for a forward (0 when nothing is copied)
     owned_weight_bytes: int = 0  # most bytes of gathered weight copies held at once for GPTQ
     hessian_bytes: int = 0  # most bytes of Hessian sums held at once
+    activation_bytes: int = 0  # calibration hidden states on the compute device while a layer runs
     peak_rss_bytes: int = 0  # process peak resident set size
 
     @property
@@ -81,12 +82,14 @@ class QuantizationResult:
 
     def memory_report(self) -> str:
         mib = 2**20
-        lines = ["rank  shards MiB  +layer MiB  +owned W MiB  = params peak MiB  Hessians MiB  peak RSS MiB"]
+        lines = [
+            "rank  shards MiB  +layer MiB  +owned W MiB  = params peak MiB  Hessians MiB  activations MiB  peak RSS MiB"
+        ]
         for rank, m in enumerate(self.memory_per_rank or [self.memory]):
             lines.append(
                 f"{rank:>4}  {m.shard_bytes / mib:>10.1f}  {m.layer_unsharded_bytes / mib:>10.1f}  "
                 f"{m.owned_weight_bytes / mib:>12.1f}  {m.parameter_peak_bytes / mib:>16.1f}  "
-                f"{m.hessian_bytes / mib:>12.1f}  {m.peak_rss_bytes / mib:>12.1f}"
+                f"{m.hessian_bytes / mib:>12.1f}  {m.activation_bytes / mib:>15.1f}  {m.peak_rss_bytes / mib:>12.1f}"
             )
         return "\n".join(lines)
 
@@ -173,6 +176,39 @@ def target_modules(model: nn.Module, config: GPTQConfig) -> list[dict[str, nn.Li
 
 def _layer_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
+
+
+class ActivationStore:
+    """Where the calibration hidden states wait between layers.
+
+    In place (default) they stay on the compute device: the rank's whole calibration slice, twice
+    while a layer maps inputs to outputs. Offloaded they wait in CPU memory (pinned on an
+    accelerator): each batch is copied to the device just before its forward and its output copied
+    back right after (non-blocking; one sync per layer), so the device holds one batch in and one out.
+    """
+
+    def __init__(self, device: torch.device, offload: bool) -> None:
+        self.device, self.offload = device, offload
+        self._pinned = offload and device.type != "cpu"
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.offload:
+            return x
+        host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=self._pinned)
+        return host.copy_(x, non_blocking=self._pinned)
+
+    def fetch(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, non_blocking=self._pinned)
+
+    def settle(self) -> None:
+        """Wait for the non-blocking copies to host, so the stored tensors may be read there."""
+        if self._pinned:
+            torch.accelerator.synchronize(self.device)
+
+    def device_bytes(self, hidden: list[torch.Tensor]) -> int:
+        """Bytes of calibration activations on the device while a layer maps inputs to outputs."""
+        sizes = [x.numel() * x.element_size() for x in hidden]
+        return 2 * (max(sizes, default=0) if self.offload else sum(sizes))
 
 
 @torch.no_grad()
@@ -262,12 +298,16 @@ def quantize_model(
         with clock("capture"):
             hidden, layer_calls = capture_layer_inputs(model, layers, batches)
             backend.reshard(model)
+            store = ActivationStore(hidden[0].device, config.offload_activations)
+            hidden = [store.keep(x) for x in hidden]
+            store.settle()
+            memory.activation_bytes = store.device_bytes(hidden)
         progress = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", disable=rank != 0)
         first = 0
         if state_dir is not None:
             result.state = LayerState(state_dir, backend, fingerprint(config, calibration, world, result.quantized))
             if resume:
-                first, hidden = _resume(result, per_layer, layers, hidden, layer_calls, clock)
+                first, hidden = _resume(result, per_layer, layers, hidden, layer_calls, store, clock)
                 progress.update(first)
         for index, layer in enumerate(layers):
             if index < first:
@@ -276,8 +316,8 @@ def quantize_model(
             faults.at_layer(rank, index, hidden)
             try:
                 hidden = _run_layer(
-                    index, layer, per_layer[index], hidden, masks, layer_calls[index], config, result, clock,
-                    propagate=index < len(layers) - 1,
+                    index, layer, per_layer[index], hidden, masks, layer_calls[index], config, result, store,
+                    clock, propagate=index < len(layers) - 1,
                 )  # fmt: skip
             except Exception as error:
                 raise LayerError(f"rank {rank} failed at layer {index} ({type(error).__name__}): {error}") from error
@@ -306,6 +346,7 @@ def _resume(
     layers: nn.ModuleList,
     hidden: list[torch.Tensor],
     layer_calls: list[list[tuple[tuple, dict]]],
+    store: ActivationStore,
     clock: _Clock,
 ) -> tuple[int, list[torch.Tensor]]:
     """Restore the layers every rank recorded; the first layer to quantize and its inputs."""
@@ -318,13 +359,27 @@ def _resume(
     result.modules.update(records)
     logger.info("resuming after layer %d", finished)
     for index in range(finished + 1):  # recompute the inputs of the first unfinished layer
-        with clock("propagate"), result.backend.layer_unsharded(layers[index]):
-            hidden = [
-                _layer_output(layers[index](x, *args, **kwargs))
-                for x, (args, kwargs) in zip(hidden, layer_calls[index], strict=True)
-            ]
+        hidden = _propagate(layers[index], hidden, layer_calls[index], store, result.backend, clock)
         layer_calls[index] = []
     return finished + 1, hidden
+
+
+def _propagate(
+    layer: nn.Module,
+    hidden: list[torch.Tensor],
+    calls: list[tuple[tuple, dict]],
+    store: ActivationStore,
+    backend: Backend,
+    clock: _Clock,
+) -> list[torch.Tensor]:
+    """The layer's outputs for every batch: the next layer's inputs."""
+    with clock("propagate"), backend.layer_unsharded(layer):
+        outputs = [
+            store.keep(_layer_output(layer(store.fetch(x), *args, **kwargs)))
+            for x, (args, kwargs) in zip(hidden, calls, strict=True)
+        ]
+        store.settle()
+    return outputs
 
 
 def _run_layer(
@@ -336,6 +391,7 @@ def _run_layer(
     calls: list[tuple[tuple, dict]],
     config: GPTQConfig,
     result: QuantizationResult,
+    store: ActivationStore,
     clock: _Clock,
     propagate: bool = True,
 ) -> list[torch.Tensor]:
@@ -347,7 +403,7 @@ def _run_layer(
     with clock("forward"), hooks.attached(), backend.layer_unsharded(layer):
         for x, mask, (args, kwargs) in zip(hidden, masks, calls, strict=True):
             with hooks.forward(mask):
-                layer(x, *args, **kwargs)
+                layer(store.fetch(x), *args, **kwargs)
     measure.remove()
     # float64 sums + fp32 product scratch: 12 bytes per element
     memory.hessian_bytes = max(memory.hessian_bytes, sum(g.sum.numel() * 12 for g in hooks.groups))
@@ -356,8 +412,7 @@ def _run_layer(
     _quantize_layer(index, hooks.groups, modules, config, backend, result, clock)
     if not propagate:
         return []
-    with clock("propagate"), backend.layer_unsharded(layer):
-        return [_layer_output(layer(x, *args, **kwargs)) for x, (args, kwargs) in zip(hidden, calls, strict=True)]
+    return _propagate(layer, hidden, calls, store, backend, clock)
 
 
 def _measure_layer(layer: nn.Module, memory: MemoryStats, backend: Backend) -> None:

@@ -17,7 +17,7 @@ Memory of rank r (bytes; b = bytes per element of --dtype, N = world size, T = -
 - activations: the layer inputs of the rank's calibration slice, samples_r·T·hidden·b, with
   samples_r from `data.rank_batches` (ceil(samples/N) on the first ranks); x2 while a layer maps its
   inputs to outputs. With --offload-activations only one batch (of at most --batch-size samples) is
-  on the device, x2 while propagating (a what-if: the pipeline keeps them on the device today).
+  on the device, x2 while propagating (the pipeline's ActivationStore with offload_activations).
 - forward working set, one batch: batch_r·T·(widest output·b + widest input·4), the largest
   Linear-group output (gate+up) and the fp32 copy of the input that XᵀX makes. Attention is assumed
   to use a fused kernel (no T² score matrix).

@@ -349,6 +349,20 @@ def test_matmul_precision_reaches_the_forwards_and_is_restored(model_dirs, calib
     assert same / total >= 0.9, f"bf16 forwards moved {1 - same / total:.1%} of the quantized weights"
 
 
+def test_activation_offload_gives_the_same_result(model_dirs, calibration, small_quantized):
+    model = load_model(model_dirs("llama"))
+    config = GPTQConfig.from_options(group_size=GROUP, batch_size=2, offload_activations=True)
+    result = quantize_model(model, calibration, config)
+    in_place_model, in_place = small_quantized
+    in_place_weights = layer_linears(in_place_model)
+    for name, module in layer_linears(model).items():
+        assert torch.equal(module.weight, in_place_weights[name].weight), name
+    # 4 samples x 64 tokens in batches of 2: the device holds all of them (in and out) or one batch (in and out)
+    batch_bytes = 2 * 64 * model.config.hidden_size * 4
+    assert in_place.memory.activation_bytes == 2 * 2 * batch_bytes
+    assert result.memory.activation_bytes == 2 * batch_bytes
+
+
 def test_group_size_not_dividing_columns_fails_before_any_forward(model_dirs, calibration, monkeypatch):
     model = load_model(model_dirs("llama"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
