@@ -34,7 +34,9 @@ class HessianGroup:
 
     def __post_init__(self) -> None:
         self.sum = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=self.device)
-        self._product = torch.empty(self.columns, self.columns, dtype=torch.float32, device=self.device)
+        self._bounds = column_blocks(self.columns, self.device.type)
+        width = max(b - a for a, b in self._bounds)
+        self._product = torch.empty(width, width, dtype=torch.float32, device=self.device)  # one block's XᵀX
 
     def add(self, x: torch.Tensor) -> None:
         """Add the rows of `x` [tokens, columns]: XᵀX in fp32, summed over batches in float64.
@@ -49,12 +51,12 @@ class HessianGroup:
         16-bit inputs are up-cast one column block at a time (the matmul needs fp32 inputs on CPU).
         """
         precision = LOSSLESS_PRECISION.get(x.dtype, torch.get_float32_matmul_precision())
-        bounds = _blocks(self.columns)
+        bounds = self._bounds
         with float32_matmul_precision(precision):
             for i, (a, b) in enumerate(bounds):
                 left = x[:, a:b].float()  # one column block at a time: never a whole fp32 copy of x
                 for c, d in bounds[i:]:
-                    block = self._product[a:b, c:d]
+                    block = self._product[: b - a, : d - c]
                     torch.mm(left.T, left if c == a else x[:, c:d].float(), out=block)
                     self.sum[a:b, c:d] += block
                     if c != a:
@@ -63,6 +65,11 @@ class HessianGroup:
 
     def hessian(self) -> torch.Tensor:
         return hessian_from_sum(self.sum, self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        """The float64 sum and the fp32 block scratch."""
+        return self.sum.numel() * self.sum.element_size() + self._product.numel() * self._product.element_size()
 
     def release(self) -> None:
         self.sum = self._product = torch.empty(0)
@@ -78,11 +85,16 @@ class _InputsTaken(Exception):
     """Raised inside a layer's forward once the last target's input has been taken."""
 
 
-SYMMETRIC_BLOCK = 384  # column block of the symmetric XᵀX (measured best on CPU for 576..1536 columns)
+# Column block of the symmetric XᵀX: 384 measured best on CPU for 576..1536 columns. On accelerators
+# larger blocks keep the number of kernel launches small (4096: not measured on a GPU yet).
+CPU_SYMMETRIC_BLOCK = 384
+ACCELERATOR_SYMMETRIC_BLOCK = 4096
 
 
-def _blocks(columns: int) -> list[tuple[int, int]]:
-    count = max(1, round(columns / SYMMETRIC_BLOCK))
+def column_blocks(columns: int, device_type: str) -> list[tuple[int, int]]:
+    """[start, end) column blocks of about the device's block width covering `columns`."""
+    width = CPU_SYMMETRIC_BLOCK if device_type == "cpu" else ACCELERATOR_SYMMETRIC_BLOCK
+    count = max(1, round(columns / width))
     edges = [columns * i // count for i in range(count + 1)]
     return list(itertools.pairwise(edges))
 

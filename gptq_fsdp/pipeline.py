@@ -405,8 +405,7 @@ def _run_layer(
             with hooks.forward(mask):
                 layer(store.fetch(x), *args, **kwargs)
     measure.remove()
-    # float64 sums + fp32 product scratch: 12 bytes per element
-    memory.hessian_bytes = max(memory.hessian_bytes, sum(g.sum.numel() * 12 for g in hooks.groups))
+    memory.hessian_bytes = max(memory.hessian_bytes, sum(g.nbytes for g in hooks.groups))
     result.phases["forward"] -= hooks.seconds
     result.phases["hessian"] += hooks.seconds
     _quantize_layer(index, hooks.groups, modules, config, backend, result, clock)

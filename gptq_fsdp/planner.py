@@ -18,12 +18,14 @@ Memory of rank r (bytes; b = bytes per element of --dtype, N = world size, T = -
   samples_r from `data.rank_batches` (ceil(samples/N) on the first ranks); x2 while a layer maps its
   inputs to outputs. With --offload-activations only one batch (of at most --batch-size samples) is
   on the device, x2 while propagating (the pipeline's ActivationStore with offload_activations).
-- forward working set, one batch: batch_r·T·(widest output·b + widest input·4), the largest
-  Linear-group output (gate+up) and the fp32 copy of the input that XᵀX makes. Attention is assumed
-  to use a fused kernel (no T² score matrix).
-- Hessians: every rank accumulates every group of the layer: float64 sum + fp32 product scratch =
-  12 bytes per element, Σ cols² · 12. They stay alive until the layer's GPTQ is done (the pending
-  reduces hold them). "owned" is the part whose GPTQ this rank runs (already inside the total).
+- forward working set, one batch: batch_r·T·(widest output·b + 2·block·4), the largest
+  Linear-group output (gate+up) and the two fp32 column blocks (block ≈ 4096 columns on a GPU,
+  `hessian.column_blocks`) that XᵀX up-casts at a time. Attention is assumed to use a fused kernel
+  (no T² score matrix).
+- Hessians: every rank accumulates every group of the layer: a float64 sum (8 bytes per element)
+  and one fp32 block of XᵀX, Σ (cols²·8 + block²·4). They stay alive until the layer's GPTQ is
+  done (the pending reduces hold them). "owned" is the part whose GPTQ this rank runs (already
+  inside the total).
 - owned weights: for each group it owns, the gathered pieces (N·piece·b) and the scatter buffer
   (N·piece·b), all held until the layer ends (all transfers are posted at once); plus, for every
   target, its own send and receive piece (2·piece·b). piece = ceil(rows/N)·cols (FSDP2) or
@@ -75,12 +77,11 @@ from torch import nn
 
 from gptq_fsdp.backends.fsdp2 import row_counts
 from gptq_fsdp.config import GPTQConfig
-from gptq_fsdp.hessian import HessianHooks
+from gptq_fsdp.hessian import HessianHooks, column_blocks
 from gptq_fsdp.pipeline import find_decoder_layers, target_modules
 from gptq_fsdp.schedule import COLUMN_OVERHEAD, assign_owners
 
 GiB = 2**30
-HESSIAN_BYTES = 12  # per element: float64 running sum + fp32 XᵀX scratch (hessian.HessianGroup)
 REDUCE_BYTES = 8  # per element: the float64 sum is what gets reduced
 FP32 = 4
 BACKENDS = ("fsdp2", "zero3")
@@ -521,6 +522,16 @@ class _Context:
         return [(g, sum(_piece((r, g.columns), world, backend) for r in g.rows) * b) for g in structure.groups]
 
 
+def _block_width(columns: int) -> int:
+    """Widest column block of the symmetric XᵀX on a GPU (hessian.column_blocks)."""
+    return max(b - a for a, b in column_blocks(columns, "cuda"))
+
+
+def _hessian_bytes(columns: int) -> int:
+    """hessian.HessianGroup on a GPU: the float64 running sum and one fp32 block of XᵀX."""
+    return columns**2 * 8 + _block_width(columns) ** 2 * FP32
+
+
 def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
     shape, options = ctx.shape, ctx.options
     world, backend, b = options.world_size, options.backend, shape.element_size
@@ -535,11 +546,11 @@ def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
     phases: list[tuple[str, dict[str, int]]] = [("capture", capture)]
     for s, structure in enumerate(shape.structures):
         layer = structure.numel * b if ctx.sharded else 0
-        working = batch_tokens * (structure.widest_output * b + structure.widest_input * FP32)
-        hessians = sum(g.columns**2 for g in structure.groups) * HESSIAN_BYTES
+        working = batch_tokens * (structure.widest_output * b + 2 * _block_width(structure.widest_input) * FP32)
+        hessians = sum(_hessian_bytes(g.columns) for g in structure.groups)
         owners = ctx.owners(s)
         mine = [g for g, o in zip(structure.groups, owners, strict=True) if o == rank]
-        owned_h = sum(g.columns**2 for g in mine) * HESSIAN_BYTES
+        owned_h = sum(_hessian_bytes(g.columns) for g in mine)
         buffers = 0
         if ctx.sharded:
             for (_, piece_bytes), owner in zip(ctx.target_piece_bytes(structure), owners, strict=True):
@@ -698,7 +709,7 @@ def _advice(result: Plan) -> list[str]:
         structure = shape.structures[result.largest]
         if structure.groups:
             group = max(structure.groups, key=lambda g: _workspace(g, shape.element_size))
-            hessians = sum(g.columns**2 for g in structure.groups) * HESSIAN_BYTES
+            hessians = sum(_hessian_bytes(g.columns) for g in structure.groups)
             advice.append(
                 f"the owner of {group.label} [{group.total_rows} x {group.columns}] alone needs the layer's Hessians "
                 f"({_gib(hessians)}) + GPTQ workspace ({_gib(_workspace(group, shape.element_size))}): a GPU with "
@@ -779,7 +790,7 @@ def format_plan(result: Plan) -> str:
         for group, owner in zip(structure.groups, result.owners[s], strict=True):
             lines.append(
                 f"    {group.label:<44} [{group.total_rows:>6} x {group.columns:>6}]  Hessian "
-                f"{_gib(group.columns**2 * HESSIAN_BYTES):>11}  owner {owner}"
+                f"{_gib(_hessian_bytes(group.columns)):>11}  owner {owner}"
             )
         if structure.unquantized_params:
             lines.append(

@@ -71,11 +71,13 @@ def test_llama_8b_world_8_by_hand(shapes):
     assert [r.shards for r in result.ranks] == [shards] * 8
     layer = L8_LAYER_PARAMS * bf16
     assert layer == 436_224_000 and all(r.layer == layer for r in result.ranks)
-    hessians = 12 * (4096**2 * 3 + 14336**2)  # q/k/v, o, gate/up read 4096 features; down_proj 14336
-    assert hessians == 3_070_230_528 and all(r.hessians == hessians for r in result.ranks)
+    # q/k/v, o, gate/up read 4096 features; down_proj 14336: float64 sums + one fp32 XᵀX block each
+    # (GPU blocks: 4096 columns -> one block of 4096; 14336 -> four of 3584)
+    hessians = 8 * (4096**2 * 3 + 14336**2) + 4 * (4096**2 * 3 + 3584**2)
+    assert hessians == 2_299_527_168 and all(r.hessians == hessians for r in result.ranks)
     activations = 16 * 2048 * 4096 * bf16  # 128 samples / 8 ranks x seq x hidden x bf16
     assert all(r.activations == activations == 268_435_456 for r in result.ranks)
-    working = 8 * 2048 * (2 * 14336 * bf16 + 14336 * 4)  # one batch: gate+up output, fp32 copy of down's input
+    working = 8 * 2048 * (2 * 14336 * bf16 + 2 * 3584 * 4)  # one batch: gate+up output, 2 fp32 blocks of down's input
     assert all(r.working == working for r in result.ranks)
 
     # Groups by tensor identity, and owners from the real LPT scheduler on the hand-written shapes.
@@ -98,7 +100,7 @@ def test_llama_8b_world_8_by_hand(shapes):
     workspace = 4096 * 14336 * bf16 + max(w + 4 * h, 2 * w + 3 * h)
     rank0 = result.ranks[0]
     assert (rank0.owned_weights, rank0.workspace) == (owned_weights, workspace)
-    assert rank0.hessians_owned == 12 * 14336**2
+    assert rank0.hessians_owned == 8 * 14336**2 + 4 * 3584**2
     gptq_phase = shards + activations + hessians + owned_weights + workspace
     hessian_phase = shards + layer + activations + working + hessians
     propagate = shards + layer + 2 * activations + working
@@ -168,9 +170,9 @@ def test_405b_does_not_fit_on_8_gpus_and_says_why(shapes):
     assert "DOES NOT FIT" in text and "FITS:" not in text
     (why,) = planner.reasons(result)
     assert why.startswith("rank 0 peaks at") and "GPTQ workspace" in why and "shards" in why
-    # down_proj's 53248 columns: its Hessian (12 B/elem) alone is 31.7 GiB and GPTQ's fp32 copies of it
-    # (6 x 4 B/elem) another 63 GiB, so no number of 80 GiB GPUs is enough.
-    assert result.ranks[0].hessians_owned == 12 * 53248**2
+    # down_proj's 53248 columns: its float64 Hessian sum alone is 21.1 GiB and GPTQ's fp32 copies of it
+    # (4 x 4 B/elem) another 42 GiB, so no number of 80 GiB GPUs is enough.
+    assert result.ranks[0].hessians_owned == 8 * 53248**2 + 4 * 4096**2  # 13 GPU blocks of 4096 columns
     assert result.ranks[0].workspace > 4 * 4 * 53248**2
     assert planner.smallest_world_size(shape, result.options) is None
     assert any("no world size up to 128" in s for s in result.suggestions)
