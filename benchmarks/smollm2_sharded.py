@@ -4,6 +4,9 @@ SmolLM2-135M fp32, the job of smollm2_core.py (64 x 512 tokens of Emma, W4 group
 act-order static), 1 thread per rank everywhere, all in one run. Reports quantization wall time,
 strong scaling T(1)/T(2), peak parameter memory per rank, perplexity on 20,480 tokens of Persuasion,
 and each rank's GPTQ/wait timeline at world 2 (the overlap of collectives with GPTQ).
+The world-2 runs are repeated with fp32 matmuls allowed to use bf16 products (gptq_fsdp's
+matmul_precision="medium"; llm-compressor under torch.set_float32_matmul_precision("medium")), and
+each gptq_fsdp run is compared with the llm-compressor run at the same precision.
 Writes benchmarks/results/smollm2_sharded.{json,md}.
 
     python benchmarks/smollm2_sharded.py
@@ -24,14 +27,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smollm2_core import AUSTEN, MODEL, PEER_PYTHON, RESULTS, SCHEME, WORK, prepare_job, score  # noqa: E402
 
-RUNS = {  # name: (ranks, backend)
-    "gptq_fsdp_world1": (1, "single"),
-    "gptq_fsdp_fsdp2_world2": (2, "fsdp2"),
-    "gptq_fsdp_zero3_world2": (2, "zero3"),
+RUNS = {  # name: (ranks, backend, matmul precision)
+    "gptq_fsdp_world1": (1, "single", "highest"),
+    "gptq_fsdp_fsdp2_world2": (2, "fsdp2", "highest"),
+    "gptq_fsdp_zero3_world2": (2, "zero3", "highest"),
+    "gptq_fsdp_fsdp2_world2_bf16_matmul": (2, "fsdp2", "medium"),
+    "gptq_fsdp_zero3_world2_bf16_matmul": (2, "zero3", "medium"),
 }
+PEERS = {"llmcompressor_ddp_world2": "highest", "llmcompressor_ddp_world2_bf16_matmul": "medium"}
 
 
-def worker(backend: str, calibration: Path, output: Path, report: Path) -> None:
+def worker(backend: str, precision: str, calibration: Path, output: Path, report: Path) -> None:
     """Under torchrun (or alone): quantize with gptq_fsdp and write rank 0's report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,7 +55,10 @@ def worker(backend: str, calibration: Path, output: Path, report: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
     load_s = time.perf_counter() - start
     config = GPTQConfig.from_options(
-        group_size=SCHEME["group_size"], actorder=SCHEME["actorder"], dampening_frac=SCHEME["dampening"]
+        group_size=SCHEME["group_size"],
+        actorder=SCHEME["actorder"],
+        dampening_frac=SCHEME["dampening"],
+        matmul_precision=precision,
     )
     if world > 1:
         torch.distributed.barrier()
@@ -98,47 +107,51 @@ def overlap_summary(timelines: list[list[dict]]) -> list[dict]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]))
+        worker(sys.argv[2], sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]), Path(sys.argv[6]))
         return
     tokenizer = prepare_job(samples=64, seq_len=512)
     from gptq_fsdp.evaluate import text_tokens
 
     reports = {}
-    for name, (world, backend) in RUNS.items():
+    for name, (world, backend, precision) in RUNS.items():
         report = WORK / f"{name}.json"
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
-        run([*launcher, __file__, "--worker", backend, str(WORK / "calibration.pt"), str(WORK / name), str(report)])
+        run([*launcher, __file__, "--worker", backend, precision, str(WORK / "calibration.pt"), str(WORK / name),
+             str(report)])  # fmt: skip
         reports[name] = json.loads(report.read_text())
-    peer_report = WORK / "peer_ddp.json"
-    run(
-        [str(PEER_PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(Path(__file__).parent / "peer_llmcompressor.py"), "--model", str(MODEL),
-         "--calibration", str(WORK / "calibration_ids.pt"), "--output", str(WORK / "peer_ddp"),
-         "--group-size", str(SCHEME["group_size"]), "--actorder", SCHEME["actorder"],
-         "--dampening", str(SCHEME["dampening"]), "--block-size", str(SCHEME["block_size"]),
-         "--threads", "1", "--json", str(peer_report)]
-    )  # fmt: skip
-    peer = json.loads(peer_report.read_text())
+    peers = {}
+    for name, precision in PEERS.items():
+        run(
+            [str(PEER_PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             str(Path(__file__).parent / "peer_llmcompressor.py"), "--model", str(MODEL),
+             "--calibration", str(WORK / "calibration_ids.pt"), "--output", str(WORK / name),
+             "--group-size", str(SCHEME["group_size"]), "--actorder", SCHEME["actorder"],
+             "--dampening", str(SCHEME["dampening"]), "--block-size", str(SCHEME["block_size"]),
+             "--matmul-precision", precision, "--threads", "1", "--json", str(WORK / f"{name}.json")]
+        )  # fmt: skip
+        peers[name] = json.loads((WORK / f"{name}.json").read_text())
+    peer_of = {name: next(p for p, precision in PEERS.items() if precision == RUNS[name][2]) for name in RUNS}
 
     tokens = text_tokens(tokenizer, AUSTEN / "persuasion.txt", 20480)
-    ppl = {"fp32": score(MODEL, tokens, 2), "llmcompressor_ddp_world2": score(WORK / "peer_ddp", tokens, 2)}
-    ppl.update({name: score(WORK / name, tokens, 2) for name in RUNS})
+    ppl = {"fp32": score(MODEL, tokens, 2)}
+    ppl.update({name: score(WORK / name, tokens, 2) for name in (*RUNS, *PEERS)})
     mem = {name: max(m["shard_bytes"] + m["layer_unsharded_bytes"] + m["owned_weight_bytes"]
                      for m in reports[name]["memory_per_rank"]) for name in RUNS}  # fmt: skip
-    w1, fsdp2, zero3 = RUNS
+    w1, fsdp2, zero3, *fast = RUNS
+    world2 = [fsdp2, zero3, *fast]
     result = {
         "job": "SmolLM2-135M fp32, W4A16 group 64 symmetric, act-order static, 64 x 512 tokens of emma.txt; "
         "perplexity on 20480 tokens of persuasion.txt (1024-token windows); 1 thread per rank",
         "date": time.strftime("%Y-%m-%d"),
         "quantize_s": {
             **{name: reports[name]["quantize_s"] for name in RUNS},
-            "llmcompressor_ddp_world2": peer["quantize_s"],
+            **{name: peers[name]["quantize_s"] for name in PEERS},
         },
         "strong_scaling_T1_over_T2": {
             name: reports[w1]["quantize_s"] / reports[name]["quantize_s"] for name in (fsdp2, zero3)
         },
-        "time_ratio_world2_over_peer_ddp": {
-            name: reports[name]["quantize_s"] / peer["quantize_s"] for name in (fsdp2, zero3)
+        "time_ratio_world2_over_peer_ddp_same_precision": {
+            name: reports[name]["quantize_s"] / peers[peer_of[name]]["quantize_s"] for name in world2
         },
         "peak_parameter_bytes_per_rank": mem,
         "memory_ratio_world2_over_world1": {name: mem[name] / mem[w1] for name in (fsdp2, zero3)},
@@ -146,35 +159,42 @@ def main() -> None:
         "phases_s": {name: reports[name]["phases_s"] for name in RUNS},
         "memory_per_rank": {name: reports[name]["memory_per_rank"] for name in RUNS},
         "overlap_world2": {name: overlap_summary(reports[name]["timelines"]) for name in (fsdp2, zero3)},
-        "peer": peer,
+        "peers": peers,
     }
     (RESULTS / "smollm2_sharded.json").write_text(json.dumps(result, indent=2) + "\n")
     q, mib = result["quantize_s"], 2**20
-    rows = "\n".join(
-        f"| {label} | {q[key]:.1f} | {memory} | {ppl[key]:.3f} |"
-        for label, key, memory in [
-            ("gptq_fsdp, 1 process", w1, f"{mem[w1] / mib:.0f}"),
-            ("gptq_fsdp, FSDP2 2 ranks", fsdp2, f"{mem[fsdp2] / mib:.0f}"),
-            ("gptq_fsdp, ZeRO-3 2 ranks", zero3, f"{mem[zero3] / mib:.0f}"),
-            ("llm-compressor DDP 2 ranks", "llmcompressor_ddp_world2", "(full copy per rank)"),
-        ]
-    )
-    scaling, ratio, memory = (result[k] for k in ("strong_scaling_T1_over_T2", "time_ratio_world2_over_peer_ddp",
-                                                   "memory_ratio_world2_over_world1"))  # fmt: skip
+    labels = {
+        w1: "gptq_fsdp, 1 process",
+        fsdp2: "gptq_fsdp, FSDP2 2 ranks",
+        zero3: "gptq_fsdp, ZeRO-3 2 ranks",
+        fast[0]: "gptq_fsdp, FSDP2 2 ranks",
+        fast[1]: "gptq_fsdp, ZeRO-3 2 ranks",
+    }
+    ratio = result["time_ratio_world2_over_peer_ddp_same_precision"]
+    rows = [
+        f"| {RUNS[name][2]} | {labels[name]} | {q[name]:.1f} | {mem[name] / mib:.0f} | {ppl[name]:.3f} "
+        f"| {f'{ratio[name]:.3f}' if name in ratio else ''} |"
+        for name in RUNS
+    ]
+    rows += [
+        f"| {precision} | llm-compressor DDP 2 ranks | {q[name]:.1f} | (full copy per rank) | {ppl[name]:.3f} | |"
+        for name, precision in PEERS.items()
+    ]
+    scaling, memory = result["strong_scaling_T1_over_T2"], result["memory_ratio_world2_over_world1"]
     (RESULTS / "smollm2_sharded.md").write_text(
         f"""# SmolLM2-135M: one process vs FSDP2 and ZeRO-3 at 2 ranks vs llm-compressor DDP ({result["date"]})
 
-{result["job"]}.
+{result["job"]}. fp32 model perplexity {ppl["fp32"]:.3f}. "medium" = fp32 matmuls with bf16 products
+(gptq_fsdp: calibration forwards and XᵀX only; llm-compressor: its whole run); time ratios compare
+runs at the same precision.
 
-| | quantize wall time (s) | peak parameter MiB per rank | perplexity |
-|---|---:|---:|---:|
-| fp32 model | | | {ppl["fp32"]:.3f} |
-{rows}
+| fp32 matmuls | run | quantize wall time (s) | peak param. MiB per rank | perplexity | time / llm-compressor DDP |
+|---|---|---:|---:|---:|---:|
+{chr(10).join(rows)}
 
-| at 2 ranks | FSDP2 | ZeRO-3 |
+| at 2 ranks, IEEE fp32 | FSDP2 | ZeRO-3 |
 |---|---:|---:|
 | strong scaling T(1)/T(2) | {scaling[fsdp2]:.2f}x | {scaling[zero3]:.2f}x |
-| time / llm-compressor DDP | {ratio[fsdp2]:.3f} | {ratio[zero3]:.3f} |
 | peak parameter memory / one process | {memory[fsdp2]:.3f} | {memory[zero3]:.3f} |
 """
     )

@@ -124,13 +124,20 @@ def fake_quantize(
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)^-1, λ = damping · mean(diag H). Raises LinAlgError."""
-    h = hessian.clone()  # the undamped H stays for a retry with more damping
-    h.diagonal().add_(damping * torch.mean(torch.diag(h)))
-    # At most two [cols, cols] temporaries alive at a time: for a 53248-column down_proj each is 11 GiB.
-    h = torch.linalg.cholesky(h)
-    h = torch.cholesky_inverse(h)
-    return torch.linalg.cholesky(h, upper=True)
+    """Upper Cholesky factor of (H + λI)^-1, λ = damping · mean(diag H). Raises LinAlgError.
+
+    `hessian` is damped in place and restored (so a retry can use more damping); besides it, one
+    [cols, cols] result plus one temporary inside cholesky_inverse: for a 53248-column down_proj
+    each is 11 GiB.
+    """
+    diagonal = hessian.diagonal().clone()
+    hessian.diagonal().add_(damping * torch.mean(diagonal))
+    try:
+        factor = torch.linalg.cholesky(hessian)
+    finally:
+        hessian.diagonal().copy_(diagonal)
+    torch.cholesky_inverse(factor, out=factor)
+    return torch.linalg.cholesky(factor, upper=True, out=factor)
 
 
 @float32_matmul_precision("highest")  # the error feedback needs full fp32, whatever the caller set
@@ -143,11 +150,14 @@ def gptq_quantize(
     block_size: int = 128,
     actorder: str | None = None,
     name: str = "weight",
+    overwrite_hessian: bool = False,
 ) -> GPTQResult:
     """Quantize `weight` [rows, cols] with GPTQ given the Hessian `hessian` [cols, cols] of its inputs.
 
     The Hessian's scale does not matter (damping is relative to its mean diagonal). `actorder`
-    overrides `args.actorder` (needed for "group", see `resolve_actorder`).
+    overrides `args.actorder` (needed for "group", see `resolve_actorder`). With
+    `overwrite_hessian`, an fp32 `hessian` is used as GPTQ's own working copy (permuted in place;
+    the caller must not use it afterwards), which saves one [cols, cols] copy.
     """
     rows, cols = weight.shape
     validate_args(args, cols, name)
@@ -155,7 +165,8 @@ def gptq_quantize(
         raise GPTQError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match {cols} input columns")
     out_dtype = weight.dtype
     W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(device=W.device, dtype=torch.float32)  # not modified: permuted into a copy below
+    # The working copy is permuted and damped in place.
+    H = hessian.detach().to(device=W.device, dtype=torch.float32, copy=not overwrite_hessian)
     if not torch.isfinite(H).all():
         raise GPTQError(f"{name}: the Hessian has non-finite values (inf/NaN in the calibration activations)")
     if not torch.isfinite(W).all():
@@ -180,7 +191,10 @@ def gptq_quantize(
 
     diagonal = torch.diag(H).masked_fill(dead, 1)
     perm = torch.argsort(diagonal, descending=True) if order is not None else torch.arange(cols, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
+    W = W[:, perm]
+    rows_permuted = H[perm]
+    torch.index_select(rows_permuted, 1, perm, out=H)  # H[perm][:, perm] into the working copy
+    del rows_permuted
     H[dead[perm], dead[perm]] = 1
     # Group of each column in processing order.
     column_group = (perm if static_scales else torch.arange(cols, device=W.device)) // group
@@ -199,6 +213,7 @@ def gptq_quantize(
             f"{name}: the Hessian is not positive definite even with dampening_frac={damping:g}; "
             "use more or more varied calibration samples, or a larger dampening fraction"
         )
+    del H
 
     # Work on Wᵀ so that a weight column (the unit GPTQ steps over) is one contiguous vector.
     Wt = W.T.contiguous()

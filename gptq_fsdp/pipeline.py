@@ -481,6 +481,7 @@ def _quantize_layer(
                     dampening_frac=config.dampening_frac,
                     block_size=config.block_size,
                     name=", ".join(group.names),
+                    overwrite_hessian=True,  # GPTQ's working copy: one [cols, cols] fewer
                 )
                 del hessian, parts
                 rows = [rows_of[n] for n in group.names]

@@ -31,10 +31,10 @@ Memory of rank r (bytes; b = bytes per element of --dtype, N = world size, T = -
   target, its own send and receive piece (2·piece·b). piece = ceil(rows/N)·cols (FSDP2) or
   ceil(rows·cols/N) (ZeRO-3).
 - GPTQ workspace, for the owned group that needs most: the gathered weight handed to GPTQ
-  (rows·cols·b) + max(W + 4·H, 2·W + 3·H) with W = rows·cols·4 and H = cols²·4: inside
-  `inverse_hessian_cholesky` the caller's fp32 Hessian, GPTQ's permuted copy, the damped copy and
-  one factor are alive at once (4·H); when the weight is transposed W and Wt are both alive beside
-  the caller's H, the permuted H and the inverse factor (2·W + 3·H).
+  (rows·cols·b) + max(W + 3·H, 2·W + 2·H) with W = rows·cols·4 and H = cols²·4: inside
+  `inverse_hessian_cholesky` the fp32 Hessian (permuted in place: GPTQ's working copy), the factor
+  and cholesky_inverse's temporary are alive at once (3·H); when the weight is transposed W and Wt
+  are both alive beside the caller's H and the inverse factor (2·W + 2·H).
 - phases of a layer (peak = the largest, over layers, plus the capture phase):
   hessian forward = shards + layer + activations + working set + Hessians;
   GPTQ = shards + activations + Hessians + owned weights + workspace;
@@ -481,7 +481,7 @@ def _workspace(group: GroupShape, element_size: int) -> int:
     """GPTQ's own memory for one group (see the module docstring: gptq.py's live fp32 copies)."""
     w = group.total_rows * group.columns * FP32
     h = group.columns**2 * FP32
-    return group.total_rows * group.columns * element_size + max(w + 4 * h, 2 * w + 3 * h)
+    return group.total_rows * group.columns * element_size + max(w + 3 * h, 2 * w + 2 * h)
 
 
 def _gptq_seconds(group: GroupShape, options: PlanOptions) -> float:

@@ -132,6 +132,19 @@ def test_block_size_does_not_change_the_result(block_size):
     torch.testing.assert_close(other.weight, base.weight, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("actorder", [None, "weight"])
+def test_hessian_left_alone_unless_handed_over(actorder):
+    W, _, H = correlated_problem(rows=16, cols=96, dead=2, seed=5)
+    args = args_for(4, True, 32)
+    original = H.clone()
+    kept = gptq_quantize(W, H, args, actorder=actorder)
+    assert torch.equal(H, original), "the caller's Hessian must not change"
+    handed_over = gptq_quantize(W, H, args, actorder=actorder, overwrite_hessian=True)
+    assert torch.equal(handed_over.weight, kept.weight) and torch.equal(handed_over.scale, kept.scale)
+    if actorder is not None:
+        assert not torch.equal(H, original), "with overwrite_hessian GPTQ works in the caller's tensor"
+
+
 def test_ieee_fp32_whatever_the_callers_matmul_precision():
     """A caller running its forwards with bf16/TF32 matmuls must not change GPTQ's error feedback."""
     W, _, H = correlated_problem(rows=64, cols=256, seed=3)
