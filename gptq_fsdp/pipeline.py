@@ -398,7 +398,7 @@ def _run_layer(
     """Calibrate, quantize and propagate one decoder layer; returns the next layer's inputs ([] when
     not `propagate`: the last layer's outputs are not needed)."""
     backend, memory = result.backend, result.memory
-    hooks = HessianHooks(modules, stop_early=backend.forwards_may_stop_early)
+    hooks = HessianHooks(modules)
     measure = layer.register_forward_pre_hook(lambda m, a: _measure_layer(m, memory, backend))
     with clock("forward"), hooks.attached(), backend.layer_unsharded(layer):
         for x, mask, (args, kwargs) in zip(hidden, masks, calls, strict=True):

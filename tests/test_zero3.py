@@ -80,3 +80,35 @@ def test_accelerate_launch_with_the_zero3_cpu_config(tiny_llama_dir, austen, tmp
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "on 2 rank(s) (zero3)" in done.stdout
     assert len(list(output.glob("model-*-of-00002.safetensors"))) == 2
+
+
+def test_zero_hooks_set_aside_and_put_back_in_place():
+    from gptq_fsdp.backends.zero3 import _zero_hooks_set_aside
+
+    calls = []
+
+    def zero_pre(module, args):
+        calls.append("zero pre")
+
+    def zero_post(module, args, output):
+        calls.append("zero post")
+
+    zero_pre.__module__ = zero_post.__module__ = "deepspeed.runtime.zero.parameter_offload"  # as ZeRO's are
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    linear = layer[0]
+    linear.register_forward_pre_hook(zero_pre)
+    ours = linear.register_forward_pre_hook(lambda m, a: calls.append("ours"))
+    linear.register_forward_hook(zero_post)
+    x = torch.randn(2, 4)
+    with _zero_hooks_set_aside(layer):
+        layer(x)
+        assert calls == ["ours"], "ZeRO's hooks must not run inside"
+        late = linear.register_forward_pre_hook(lambda m, a: calls.append("late"))
+    calls.clear()
+    layer(x)
+    assert calls == ["zero pre", "ours", "late", "zero post"], "original order, new hooks last"
+    ours.remove()
+    late.remove()
+    calls.clear()
+    layer(x)
+    assert calls == ["zero pre", "zero post"]

@@ -23,7 +23,6 @@ class Backend:
 
     name = "single"
     copies_weights = False  # whether gather_weight / layer_unsharded allocate new parameter memory
-    forwards_may_stop_early = True  # whether a layer forward may be cut short by an exception
 
     @property
     def rank(self) -> int:

@@ -9,6 +9,9 @@ updated too.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -21,11 +24,55 @@ def is_zero3_param(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def _is_zero_hook(hook) -> bool:
+    """ZeRO-3's per-module fetch/release hooks (DeepSpeedZeRoOffload's, some wrapped by its NVTX helper)."""
+    return getattr(hook, "__module__", "").startswith("deepspeed.")
+
+
+@contextmanager
+def _zero_hooks_set_aside(layer: nn.Module) -> Iterator[None]:
+    """Take ZeRO's forward hooks off `layer`'s modules; put them back in their places afterwards.
+
+    They would all-gather each submodule again on every forward call, and a forward cut short by an
+    exception would leave their fetch bookkeeping behind. Other hooks (ours) stay and keep working.
+    """
+    saved = []
+    for module in layer.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            snapshot = list(hooks.items())
+            removed = {key for key, hook in snapshot if _is_zero_hook(hook)}
+            for key in removed:
+                del hooks[key]
+            saved.append((hooks, snapshot, removed))
+    try:
+        yield
+    finally:
+        for hooks, snapshot, removed in saved:
+            current = dict(hooks)
+            hooks.clear()
+            for key, hook in snapshot:
+                if key in removed:
+                    hooks[key] = hook
+                elif key in current:
+                    hooks[key] = current.pop(key)
+            hooks.update(current)  # registered meanwhile
+
+
 class ZeRO3Backend(Backend):
     name = "zero3"
     copies_weights = True
-    # A forward stopped by an exception would leave ZeRO's gathered copies and bookkeeping behind.
-    forwards_may_stop_early = False
+
+    @contextmanager
+    def layer_unsharded(self, layer: nn.Module) -> Iterator[None]:
+        """One all-gather of the layer (GatheredParameters) for every forward inside, without ZeRO's hooks."""
+        import deepspeed
+
+        params = [p for p in layer.parameters() if is_zero3_param(p)]
+        with ExitStack() as stack:
+            if params:
+                stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=None))
+            stack.enter_context(_zero_hooks_set_aside(layer))
+            yield
 
     def gather_weight(self, param: torch.Tensor, owner: int) -> Pending:
         if not is_zero3_param(param):
