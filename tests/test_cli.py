@@ -48,11 +48,15 @@ def test_quantize_end_to_end(tiny_llama_dir, austen, tmp_path, capsys):
 def test_module_entry_point_runs(tiny_llama_dir, austen, tmp_path):
     output = tmp_path / "out"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    args = quantize_args(tiny_llama_dir, output, austen, "--bits", "8", "--group-size", "0", "--threads", "1")
+    args = quantize_args(
+        tiny_llama_dir, output, austen, "--bits", "8", "--group-size", "0", "--threads", "1",
+        "--matmul-precision", "medium", "--offload-activations",
+    )  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "gptq_fsdp", *args], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     weights = json.loads((output / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     assert weights["weights"]["num_bits"] == 8 and weights["weights"]["strategy"] == "channel"
+    assert "activations MiB" in done.stdout, "the memory report lists the activations on the device"
 
 
 BAD_OPTIONS = [
