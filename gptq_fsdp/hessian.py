@@ -118,6 +118,7 @@ class HessianHooks:
         self._group_of: dict[str, HessianGroup] = {}
         self._seen: list[tuple[torch.Tensor, HessianGroup]] = []
         self._mask: torch.Tensor | None = None
+        self._kept_rows: dict[torch.device, torch.Tensor] = {}  # unmasked token indices, per device
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.seconds = 0.0  # time spent accumulating XᵀX
         self._calls: list[str] = []  # targets in call order, during the first forward
@@ -126,7 +127,20 @@ class HessianHooks:
 
     def start_forward(self, attention_mask: torch.Tensor | None) -> None:
         self._seen = []  # drops references to the previous forward's inputs
-        self._mask = None if attention_mask is None else attention_mask.bool()
+        # Padding is found once per forward (the pipeline's masks live on the CPU): packed samples
+        # need no mask work in the hooks, and padded ones an index_select by indices sent to the
+        # device once per forward, not boolean indexing (a device sync) in every hook.
+        self._mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        self._kept_rows = {}
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as [tokens, features] without the masked (padding) tokens."""
+        rows = x.reshape(-1, x.shape[-1])
+        if self._mask is None or x.dim() < 3 or x.shape[:2] != self._mask.shape:
+            return rows
+        if x.device not in self._kept_rows:
+            self._kept_rows[x.device] = self._mask.reshape(-1).nonzero().squeeze(1).to(x.device)
+        return rows.index_select(0, self._kept_rows[x.device])
 
     @contextmanager
     def forward(self, attention_mask: torch.Tensor | None) -> Iterator[None]:
@@ -161,11 +175,9 @@ class HessianHooks:
             self._group_of[name] = group
             self.groups.append(group)
         self._seen.append((x, group))
-        rows = x
-        if self._mask is not None and x.dim() >= 3 and x.shape[:2] == self._mask.shape:
-            rows = x[self._mask.to(x.device)]
+        rows = self._rows(x)
         start = time.perf_counter()
-        group.add(rows.reshape(-1, x.shape[-1]))
+        group.add(rows)
         self.seconds += time.perf_counter() - start
 
     @contextmanager

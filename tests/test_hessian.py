@@ -175,12 +175,23 @@ def test_group_add_accumulates_in_fp32():
 
 
 @pytest.mark.parametrize("ambient", ["highest", "medium"])
-def test_16_bit_activations_lose_nothing_in_reduced_precision_xtx(ambient):
-    """bf16 activations take the bf16 matmul path (fp32 accumulation) at any setting: still exact."""
-    x = (torch.randn(2048, 768) * 3).bfloat16()
+@pytest.mark.parametrize("dtype,fast", [(torch.bfloat16, "medium"), (torch.float16, "high")])
+def test_16_bit_activations_lose_nothing_in_reduced_precision_xtx(ambient, dtype, fast, monkeypatch):
+    """16-bit activations take the reduced-precision matmul path (fp32 accumulation) at any setting,
+    and the result equals the float64 product to fp32 rounding."""
+    x = (torch.randn(2048, 768) * 3).to(dtype)
+    precisions = []
+    mm = torch.mm
+
+    def recording_mm(*args, **kwargs):
+        precisions.append(torch.get_float32_matmul_precision())
+        return mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
     group = HessianGroup(["x"], 768, torch.device("cpu"))
     with float32_matmul_precision(ambient):
         group.add(x)
+    assert precisions and set(precisions) == {fast}
     exact = x.double().T @ x.double()
     assert ((group.sum - exact).abs().max() / exact.abs().max()).item() < 1e-6
 
