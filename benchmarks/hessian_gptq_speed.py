@@ -8,11 +8,14 @@ benchmarks/results/hessian_gptq_speed_<device>.{json,md}.
 
 - Hessian, one batch of `--tokens` bf16 activations [tokens, cols]:
   straightforward: `H += x.float().T @ x.float()` at IEEE fp32 (whole activation up-cast, full product);
-  gptq_fsdp: `HessianGroup.add` (bf16 products with fp32 accumulation, which is exact for bf16 inputs;
-  symmetric blocks; one column block up-cast at a time; float64 running sum).
+  gptq_fsdp: `HessianGroup.add` (bf16 products, exact in fp32, with fp32 accumulation: on CUDA the bf16
+  blocks go straight into the tensor cores with an fp32 result, on the CPU one column block is up-cast at
+  a time; symmetric blocks; float64 running sum). Both errors against float64 are reported.
 - GPTQ, W4 group 128 symmetric, no act-order, block 128, on the Hessian of those activations:
   straightforward: the original GPTQ loop (Frantar et al.'s gptq.py: W in column slices, rank-1 update of
   the block per column), fp32; gptq_fsdp: `gptq_quantize` (works on Wᵀ so a column is contiguous).
+  Also timed: gptq_fsdp with act-order static (its default; scales up front), whose column loop runs as
+  a CUDA graph on a GPU, and on a GPU the same without the graph.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ def timed_result(fn, device: torch.device, repeats: int):
 
 def measure(rows: int, cols: int, tokens: int, device: torch.device, repeats: int) -> dict:
     quant = GPTQConfig.from_options(group_size=GROUP, actorder="none").weights
+    static = GPTQConfig.from_options(group_size=GROUP, actorder="static").weights  # the default
     gen = torch.Generator(device=device).manual_seed(0)
     mix = torch.randn(cols, cols, device=device, generator=gen) / cols**0.5  # correlated columns
     x = (torch.randn(tokens, cols, device=device, generator=gen) @ mix).bfloat16()
@@ -106,17 +110,28 @@ def measure(rows: int, cols: int, tokens: int, device: torch.device, repeats: in
     hessian_plain = timed(lambda: straightforward_hessian(x, plain_sum), device, repeats)
     hessian_ours = timed(lambda: group.add(x), device, repeats)
     exact = x.double().T @ x.double()
-    error = ((group.sum / repeats - exact).abs().max() / exact.abs().max()).item()
+
+    def error(total: torch.Tensor) -> float:
+        return ((total.double() / repeats - exact).abs().max() / exact.abs().max()).item()
+
     hessian = group.sum.float()  # `repeats` times XᵀX: the scale does not matter to GPTQ
 
     gptq_ours, ours = timed_result(lambda: gptq_quantize(weight, hessian, quant, block_size=128), device, repeats)
     gptq_plain, plain = timed_result(lambda: straightforward_gptq(weight, hessian, quant), device, 1)
+    gptq_static = timed(lambda: gptq_quantize(weight, hessian, static), device, repeats)
+    if device.type == "cuda":
+        gptq_static_eager = timed(lambda: gptq_quantize(weight, hessian, static, cuda_graph=False), device, repeats)
     return {
         "shape": f"{rows}x{cols}",
         "hessian_s": {"straightforward_fp32": hessian_plain, "gptq_fsdp": hessian_ours},
         "hessian_speedup": hessian_plain / hessian_ours,
-        "hessian_max_rel_error_vs_float64": error,
-        "gptq_s": {"straightforward_fp32": gptq_plain, "gptq_fsdp": gptq_ours},
+        "hessian_max_rel_error_vs_float64": {"straightforward_fp32": error(plain_sum), "gptq_fsdp": error(group.sum)},
+        "gptq_s": {
+            "straightforward_fp32": gptq_plain,
+            "gptq_fsdp": gptq_ours,
+            "gptq_fsdp_static_actorder": gptq_static,
+            **({"gptq_fsdp_static_actorder_no_cuda_graph": gptq_static_eager} if device.type == "cuda" else {}),
+        },
         "gptq_speedup": gptq_plain / gptq_ours,
         "gptq_same_levels": (ours.weight == plain.to(weight.dtype)).float().mean().item(),
     }
@@ -156,16 +171,20 @@ def main() -> None:
         f"torch {torch.__version__}" + (f", {args.threads} threads" if device.type == "cpu" else "") + ".",
         "Straightforward = whole-activation fp32 up-cast + IEEE fp32 XᵀX, and the original GPTQ column loop in fp32.",
         "",
-        "| weight (rows x cols) | XᵀX straightforward s | XᵀX gptq_fsdp s | speedup | max rel. error vs float64 "
-        "| GPTQ straightforward s | GPTQ gptq_fsdp s | speedup | same levels |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| weight (rows x cols) | XᵀX straightforward s | XᵀX gptq_fsdp s | speedup "
+        "| max rel. error vs float64: straightforward / gptq_fsdp "
+        "| GPTQ straightforward s | GPTQ gptq_fsdp s | speedup | same levels "
+        "| GPTQ gptq_fsdp, act-order static s | same, without CUDA graph s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows_out:
-        h, g = r["hessian_s"], r["gptq_s"]
+        h, g, e = r["hessian_s"], r["gptq_s"], r["hessian_max_rel_error_vs_float64"]
         lines.append(
             f"| {r['shape']} | {h['straightforward_fp32']:.3f} | {h['gptq_fsdp']:.3f} | {r['hessian_speedup']:.2f}x "
-            f"| {r['hessian_max_rel_error_vs_float64']:.1e} | {g['straightforward_fp32']:.2f} | {g['gptq_fsdp']:.2f} "
-            f"| {r['gptq_speedup']:.2f}x | {r['gptq_same_levels']:.4f} |"
+            f"| {e['straightforward_fp32']:.1e} / {e['gptq_fsdp']:.1e} "
+            f"| {g['straightforward_fp32']:.2f} | {g['gptq_fsdp']:.2f} "
+            f"| {r['gptq_speedup']:.2f}x | {r['gptq_same_levels']:.4f} | {g['gptq_fsdp_static_actorder']:.2f} "
+            f"| {'—' if (eager := g.get('gptq_fsdp_static_actorder_no_cuda_graph')) is None else f'{eager:.2f}'} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--bandwidth-gbps", type=_positive(float), default=200.0, help="collective bandwidth per rank in GB/s (bytes)"
     )
+    plan.add_argument(
+        "--column-latency-us",
+        type=_positive(float),
+        default=25.0,
+        help="GPTQ time per weight column beyond its FLOPs (H200: ~25 with act-order static, ~100 with none)",
+    )
     plan.set_defaults(threads=None)  # main() reads it
     return parser
 
@@ -292,6 +298,7 @@ def plan_command(args: argparse.Namespace) -> None:
             offload_activations=args.offload_activations,
             matmul_tflops=args.matmul_tflops,
             cholesky_tflops=args.cholesky_tflops,
+            column_latency_us=args.column_latency_us,
             bandwidth_gbps=args.bandwidth_gbps,
         )
         shape = load_model_shape(config, PLAN_DTYPES[args.dtype], args.group_size or None)

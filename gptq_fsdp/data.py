@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import torch
 
 LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -52,6 +51,8 @@ def load_texts(
     A `.txt` file is read whole (one document). Rows with a chat `messages_column` are rendered
     with the tokenizer's chat template.
     """
+    import datasets  # here, not at the top: importing the package (e.g. for `gptq-fsdp plan`) stays light
+
     path = Path(source)
     if path.exists():
         files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_BUILDERS) if path.is_dir() else [path]

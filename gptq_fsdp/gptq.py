@@ -140,6 +140,75 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damping: float) -> torch.Ten
     return torch.linalg.cholesky(factor, upper=True, out=factor)
 
 
+def quantize_columns(
+    W1: torch.Tensor,
+    Err1: torch.Tensor,
+    h_inv1: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor,
+    qmin: float,
+    qmax: float,
+    columns: range,
+) -> None:
+    """GPTQ's column loop inside one block (Wᵀ layout: W1[i] is column i, for all rows).
+
+    Each column is quantized with its row of `scales`/`zero_points`, and its error, scaled by the
+    inverse Hessian's diagonal, is fed back into the block's later columns. Rows are independent.
+    """
+    for i in columns:
+        w = W1[i]
+        q = fake_quantize(w, scales[i], zero_points[i], qmin, qmax)
+        torch.sub(w, q, out=Err1[i]).div_(h_inv1[i, i])
+        W1[i + 1 :].addr_(h_inv1[i, i + 1 :], Err1[i], alpha=-1)
+        w.copy_(q)
+
+
+class _ColumnLoopGraph:
+    """`quantize_columns` over one whole block, captured once as a CUDA graph and replayed per block.
+
+    The loop is ~10 tiny kernels per column, so on a GPU it is bound by kernel launches (an H200 took
+    ~100 µs per column eagerly). The graph reads and writes fixed buffers: each block's inputs are
+    copied in and its results out.
+    """
+
+    def __init__(self, block: int, rows: int, device: torch.device, qmin: float, qmax: float) -> None:
+        self.W1, self.Err1, self.scales, self.zero_points = (torch.zeros(block, rows, device=device) for _ in range(4))
+        self.h_inv1 = torch.zeros(block, block, device=device)
+        self.qmin, self.qmax = qmin, qmax
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _loop(self) -> None:
+        quantize_columns(
+            self.W1, self.Err1, self.h_inv1, self.scales, self.zero_points, self.qmin, self.qmax, range(len(self.W1))
+        )
+
+    def _capture(self) -> None:
+        # Warm up on a side stream first (kernel loading must not happen during capture); the real
+        # inputs are copied in again afterwards.
+        side = torch.cuda.Stream(self.W1.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._loop()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: collectives of a sharded run may be in flight, polled by other threads.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self._loop()
+
+    def run(self, W1: torch.Tensor, h_inv1: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor):
+        """Quantize the block `W1` in place; returns its scaled errors (valid until the next run)."""
+        if self.graph is None:
+            with torch.cuda.device(self.W1.device):
+                self._capture()
+        self.W1.copy_(W1)
+        self.h_inv1.copy_(h_inv1)
+        self.scales.copy_(scales)
+        self.zero_points.copy_(zero_points)
+        self.graph.replay()
+        W1.copy_(self.W1)
+        return self.Err1
+
+
 @float32_matmul_precision("highest")  # the error feedback needs full fp32, whatever the caller set
 def gptq_quantize(
     weight: torch.Tensor,
@@ -151,13 +220,16 @@ def gptq_quantize(
     actorder: str | None = None,
     name: str = "weight",
     overwrite_hessian: bool = False,
+    cuda_graph: bool = True,
 ) -> GPTQResult:
     """Quantize `weight` [rows, cols] with GPTQ given the Hessian `hessian` [cols, cols] of its inputs.
 
     The Hessian's scale does not matter (damping is relative to its mean diagonal). `actorder`
     overrides `args.actorder` (needed for "group", see `resolve_actorder`). With
     `overwrite_hessian`, an fp32 `hessian` is used as GPTQ's own working copy (permuted in place;
-    the caller must not use it afterwards), which saves one [cols, cols] copy.
+    the caller must not use it afterwards), which saves one [cols, cols] copy. With `cuda_graph`, a
+    CUDA weight with static scales has its column loop replayed as a CUDA graph (same kernels, same
+    result, without the per-kernel launch cost).
     """
     rows, cols = weight.shape
     validate_args(args, cols, name)
@@ -198,7 +270,6 @@ def gptq_quantize(
     H[dead[perm], dead[perm]] = 1
     # Group of each column in processing order.
     column_group = (perm if static_scales else torch.arange(cols, device=W.device)) // group
-    groups_in_order = column_group.tolist()  # host list: no device sync inside the column loop
 
     damping = dampening_frac
     for factor in (1.0, *DAMPING_RETRY_FACTORS):
@@ -221,22 +292,28 @@ def gptq_quantize(
     scale_t, zero_point_t = scale.T.contiguous(), zero_point.T.contiguous()
     # Blocks must not cut through a group whose scale is computed on entry.
     block = block_size if static_scales else max(group, block_size - block_size % group)
+    graphed = cuda_graph and static_scales and Wt.is_cuda
+    graph = _ColumnLoopGraph(block, rows, Wt.device, qmin, qmax) if graphed else None
     losses = torch.zeros(rows, device=Wt.device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1 = Wt[i1:i2]  # a view: updated in place, ends up holding the quantized columns
-        Err1 = torch.empty_like(W1)
         h_inv1 = h_inv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = groups_in_order[col]
-            if not static_scales and col % group == 0:
-                scale_t[g], zero_point_t[g] = qparams(W1[i : i + group].T, args, out_dtype)
-            w = W1[i]
-            q = fake_quantize(w, scale_t[g], zero_point_t[g], qmin, qmax)
-            torch.sub(w, q, out=Err1[i]).div_(h_inv1[i, i])
-            W1[i + 1 :].addr_(h_inv1[i, i + 1 :], Err1[i], alpha=-1)
-            w.copy_(q)
+        if static_scales:  # each column's scale row, gathered on the device (no host sync)
+            groups = column_group[i1:i2]
+            scales, zero_points = scale_t.index_select(0, groups), zero_point_t.index_select(0, groups)
+            if graph is not None and i2 - i1 == block:
+                Err1 = graph.run(W1, h_inv1, scales, zero_points)
+            else:
+                Err1 = torch.empty_like(W1)
+                quantize_columns(W1, Err1, h_inv1, scales, zero_points, qmin, qmax, range(i2 - i1))
+        else:  # a group's scale comes from its error-updated columns when GPTQ reaches it
+            Err1 = torch.empty_like(W1)
+            for start in range(0, i2 - i1, group):
+                g = (i1 + start) // group
+                scale_t[g], zero_point_t[g] = qparams(W1[start : start + group].T, args, out_dtype)
+                scales, zero_points = scale_t[g].expand_as(W1), zero_point_t[g].expand_as(W1)
+                quantize_columns(W1, Err1, h_inv1, scales, zero_points, qmin, qmax, range(start, start + group))
         losses += Err1.square().sum(dim=0) / 2
         Wt[i2:].addmm_(h_inv[i1:i2, i2:].T, Err1, alpha=-1)
 

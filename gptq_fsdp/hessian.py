@@ -50,6 +50,9 @@ class HessianGroup:
         lose nothing; fp32 activations use the ambient `torch.get_float32_matmul_precision()`.
         16-bit inputs are up-cast one column block at a time (the matmul needs fp32 inputs on CPU).
         """
+        if x.device.type == "cuda" and x.dtype in LOSSLESS_PRECISION:
+            self._add_16bit_cuda(x)
+            return
         precision = LOSSLESS_PRECISION.get(x.dtype, torch.get_float32_matmul_precision())
         bounds = self._bounds
         with float32_matmul_precision(precision):
@@ -58,10 +61,24 @@ class HessianGroup:
                 for c, d in bounds[i:]:
                     block = self._product[: b - a, : d - c]
                     torch.mm(left.T, left if c == a else x[:, c:d].float(), out=block)
-                    self.sum[a:b, c:d] += block
-                    if c != a:
-                        self.sum[c:d, a:b] += block.T
+                    self._add_block(a, b, c, d, block)
         self.tokens += x.shape[0]
+
+    def _add_16bit_cuda(self, x: torch.Tensor) -> None:
+        """CUDA: 16-bit inputs straight into the tensor cores with an fp32 result (cuBLAS accumulates
+        in fp32), no up-cast copy at all."""
+        bounds = self._bounds
+        for i, (a, b) in enumerate(bounds):
+            for c, d in bounds[i:]:
+                block = self._product[: b - a, : d - c]
+                torch.mm(x[:, a:b].T, x[:, c:d], out_dtype=torch.float32, out=block)
+                self._add_block(a, b, c, d, block)
+        self.tokens += x.shape[0]
+
+    def _add_block(self, a: int, b: int, c: int, d: int, block: torch.Tensor) -> None:
+        self.sum[a:b, c:d] += block
+        if c != a:
+            self.sum[c:d, a:b] += block.T
 
     def hessian(self) -> torch.Tensor:
         return hessian_from_sum(self.sum, self.tokens)
@@ -131,7 +148,7 @@ class HessianHooks:
         # need no mask work in the hooks, and padded ones an index_select by indices sent to the
         # device once per forward, not boolean indexing (a device sync) in every hook.
         self._mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
-        self._kept_rows = {}
+        self._kept_rows = {} if self._mask is None else {torch.device("cpu"): self._mask.reshape(-1).nonzero()[:, 0]}
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """`x` as [tokens, features] without the masked (padding) tokens."""
@@ -139,7 +156,7 @@ class HessianHooks:
         if self._mask is None or x.dim() < 3 or x.shape[:2] != self._mask.shape:
             return rows
         if x.device not in self._kept_rows:
-            self._kept_rows[x.device] = self._mask.reshape(-1).nonzero().squeeze(1).to(x.device)
+            self._kept_rows[x.device] = self._kept_rows[torch.device("cpu")].to(x.device)
         return rows.index_select(0, self._kept_rows[x.device])
 
     @contextmanager

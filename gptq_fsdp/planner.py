@@ -55,10 +55,12 @@ Time per layer (rates: --matmul-tflops M, --cholesky-tflops C, --bandwidth-gbps 
              MoE expert parameters count with num_experts_per_tok / num_experts)
   XᵀX      = Σ_groups 2·t·cols² / M
   gathers  = all-gathers per layer · layer all-gather bytes / B
-  GPTQ     = max(slowest owner's Σ (4/3·cols³ / C + rows·cols² / M + COLUMN_OVERHEAD·cols),
+  GPTQ     = max(slowest owner's Σ (4/3·cols³ / C + rows·cols² / M + column latency·cols),
                  transfers), transfers = (N-1)/N·Σ Hessian bytes / B + busiest owner's weight bytes / B
   (the package's cost model `schedule.gptq_cost` with its Cholesky and update terms replaced by
-  their FLOPs at the given rates, its per-column latency kept and its elementwise term dropped;
+  their FLOPs at the given rates, its per-column latency set by --column-latency-us (default 25 µs:
+  an H200 ran GPTQ's column loop, replayed as a CUDA graph, at 22-30 µs per column for 4096..28672
+  columns; 60-150 µs without the graph, i.e. with act-order none) and its elementwise term dropped;
   transfers are posted at once and overlap GPTQ.)
 The total is the sum over layers.
 """
@@ -79,7 +81,7 @@ from gptq_fsdp.backends.fsdp2 import row_counts
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.hessian import HessianHooks, column_blocks
 from gptq_fsdp.pipeline import find_decoder_layers, target_modules
-from gptq_fsdp.schedule import COLUMN_OVERHEAD, assign_owners
+from gptq_fsdp.schedule import assign_owners
 
 GiB = 2**30
 REDUCE_BYTES = 8  # per element: the float64 sum is what gets reduced
@@ -357,6 +359,7 @@ class PlanOptions:
     matmul_tflops: float = 400.0
     cholesky_tflops: float = 20.0
     bandwidth_gbps: float = 200.0
+    column_latency_us: float = 25.0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -364,7 +367,7 @@ class PlanOptions:
         for name in ("world_size", "gpu_memory", "samples", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("matmul_tflops", "cholesky_tflops", "bandwidth_gbps"):
+        for name in ("matmul_tflops", "cholesky_tflops", "bandwidth_gbps", "column_latency_us"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -490,7 +493,7 @@ def _gptq_seconds(group: GroupShape, options: PlanOptions) -> float:
     return (
         4 / 3 * cols**3 / (options.cholesky_tflops * 1e12)
         + rows * cols**2 / (options.matmul_tflops * 1e12)
-        + COLUMN_OVERHEAD * cols
+        + options.column_latency_us * 1e-6 * cols
     )
 
 
@@ -836,7 +839,7 @@ def format_plan(result: Plan) -> str:
         "per rank (10⁹ bytes/s), for the rank with the most samples; per layer:",
         "    forward = 2 passes x (2·active params·tokens + 2·samples·seq²·heads·head_dim) / matmul",
         "    XᵀX = Σ groups 2·tokens·cols² / matmul;  all-gathers = bytes / bandwidth",
-        f"    GPTQ = max(slowest owner's Σ 4/3·cols³/Cholesky + rows·cols²/matmul + {COLUMN_OVERHEAD * 1e6:g} µs·cols, "
+        f"    GPTQ = max(slowest owner's Σ 4/3·cols³/Cholesky + rows·cols²/matmul + {o.column_latency_us:g} µs·cols, "
         "Hessian reduces + weight transfers / bandwidth)",
     ]
     lines.append("")

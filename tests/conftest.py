@@ -14,6 +14,9 @@ AUSTEN = Path(os.environ.get("GPTQ_FSDP_AUSTEN", REPO.parent / "shared" / "data"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# tests/gpu needs CUDA: scripts/gpu_checks.sh runs it on a GPU machine; elsewhere it is not collected.
+collect_ignore = [] if torch.cuda.is_available() else ["gpu"]
+
 
 def _load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")

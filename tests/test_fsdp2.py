@@ -128,3 +128,18 @@ def test_owner_assignment_on_dense_layers():
     assignment = assign_owners(LLAMA3_8B_LAYER, 2)
     assert max(assignment.loads) == pytest.approx(gptq_cost(4096, 14336))
     assert assignment.owners[3] != assignment.owners[2]
+
+
+def test_layer_param_groups_in_older_and_newer_torch():
+    """torch 2.13's FSDP state keeps a list of parameter groups, 2.11's one optional group (seen on a GPU
+    machine); layer_unsharded needs both."""
+    from types import SimpleNamespace
+
+    from gptq_fsdp.backends.fsdp2 import _param_groups
+
+    def module(**state):
+        return SimpleNamespace(_get_fsdp_state=lambda: SimpleNamespace(**state))
+
+    assert _param_groups(module(_fsdp_param_groups=("a", "b"))) == ["a", "b"]
+    assert _param_groups(module(_fsdp_param_group="a")) == ["a"]
+    assert _param_groups(module(_fsdp_param_group=None)) == []

@@ -230,3 +230,20 @@ def test_non_finite_hessian_is_an_error():
     H[2, 2] = float("nan")
     with pytest.raises(GPTQError, match="non-finite"):
         gptq_quantize(torch.randn(4, 16), H, args_for(4, True, None), name="m")
+
+
+@pytest.mark.parametrize("actorder", [None, "static", "weight"])
+def test_host_syncs_do_not_grow_with_columns(actorder):
+    """No per-column or per-group `.item()`-like op: on a GPU each would stall the host."""
+    from host_syncs import HostSyncs
+
+    quant = QuantizationArgs(num_bits=4, strategy="group", group_size=32, actorder=actorder)
+    counts = []
+    for cols in (128, 512):
+        x = torch.randn(1024, cols)
+        weight, hessian = torch.randn(32, cols), x.T @ x / 1024
+        with HostSyncs() as syncs:
+            gptq_quantize(weight, hessian, quant, block_size=64)
+        counts.append(syncs.ops)
+    assert counts[0] == counts[1], counts
+    assert counts[0].total() <= 4, counts[0]

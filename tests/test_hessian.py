@@ -283,3 +283,26 @@ def test_forwards_stop_after_the_last_target_input(block):
         expected, tokens = reference(block, batches, key)
         torch.testing.assert_close(by_name[names[0]].sum, expected, rtol=1e-5, atol=1e-4)
         assert by_name[names[0]].tokens == tokens
+
+
+def test_accumulation_never_waits_for_the_device():
+    """XᵀX accumulation and the hooks (masked batch included) make no host-syncing op after the
+    forward's start (where the CPU mask is read once)."""
+    from host_syncs import HostSyncs
+
+    group = HessianGroup(["w"], 1000, torch.device("cpu"))  # several symmetric column blocks
+    with HostSyncs() as syncs:
+        group.add(torch.randn(64, 1000))
+        group.add(torch.randn(64, 1000).bfloat16())
+    assert syncs.total == 0, syncs.ops
+
+    linear = nn.Linear(16, 8)
+    hooks = HessianHooks({"linear": linear})
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    with hooks.attached():
+        for _ in range(2):
+            hooks.start_forward(mask)  # reads the CPU mask: the one place that may
+            with HostSyncs() as syncs:
+                linear(torch.randn(2, 5, 16))
+            assert syncs.total == 0, syncs.ops

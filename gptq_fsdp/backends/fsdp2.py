@@ -49,7 +49,7 @@ class FSDP2Backend(Backend):
         if not isinstance(layer, FSDPModule):
             yield
             return
-        groups = layer._get_fsdp_state()._fsdp_param_groups
+        groups = _param_groups(layer)
         reshards = any(g.post_forward_mesh_info is not None for g in groups)
         layer.set_reshard_after_forward(False, recurse=False)
         layer.unshard()
@@ -117,3 +117,11 @@ class FSDP2Backend(Backend):
 
     def local_numel(self, param: torch.Tensor) -> int:
         return self._local(param).numel()
+
+
+def _param_groups(module: FSDPModule) -> list:
+    """The module's FSDP parameter groups: a list in newer torch (2.13), one optional group in older (2.11)."""
+    state = module._get_fsdp_state()
+    if hasattr(state, "_fsdp_param_groups"):
+        return list(state._fsdp_param_groups)
+    return [state._fsdp_param_group] if state._fsdp_param_group is not None else []
