@@ -8,11 +8,13 @@ windows. Writes benchmarks/results/smollm2_core.{json,md}.
 
     python benchmarks/smollm2_core.py [--threads 2] [--repeats 1]
 
-Each tool runs twice: at IEEE fp32 matmuls (the default of both) and with fp32 matmuls allowed to
+Each tool runs at IEEE fp32 matmuls (the default of both) and with fp32 matmuls allowed to
 use bf16 products with fp32 accumulation (this CPU's AMX units): gptq_fsdp's `matmul_precision="medium"`
 (calibration forwards and XᵀX; GPTQ itself stays IEEE fp32), and llm-compressor under
 `torch.set_float32_matmul_precision("medium")` (its whole run). Time ratios compare runs at the same
-precision.
+precision. gptq_fsdp runs in its standard order (llm-compressor's: all of a layer's Hessians from one
+forward, then a second forward) and true-sequential (`true_sequential=True`: one forward per layer,
+each Linear quantized inside it, its Hessian from the already-quantized Linears' outputs).
 
 Needs benchmarks/setup_llmcompressor.sh run once (llm-compressor's own venv).
 """
@@ -37,13 +39,21 @@ PEER_PYTHON = REPO / "benchmarks" / ".venv-llmc" / "bin" / "python"
 WORK = REPO / "benchmarks" / "work"
 RESULTS = REPO / "benchmarks" / "results"
 SCHEME = dict(group_size=64, actorder="static", dampening=0.01, block_size=128)
-# run name -> matmul precision; each of ours is compared with the peer run at the same precision
-OURS = {"gptq_fsdp": "highest", "gptq_fsdp_bf16_matmul": "medium"}
+# run name -> (matmul precision, true sequential); each of ours is compared with the peer run at the same
+# precision (llm-compressor's GPTQ has no true-sequential mode: its runs are the standard order)
+OURS = {
+    "gptq_fsdp": ("highest", False),
+    "gptq_fsdp_true_sequential": ("highest", True),
+    "gptq_fsdp_bf16_matmul": ("medium", False),
+    "gptq_fsdp_true_sequential_bf16_matmul": ("medium", True),
+}
 PEERS = {"llmcompressor": "highest", "llmcompressor_bf16_matmul": "medium"}
-PEER_OF = dict(zip(OURS, PEERS, strict=True))
+PEER_OF = {ours: next(p for p, prec in PEERS.items() if prec == precision) for ours, (precision, _) in OURS.items()}
 
 
-def run_ours(calibration: Path, output: Path, threads: int, report: Path, matmul_precision: str) -> None:
+def run_ours(
+    calibration: Path, output: Path, threads: int, report: Path, matmul_precision: str, true_sequential: bool
+) -> None:
     """Worker: quantize with gptq_fsdp in this process and write timings to `report`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,6 +68,7 @@ def run_ours(calibration: Path, output: Path, threads: int, report: Path, matmul
         dampening_frac=SCHEME["dampening"],
         block_size=SCHEME["block_size"],
         matmul_precision=matmul_precision,
+        true_sequential=true_sequential,
     )
     start = time.perf_counter()
     result = quantize_model(model, CalibrationSet.load(calibration), config)
@@ -69,6 +80,7 @@ def run_ours(calibration: Path, output: Path, threads: int, report: Path, matmul
             {
                 "tool": "gptq_fsdp",
                 "matmul_precision": matmul_precision,
+                "true_sequential": true_sequential,
                 "quantize_s": quantize_s,
                 "save_s": time.perf_counter() - start,
                 "phases_s": result.phases,
@@ -123,19 +135,20 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--matmul-precision", default="highest", help=argparse.SUPPRESS)
+    parser.add_argument("--true-sequential", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "ours":
-        run_ours(args.calibration, args.output, args.threads, args.report, args.matmul_precision)
+        run_ours(args.calibration, args.output, args.threads, args.report, args.matmul_precision, args.true_sequential)
         return
     tokenizer = prepare_job(args.samples, args.seq_len)
     runs: dict[str, list[dict]] = {tool: [] for tool in (*OURS, *PEERS)}
     for _ in range(args.repeats):
-        for tool, precision in OURS.items():
+        for tool, (precision, true_sequential) in OURS.items():
             report = WORK / f"{tool}.json"
             timed_subprocess(
                 [sys.executable, __file__, "--worker", "ours", "--calibration", str(WORK / "calibration.pt"),
                  "--output", str(WORK / tool), "--report", str(report), "--matmul-precision", precision,
-                 "--threads", str(args.threads)]
+                 "--threads", str(args.threads), *(["--true-sequential"] if true_sequential else [])]
             )  # fmt: skip
             runs[tool].append(json.loads(report.read_text()))
         for tool, precision in PEERS.items():
@@ -175,12 +188,14 @@ def main() -> None:
     peer = f"llm-compressor {best['llmcompressor'].get('version', '')}"
     time_ratio, ppl_ratio = result["time_ratio_ours_over_peer"], result["perplexity_ratio_ours_over_peer"]
     rows = []
-    for ours, theirs in PEER_OF.items():
-        rows.append(
-            f"| {OURS[ours]} | gptq_fsdp | {result['quantize_s'][ours]:.1f} | {ppl[ours]:.3f} "
-            f"| **{time_ratio[ours]:.3f}** | {ppl_ratio[ours]:.4f} |"
-        )
-        rows.append(f"| {PEERS[theirs]} | {peer} | {result['quantize_s'][theirs]:.1f} | {ppl[theirs]:.3f} | | |")
+    for theirs, precision in PEERS.items():
+        rows.append(f"| {precision} | {peer} | {result['quantize_s'][theirs]:.1f} | {ppl[theirs]:.3f} | | |")
+        for ours in (o for o, peer_run in PEER_OF.items() if peer_run == theirs):
+            tool = "gptq_fsdp, true sequential" if OURS[ours][1] else "gptq_fsdp"
+            rows.append(
+                f"| {precision} | {tool} | {result['quantize_s'][ours]:.1f} | {ppl[ours]:.3f} "
+                f"| **{time_ratio[ours]:.3f}** | {ppl_ratio[ours]:.4f} |"
+            )
     phases = "\n".join(
         f"- {tool}: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["our_phases_s"][tool].items()) for tool in OURS
     )

@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep calibration activations in pinned CPU memory between layers, one batch on the GPU at a time",
     )
+    run.add_argument(
+        "--true-sequential",
+        action="store_true",
+        help="quantize each Hessian group inside the layer's forward, on the outputs of the groups already "
+        "quantized: one forward per layer instead of two (a rank's whole sample slice in one forward)",
+    )
     run.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads")
     run.add_argument("-v", "--verbose", action="store_true")
 
@@ -186,6 +192,7 @@ def quantize_command(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             matmul_precision=args.matmul_precision,
             offload_activations=args.offload_activations,
+            true_sequential=args.true_sequential,
         )
     except GPTQError as error:
         _fail(str(error))

@@ -31,6 +31,10 @@ class GPTQConfig:
     matmul_precision: str = "highest"
     # Keep the calibration hidden states in (pinned) CPU memory between layers, one batch on the device.
     offload_activations: bool = False
+    # Quantize each Hessian group inside the layer's one forward, right before its first Linear runs,
+    # from inputs that the already-quantized groups produced (GPTQ's "true sequential"): one forward
+    # per layer instead of two. Each rank's whole calibration slice goes through that forward at once.
+    true_sequential: bool = False
 
     def __post_init__(self) -> None:
         if self.scheme.weights is None:
@@ -70,6 +74,7 @@ class GPTQConfig:
         batch_size: int = 8,
         matmul_precision: str = "highest",
         offload_activations: bool = False,
+        true_sequential: bool = False,
     ) -> GPTQConfig:
         """W{bits}A16: group strategy when `group_size` is given, else one scale per output channel."""
         if actorder == "group":
@@ -99,4 +104,5 @@ class GPTQConfig:
             batch_size=batch_size,
             matmul_precision=matmul_precision,
             offload_activations=offload_activations,
+            true_sequential=true_sequential,
         )

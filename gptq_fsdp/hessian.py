@@ -159,6 +159,10 @@ class HessianHooks:
             self._kept_rows[x.device] = self._kept_rows[torch.device("cpu")].to(x.device)
         return rows.index_select(0, self._kept_rows[x.device])
 
+    def group_of(self, name: str) -> HessianGroup:
+        """The group whose sum holds `name`'s inputs (after its hook has run)."""
+        return self._group_of[name]
+
     @contextmanager
     def forward(self, attention_mask: torch.Tensor | None) -> Iterator[None]:
         self.start_forward(attention_mask)

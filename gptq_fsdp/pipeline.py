@@ -2,11 +2,14 @@
 
 Per layer: hooks on, forward every calibration batch (accumulating Hessians), GPTQ every Hessian
 group, write the quantized-dequantized weights back, forward again to make the next layer's inputs.
+With `true_sequential`, one forward per layer instead: each Linear is quantized inside it, right
+before it runs, from inputs the Linears before it produced already quantized.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import time
 from contextlib import contextmanager
@@ -284,7 +287,9 @@ def quantize_model(
     rank, world = backend.rank, backend.world_size
     per_layer = target_modules(model, config)
     _, layers = find_decoder_layers(model)
-    batches = [calibration.batch(b) for b in rank_batches(len(calibration), rank, world, config.batch_size)]
+    # True-sequential quantizes inside the forward, so a rank's whole slice goes through it at once.
+    batch_size = math.ceil(len(calibration) / world) if config.true_sequential else config.batch_size
+    batches = [calibration.batch(b) for b in rank_batches(len(calibration), rank, world, batch_size)]
     masks = [mask for _, mask in batches]
     result = QuantizationResult(config, backend, quantized=[n for modules in per_layer for n in modules])
     clock = _Clock(result, start)
@@ -315,10 +320,15 @@ def quantize_model(
                 continue
             faults.at_layer(rank, index, hidden)
             try:
-                hidden = _run_layer(
-                    index, layer, per_layer[index], hidden, masks, layer_calls[index], config, result, store,
-                    clock, propagate=index < len(layers) - 1,
-                )  # fmt: skip
+                if config.true_sequential:
+                    hidden = _run_layer_true_sequential(
+                        index, layer, per_layer[index], hidden, masks, layer_calls[index], config, result, store, clock
+                    )
+                else:
+                    hidden = _run_layer(
+                        index, layer, per_layer[index], hidden, masks, layer_calls[index], config, result, store,
+                        clock, propagate=index < len(layers) - 1,
+                    )  # fmt: skip
             except Exception as error:
                 raise LayerError(f"rank {rank} failed at layer {index} ({type(error).__name__}): {error}") from error
             layer_calls[index] = []
@@ -412,6 +422,93 @@ def _run_layer(
     if not propagate:
         return []
     return _propagate(layer, hidden, calls, store, backend, clock)
+
+
+def _run_layer_true_sequential(
+    index: int,
+    layer: nn.Module,
+    modules: dict[str, nn.Linear],
+    hidden: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    calls: list[tuple[tuple, dict]],
+    config: GPTQConfig,
+    result: QuantizationResult,
+    store: ActivationStore,
+    clock: _Clock,
+) -> list[torch.Tensor]:
+    """One forward of the layer over the rank's slice, quantizing each Linear right before it runs.
+
+    A Linear's Hessian is summed from the inputs it gets in this forward, which the Linears before it
+    produced already quantized (GPTQ's "true sequential"); the forward's output is therefore the next
+    layer's input, with no second forward. Linears reading one input share its XᵀX.
+
+    Every rank reaches the Linears in the same order, so the collectives inside the hooks line up:
+    a group's Hessian sum is all-reduced once, each Linear's owner (LPT over the layer's Linears) runs
+    GPTQ on the whole weight the forward holds and broadcasts the result into every rank's whole
+    copy, and once the layer is sharded again each rank stores its own piece.
+    """
+    backend, memory, rank = result.backend, result.memory, result.backend.rank
+    (x,), (mask,), ((args, kwargs),) = hidden, masks, calls  # one forward per rank
+    names = list(modules)
+    shapes = [tuple(backend.weight_shape(modules[n].weight)) for n in names]
+    owners = dict(zip(names, assign_owners(shapes, backend.world_size).owners, strict=True))
+    hooks = HessianHooks(modules, stop_early=False)
+    summed: set[int] = set()  # groups whose sum is already over all ranks
+    pieces: dict[str, torch.Tensor | None] = {}
+    inside = 0.0  # seconds spent in the quantizing hooks, taken out of the forward's time
+
+    def quantize_before_use(name: str, module: nn.Linear) -> None:
+        nonlocal inside
+        if name in pieces:  # called again in this forward: quantized already
+            return
+        begin = time.perf_counter()
+        group = hooks.group_of(name)
+        if id(group) not in summed:
+            with clock("wait"):
+                backend.all_reduce(group.sum)
+                group.tokens = backend.sum_ints([group.tokens])[0]
+            summed.add(id(group))
+        weight = module.weight.detach()  # whole: the layer is unsharded for this forward
+        if owners[name] == rank:
+            with clock("gptq", layer=index, module=name):
+                start = time.perf_counter()
+                gptq = gptq_quantize(
+                    weight,
+                    hessian_from_sum(group.sum, group.tokens),
+                    config.weights,
+                    dampening_frac=config.dampening_frac,
+                    block_size=config.block_size,
+                    name=name,
+                    overwrite_hessian=True,
+                )
+                seconds = time.perf_counter() - start
+                (full,) = _record(index, [name], [weight.shape[0]], gptq, seconds, config, rank, result)
+                weight.copy_(full)
+        with clock("wait"):
+            backend.broadcast(weight, owners[name])
+        pieces[name] = backend.piece_of(module.weight, weight)
+        inside += time.perf_counter() - begin
+
+    measure = layer.register_forward_pre_hook(lambda m, a: _measure_layer(m, memory, backend))
+    with clock("forward"), hooks.attached(), backend.layer_unsharded(layer):
+        # Registered after the Hessian hooks: a Linear's input is summed before it is quantized.
+        handles = [m.register_forward_pre_hook(lambda m, a, n=n: quantize_before_use(n, m)) for n, m in modules.items()]
+        try:
+            with hooks.forward(mask):
+                output = store.keep(_layer_output(layer(store.fetch(x), *args, **kwargs)))
+        finally:
+            for handle in handles:
+                handle.remove()
+        store.settle()
+    measure.remove()
+    memory.hessian_bytes = max(memory.hessian_bytes, sum(g.nbytes for g in hooks.groups))
+    for group in hooks.groups:
+        group.release()
+    for name, piece in pieces.items():
+        backend.write_piece(modules[name].weight, piece)
+    result.phases["forward"] -= inside + hooks.seconds
+    result.phases["hessian"] += hooks.seconds
+    return [output]
 
 
 def _measure_layer(layer: nn.Module, memory: MemoryStats, backend: Backend) -> None:

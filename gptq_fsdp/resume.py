@@ -25,7 +25,8 @@ def fingerprint(config, calibration, world_size: int, quantized: list[str]) -> s
     """What must not change between the crashed run and its resumption."""
     digest = hashlib.sha256()
     digest.update(repr((config.scheme.model_dump_json(), config.dampening_frac, config.block_size)).encode())
-    digest.update(repr((config.batch_size, config.matmul_precision, world_size, quantized)).encode())
+    digest.update(repr((config.batch_size, config.matmul_precision, config.true_sequential, world_size)).encode())
+    digest.update(repr(quantized).encode())
     digest.update(calibration.input_ids.numpy().tobytes() + calibration.attention_mask.numpy().tobytes())
     return digest.hexdigest()
 

@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--matmul-precision", default="highest")
+    parser.add_argument("--true-sequential", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     zero3 = args.load.startswith("zero3")
@@ -39,7 +40,12 @@ def main() -> None:
         model = load_zero3(args.model, config=zero3_config(offload_param=args.load == "zero3-offload")).module
     else:
         model = (load_sharded if args.load == "sharded" else load_rank0_broadcast)(args.model)
-    config = GPTQConfig.from_options(group_size=32, batch_size=args.batch_size, matmul_precision=args.matmul_precision)
+    config = GPTQConfig.from_options(
+        group_size=32,
+        batch_size=args.batch_size,
+        matmul_precision=args.matmul_precision,
+        true_sequential=args.true_sequential,
+    )
     result = quantize_model(model, calibration, config)
     save_quantized(model, args.output, result, tokenizer=tokenizer)
     ids = calibration.input_ids[:2]

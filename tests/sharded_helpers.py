@@ -23,11 +23,13 @@ def torchrun(world: int, *args: str, module: bool = False) -> subprocess.Complet
     return done
 
 
-def single_process(model_dir: Path, output: Path, text: Path, samples: int, matmul_precision: str = "highest") -> Path:
+def single_process(
+    model_dir: Path, output: Path, text: Path, samples: int, matmul_precision: str = "highest", **options
+) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     calibration = build_calibration(load_texts(str(text)), tokenizer, num_samples=samples, max_seq_length=32)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = GPTQConfig.from_options(group_size=32, batch_size=2, matmul_precision=matmul_precision)
+    config = GPTQConfig.from_options(group_size=32, batch_size=2, matmul_precision=matmul_precision, **options)
     result = quantize_model(model, calibration, config)
     return save_quantized(model, output, result, tokenizer=tokenizer)
 

@@ -53,6 +53,15 @@ class Backend:
             param.copy_(full)
         return done(None)
 
+    def piece_of(self, param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor | None:
+        """Inside `layer_unsharded`: this rank's share of `whole` (the new value of `param`), laid out as
+        the rank stores it, for `write_piece` once the layer is sharded again; None when `param` is
+        stored whole (writing the whole copy was enough)."""
+        return None
+
+    def write_piece(self, param: torch.Tensor, piece: torch.Tensor | None) -> None:
+        """Outside `layer_unsharded`: store a `piece_of` result in this rank's storage of `param`."""
+
     def full_tensor(self, tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
         """The whole tensor on `dst`, None elsewhere (for saving parameters GPTQ did not touch)."""
         return tensor.detach()
@@ -75,6 +84,17 @@ class Backend:
         if dist.is_initialized() and dist.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over ranks, in place, on every rank."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        """`src`'s `tensor` into every rank's `tensor`, in place."""
+        if self.world_size > 1:
+            dist.broadcast(tensor, src=src)
 
     def sum_ints(self, values: list[int]) -> list[int]:
         """Element-wise sums over ranks, in one collective."""

@@ -110,6 +110,15 @@ class FSDP2Backend(Backend):
 
         return scatter_pieces(pieces, out, owner).then(write)
 
+    def piece_of(self, param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+        # Unsharded, the parameter is a plain tensor: its rows are cut as FSDP2 cuts them at rest.
+        return whole.split(row_counts(whole.shape[0], self.world_size))[self.rank].clone()
+
+    def write_piece(self, param: torch.Tensor, piece: torch.Tensor | None) -> None:
+        if isinstance(param, DTensor) and piece is not None:  # a plain parameter was written whole
+            with torch.no_grad():
+                self._local(param).copy_(piece)
+
     def full_tensor(self, tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
         if not isinstance(tensor, DTensor):
             return tensor.detach() if self.rank == dst else None

@@ -114,6 +114,19 @@ class ZeRO3Backend(Backend):
             param.data.copy_(whole.view(param.data.shape))
         return done(None)
 
+    def piece_of(self, param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor | None:
+        if not is_zero3_param(param):
+            return None
+        size = param.ds_tensor.numel()
+        flat = torch.zeros(size * self.world_size, dtype=param.ds_tensor.dtype, device=whole.device)
+        flat[: param.ds_numel] = whole.reshape(-1)
+        return flat[self.rank * size : (self.rank + 1) * size].clone()
+
+    def write_piece(self, param: torch.Tensor, piece: torch.Tensor | None) -> None:
+        if piece is not None:  # (a persistent parameter's whole copy was written in the forward already)
+            with torch.no_grad():
+                param.ds_tensor.copy_(piece)
+
     def full_tensor(self, tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
         if not is_zero3_param(tensor):
             return tensor.detach() if self.rank == dst else None

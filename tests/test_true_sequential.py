@@ -1,0 +1,103 @@
+"""True-sequential GPTQ (`true_sequential=True`): each Linear quantized inside the layer's one forward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from sharded_helpers import REPO, dequantized, single_process, torchrun
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gptq_fsdp import GPTQConfig, build_calibration, load_texts, quantize_model
+from gptq_fsdp.gptq import gptq_quantize
+from gptq_fsdp.hessian import HessianHooks, hessian_from_sum
+from gptq_fsdp.pipeline import capture_layer_inputs, find_decoder_layers, target_modules
+
+
+def straightforward_true_sequential(model, calibration, config) -> None:
+    """The obvious version: the whole layer forward again for every Hessian group (slow, clearly right)."""
+    _, layers = find_decoder_layers(model)
+    per_layer = target_modules(model, config)
+    (x,), calls = capture_layer_inputs(model, layers, [calibration.batch(list(range(len(calibration))))])
+    mask = calibration.attention_mask
+    for layer, modules, ((args, kwargs),) in zip(layers, per_layer, calls, strict=True):
+        done: set[str] = set()
+        while len(done) < len(modules):
+            hooks = HessianHooks(modules, stop_early=False)
+            with hooks.attached(), hooks.forward(mask):
+                layer(x, *args, **kwargs)
+            group = next(g for g in hooks.groups if not set(g.names) <= done)  # first in call order
+            for name in group.names:
+                weight = modules[name].weight
+                hessian = hessian_from_sum(group.sum, group.tokens)
+                result = gptq_quantize(weight, hessian, config.weights, block_size=config.block_size)
+                weight.data.copy_(result.weight)
+                done.add(name)
+        out = layer(x, *args, **kwargs)
+        x = out[0] if isinstance(out, tuple) else out
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_llama_dir, austen):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    return build_calibration(load_texts(str(austen / "emma.txt")), tokenizer, num_samples=12, max_seq_length=32)
+
+
+@torch.no_grad()
+def test_equals_the_straightforward_version(tiny_llama_dir, calibration):
+    config = GPTQConfig.from_options(group_size=32, true_sequential=True)
+    ours = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    result = quantize_model(ours, calibration, config)
+    expected = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    straightforward_true_sequential(expected, calibration, config)
+    quantized = [n for n, m in ours.named_modules() if n.endswith("proj")]
+    assert sorted(result.modules) == sorted(quantized) and len(quantized) == 14
+    for name in quantized:
+        assert torch.equal(ours.get_submodule(name).weight, expected.get_submodule(name).weight), name
+    assert result.phases["propagate"] == 0  # one forward per layer
+    assert result.phases["forward"] > 0 and result.phases["gptq"] > 0 and result.phases["hessian"] > 0
+
+
+@torch.no_grad()
+def test_differs_from_the_standard_order_but_not_by_much(tiny_llama_dir, calibration):
+    """Later Linears see inputs from quantized earlier ones, so their weights differ from the standard
+    run; the first Linears of the first layer (whose inputs nothing quantized has touched) do not."""
+    models = {}
+    for mode in (False, True):
+        models[mode] = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        quantize_model(models[mode], calibration, GPTQConfig.from_options(group_size=32, true_sequential=mode))
+    first = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(models[False].get_submodule(first).weight, models[True].get_submodule(first).weight)
+    later = "model.layers.1.mlp.down_proj"
+    assert not torch.equal(models[False].get_submodule(later).weight, models[True].get_submodule(later).weight)
+    ids = calibration.input_ids[:4]
+    losses = {
+        mode: torch.nn.functional.cross_entropy(m(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        for mode, m in models.items()
+    }
+    assert abs(losses[True] - losses[False]) / losses[False] < 0.02
+
+
+@pytest.mark.parametrize("world,load", [(2, "sharded"), (3, "sharded"), (2, "zero3"), (3, "zero3")])
+def test_sharded_equals_single_process(world, load, tiny_llama_dir, austen, tmp_path):
+    """The rank slices give other batch shapes than one process: identical up to fp32 rounding."""
+    output, report_path = tmp_path / "ckpt", tmp_path / "report.json"
+    torchrun(
+        world, str(REPO / "tests" / "fsdp_worker.py"), str(tiny_llama_dir), str(output), str(report_path),
+        "--text", str(austen / "emma.txt"), "--load", load, "--true-sequential",
+    )  # fmt: skip
+    report = json.loads(report_path.read_text())
+    assert report["world"] == world and report["backend"] == ("zero3" if load == "zero3" else "fsdp2")
+    assert len(set(report["owners"].values())) == world
+    single = single_process(tiny_llama_dir, tmp_path / "single", austen / "emma.txt", 12, true_sequential=True)
+    sharded_model, sharded = dequantized(output)
+    _, expected = dequantized(single)
+    same = sum((sharded[k] == expected[k]).sum().item() for k in expected)
+    assert same / sum(v.numel() for v in expected.values()) >= 0.999
+    for key in expected:  # within one quantization step
+        step = expected[key].abs().amax(dim=1, keepdim=True) / 7.5 + 1e-12
+        assert ((sharded[key] - expected[key]).abs() / step).max() <= 1 + 1e-4
+    # What each rank stored equals what it computed with: the saved model gives the in-memory logits.
+    ids = torch.tensor(report["input_ids"])
+    torch.testing.assert_close(sharded_model(ids).logits, torch.tensor(report["logits"]), atol=1e-5, rtol=0)
