@@ -6,7 +6,8 @@ strong scaling T(1)/T(2), peak parameter memory per rank, perplexity on 20,480 t
 and each rank's GPTQ/wait timeline at world 2 (the overlap of collectives with GPTQ).
 The world-2 runs are repeated with fp32 matmuls allowed to use bf16 products (gptq_fsdp's
 matmul_precision="medium"; llm-compressor under torch.set_float32_matmul_precision("medium")), and
-each gptq_fsdp run is compared with the llm-compressor run at the same precision.
+each gptq_fsdp run is compared with the llm-compressor run at the same precision. The IEEE runs are
+repeated in true-sequential order (`true_sequential=True`: one forward per layer).
 Writes benchmarks/results/smollm2_sharded.{json,md}.
 
     python benchmarks/smollm2_sharded.py
@@ -27,17 +28,29 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smollm2_core import AUSTEN, MODEL, PEER_PYTHON, RESULTS, SCHEME, WORK, prepare_job, score  # noqa: E402
 
-RUNS = {  # name: (ranks, backend, matmul precision)
-    "gptq_fsdp_world1": (1, "single", "highest"),
-    "gptq_fsdp_fsdp2_world2": (2, "fsdp2", "highest"),
-    "gptq_fsdp_zero3_world2": (2, "zero3", "highest"),
-    "gptq_fsdp_fsdp2_world2_bf16_matmul": (2, "fsdp2", "medium"),
-    "gptq_fsdp_zero3_world2_bf16_matmul": (2, "zero3", "medium"),
+RUNS = {  # name: (ranks, backend, matmul precision, true sequential)
+    "gptq_fsdp_world1": (1, "single", "highest", False),
+    "gptq_fsdp_fsdp2_world2": (2, "fsdp2", "highest", False),
+    "gptq_fsdp_zero3_world2": (2, "zero3", "highest", False),
+    "gptq_fsdp_fsdp2_world2_bf16_matmul": (2, "fsdp2", "medium", False),
+    "gptq_fsdp_zero3_world2_bf16_matmul": (2, "zero3", "medium", False),
+    "gptq_fsdp_world1_true_sequential": (1, "single", "highest", True),
+    "gptq_fsdp_fsdp2_world2_true_sequential": (2, "fsdp2", "highest", True),
+    "gptq_fsdp_zero3_world2_true_sequential": (2, "zero3", "highest", True),
 }
+# (one process, the world-2 runs scaled against it), standard order and true-sequential, IEEE fp32
+SCALING = {
+    "gptq_fsdp_world1": ("gptq_fsdp_fsdp2_world2", "gptq_fsdp_zero3_world2"),
+    "gptq_fsdp_world1_true_sequential": (
+        "gptq_fsdp_fsdp2_world2_true_sequential",
+        "gptq_fsdp_zero3_world2_true_sequential",
+    ),
+}
+BACKEND_LABELS = {"fsdp2": "FSDP2", "zero3": "ZeRO-3"}
 PEERS = {"llmcompressor_ddp_world2": "highest", "llmcompressor_ddp_world2_bf16_matmul": "medium"}
 
 
-def worker(backend: str, precision: str, calibration: Path, output: Path, report: Path) -> None:
+def worker(backend: str, precision: str, true_sequential: bool, calibration: Path, output: Path, report: Path) -> None:
     """Under torchrun (or alone): quantize with gptq_fsdp and write rank 0's report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,6 +72,7 @@ def worker(backend: str, precision: str, calibration: Path, output: Path, report
         actorder=SCHEME["actorder"],
         dampening_frac=SCHEME["dampening"],
         matmul_precision=precision,
+        true_sequential=true_sequential,
     )
     if world > 1:
         torch.distributed.barrier()
@@ -107,17 +121,18 @@ def overlap_summary(timelines: list[list[dict]]) -> list[dict]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]), Path(sys.argv[6]))
+        worker(sys.argv[2], sys.argv[3], sys.argv[4] == "true-sequential", *(Path(a) for a in sys.argv[5:8]))
         return
     tokenizer = prepare_job(samples=64, seq_len=512)
     from gptq_fsdp.evaluate import text_tokens
 
     reports = {}
-    for name, (world, backend, precision) in RUNS.items():
+    for name, (world, backend, precision, true_sequential) in RUNS.items():
         report = WORK / f"{name}.json"
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
-        run([*launcher, __file__, "--worker", backend, precision, str(WORK / "calibration.pt"), str(WORK / name),
-             str(report)])  # fmt: skip
+        order = "true-sequential" if true_sequential else "standard"
+        run([*launcher, __file__, "--worker", backend, precision, order, str(WORK / "calibration.pt"),
+             str(WORK / name), str(report)])  # fmt: skip
         reports[name] = json.loads(report.read_text())
     peers = {}
     for name, precision in PEERS.items():
@@ -137,8 +152,8 @@ def main() -> None:
     ppl.update({name: score(WORK / name, tokens, 2) for name in (*RUNS, *PEERS)})
     mem = {name: max(m["shard_bytes"] + m["layer_unsharded_bytes"] + m["owned_weight_bytes"]
                      for m in reports[name]["memory_per_rank"]) for name in RUNS}  # fmt: skip
-    w1, fsdp2, zero3, *fast = RUNS
-    world2 = [fsdp2, zero3, *fast]
+    world2 = [name for name, (ranks, *_) in RUNS.items() if ranks == 2]
+    pairs = [(w1, name) for w1, names in SCALING.items() for name in names]
     result = {
         "job": "SmolLM2-135M fp32, W4A16 group 64 symmetric, act-order static, 64 x 512 tokens of emma.txt; "
         "perplexity on 20480 tokens of persuasion.txt (1024-token windows); 1 thread per rank",
@@ -148,27 +163,25 @@ def main() -> None:
             **{name: peers[name]["quantize_s"] for name in PEERS},
         },
         "strong_scaling_T1_over_T2": {
-            name: reports[w1]["quantize_s"] / reports[name]["quantize_s"] for name in (fsdp2, zero3)
+            name: reports[w1]["quantize_s"] / reports[name]["quantize_s"] for w1, name in pairs
         },
         "time_ratio_world2_over_peer_ddp_same_precision": {
             name: reports[name]["quantize_s"] / peers[peer_of[name]]["quantize_s"] for name in world2
         },
         "peak_parameter_bytes_per_rank": mem,
-        "memory_ratio_world2_over_world1": {name: mem[name] / mem[w1] for name in (fsdp2, zero3)},
+        "memory_ratio_world2_over_world1": {name: mem[name] / mem[w1] for w1, name in pairs},
         "perplexity": ppl,
         "phases_s": {name: reports[name]["phases_s"] for name in RUNS},
         "memory_per_rank": {name: reports[name]["memory_per_rank"] for name in RUNS},
-        "overlap_world2": {name: overlap_summary(reports[name]["timelines"]) for name in (fsdp2, zero3)},
+        "overlap_world2": {name: overlap_summary(reports[name]["timelines"]) for name in world2},
         "peers": peers,
     }
     (RESULTS / "smollm2_sharded.json").write_text(json.dumps(result, indent=2) + "\n")
     q, mib = result["quantize_s"], 2**20
     labels = {
-        w1: "gptq_fsdp, 1 process",
-        fsdp2: "gptq_fsdp, FSDP2 2 ranks",
-        zero3: "gptq_fsdp, ZeRO-3 2 ranks",
-        fast[0]: "gptq_fsdp, FSDP2 2 ranks",
-        fast[1]: "gptq_fsdp, ZeRO-3 2 ranks",
+        name: f"gptq_fsdp, {'1 process' if ranks == 1 else f'{BACKEND_LABELS[backend]} {ranks} ranks'}"
+        + (", true sequential" if true_sequential else "")
+        for name, (ranks, backend, _, true_sequential) in RUNS.items()
     }
     ratio = result["time_ratio_world2_over_peer_ddp_same_precision"]
     rows = [
@@ -192,10 +205,9 @@ runs at the same precision.
 |---|---|---:|---:|---:|---:|
 {chr(10).join(rows)}
 
-| at 2 ranks, IEEE fp32 | FSDP2 | ZeRO-3 |
+| at 2 ranks, IEEE fp32 | strong scaling T(1)/T(2) | peak parameter memory / one process |
 |---|---:|---:|
-| strong scaling T(1)/T(2) | {scaling[fsdp2]:.2f}x | {scaling[zero3]:.2f}x |
-| peak parameter memory / one process | {memory[fsdp2]:.3f} | {memory[zero3]:.3f} |
+{chr(10).join(f"| {labels[name]} | {scaling[name]:.2f}x | {memory[name]:.3f} |" for _, name in pairs)}
 """
     )
     print(json.dumps({k: result[k] for k in ("quantize_s", "strong_scaling_T1_over_T2", "perplexity")}, indent=2))

@@ -8,6 +8,7 @@ found by tensor identity in the first forward, so their common XᵀX is computed
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,6 +117,16 @@ def column_blocks(columns: int, device_type: str) -> list[tuple[int, int]]:
     return list(itertools.pairwise(edges))
 
 
+class _ForwardState(threading.local):
+    """What one forward's hooks need: the inputs seen so far (tensor identity), the padding mask."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[torch.Tensor, HessianGroup]] = []
+        self.mask: torch.Tensor | None = None
+        self.kept_rows: dict[torch.device, torch.Tensor] = {}  # unmasked token indices, per device
+        self.calls_open = False  # recording the call order (first forward only)
+
+
 class HessianHooks:
     """Accumulates one Hessian per distinct Linear input while a decoder layer runs forwards.
 
@@ -133,31 +144,31 @@ class HessianHooks:
         self.stop_early = stop_early
         self.groups: list[HessianGroup] = []
         self._group_of: dict[str, HessianGroup] = {}
-        self._seen: list[tuple[torch.Tensor, HessianGroup]] = []
-        self._mask: torch.Tensor | None = None
-        self._kept_rows: dict[torch.device, torch.Tensor] = {}  # unmasked token indices, per device
+        # Per forward, and per thread: true-sequential runs each batch's forward in a thread of its own.
+        self._forward = _ForwardState()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.seconds = 0.0  # time spent accumulating XᵀX
         self._calls: list[str] = []  # targets in call order, during the first forward
         self._stop_after: str | None = None
-        self._calls_open = False  # recording the call order (first forward only)
 
     def start_forward(self, attention_mask: torch.Tensor | None) -> None:
-        self._seen = []  # drops references to the previous forward's inputs
+        state = self._forward
+        state.seen = []  # drops references to the previous forward's inputs
         # Padding is found once per forward (the pipeline's masks live on the CPU): packed samples
         # need no mask work in the hooks, and padded ones an index_select by indices sent to the
         # device once per forward, not boolean indexing (a device sync) in every hook.
-        self._mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
-        self._kept_rows = {} if self._mask is None else {torch.device("cpu"): self._mask.reshape(-1).nonzero()[:, 0]}
+        state.mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        state.kept_rows = {} if state.mask is None else {torch.device("cpu"): state.mask.reshape(-1).nonzero()[:, 0]}
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """`x` as [tokens, features] without the masked (padding) tokens."""
         rows = x.reshape(-1, x.shape[-1])
-        if self._mask is None or x.dim() < 3 or x.shape[:2] != self._mask.shape:
+        state = self._forward
+        if state.mask is None or x.dim() < 3 or x.shape[:2] != state.mask.shape:
             return rows
-        if x.device not in self._kept_rows:
-            self._kept_rows[x.device] = self._kept_rows[torch.device("cpu")].to(x.device)
-        return rows.index_select(0, self._kept_rows[x.device])
+        if x.device not in state.kept_rows:
+            state.kept_rows[x.device] = state.kept_rows[torch.device("cpu")].to(x.device)
+        return rows.index_select(0, state.kept_rows[x.device])
 
     def group_of(self, name: str) -> HessianGroup:
         """The group whose sum holds `name`'s inputs (after its hook has run)."""
@@ -167,24 +178,24 @@ class HessianHooks:
     def forward(self, attention_mask: torch.Tensor | None) -> Iterator[None]:
         self.start_forward(attention_mask)
         first = not self._group_of
-        self._calls_open = first
+        self._forward.calls_open = first
         try:
             yield
         except _InputsTaken:
             pass
-        self._calls_open = False
+        self._forward.calls_open = False
         if first and self.stop_early and sorted(self._calls) == sorted(self.modules):  # each target once
             self._stop_after = self._calls[-1]
 
     def _hook(self, name: str, module: nn.Linear, args: tuple) -> None:
         self._accumulate(name, module, args[0])
-        if self._calls_open:
+        if self._forward.calls_open:
             self._calls.append(name)
         elif name == self._stop_after:
             raise _InputsTaken
 
     def _accumulate(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
-        for seen_input, group in self._seen:
+        for seen_input, group in self._forward.seen:
             if seen_input is x:
                 if name not in self._group_of:  # first forward: join the group reading this tensor
                     self._group_of[name] = group
@@ -195,7 +206,7 @@ class HessianHooks:
             group = HessianGroup([name], module.in_features, x.device)
             self._group_of[name] = group
             self.groups.append(group)
-        self._seen.append((x, group))
+        self._forward.seen.append((x, group))
         rows = self._rows(x)
         start = time.perf_counter()
         group.add(rows)
@@ -211,4 +222,4 @@ class HessianHooks:
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
-            self._seen = []
+            self._forward.seen = []

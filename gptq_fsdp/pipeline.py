@@ -9,9 +9,10 @@ before it runs, from inputs the Linears before it produced already quantized.
 from __future__ import annotations
 
 import logging
-import math
 import resource
+import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -286,10 +287,8 @@ def quantize_model(
     backend = backend or detect_backend(model)
     rank, world = backend.rank, backend.world_size
     per_layer = target_modules(model, config)
-    _, layers = find_decoder_layers(model)
-    # True-sequential quantizes inside the forward, so a rank's whole slice goes through it at once.
-    batch_size = math.ceil(len(calibration) / world) if config.true_sequential else config.batch_size
-    batches = [calibration.batch(b) for b in rank_batches(len(calibration), rank, world, batch_size)]
+    layers_name, layers = find_decoder_layers(model)
+    batches = [calibration.batch(b) for b in rank_batches(len(calibration), rank, world, config.batch_size)]
     masks = [mask for _, mask in batches]
     result = QuantizationResult(config, backend, quantized=[n for modules in per_layer for n in modules])
     clock = _Clock(result, start)
@@ -308,6 +307,7 @@ def quantize_model(
             store.settle()
             memory.activation_bytes = store.device_bytes(hidden)
         progress = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", disable=rank != 0)
+        units_of: dict[tuple, list[tuple[str, ...]]] = {}  # true-sequential: GPTQ units per kind of layer
         first = 0
         if state_dir is not None:
             result.state = LayerState(state_dir, backend, fingerprint(config, calibration, world, result.quantized))
@@ -322,8 +322,9 @@ def quantize_model(
             try:
                 if config.true_sequential:
                     hidden = _run_layer_true_sequential(
-                        index, layer, per_layer[index], hidden, masks, layer_calls[index], config, result, store, clock
-                    )
+                        index, layer, per_layer[index], hidden, masks, layer_calls[index], config, result, store,
+                        clock, f"{layers_name}.{index}.", units_of,
+                    )  # fmt: skip
                 else:
                     hidden = _run_layer(
                         index, layer, per_layer[index], hidden, masks, layer_calls[index], config, result, store,
@@ -435,80 +436,197 @@ def _run_layer_true_sequential(
     result: QuantizationResult,
     store: ActivationStore,
     clock: _Clock,
+    prefix: str,
+    units_of: dict[tuple, list[tuple[str, ...]]],
 ) -> list[torch.Tensor]:
-    """One forward of the layer over the rank's slice, quantizing each Linear right before it runs.
+    """One forward of the layer per batch, quantizing each Linear right before it runs.
 
-    A Linear's Hessian is summed from the inputs it gets in this forward, which the Linears before it
-    produced already quantized (GPTQ's "true sequential"); the forward's output is therefore the next
-    layer's input, with no second forward. Linears reading one input share its XᵀX.
+        A Linear's Hessian is summed from the inputs it gets in these forwards, which the Linears before
+        it produced already quantized (GPTQ's "true sequential"); the forwards' outputs are therefore the
+        next layer's inputs, with no second pass. Every batch's forward pauses before a Linear that is
+        not quantized yet (`_PausableForwards`); once all of them wait there, its Hessian is complete and
+        the Linear is quantized, then they go on. Linears that read one input share its XᵀX and, from the
+        second layer of a kind on (`units_of` remembers the first one's groups), one GPTQ call. `prefix` is
+    the layer's own name ("model.layers.3.").
 
-    Every rank reaches the Linears in the same order, so the collectives inside the hooks line up:
-    a group's Hessian sum is all-reduced once, each Linear's owner (LPT over the layer's Linears) runs
-    GPTQ on the whole weight the forward holds and broadcasts the result into every rank's whole
-    copy, and once the layer is sharded again each rank stores its own piece.
+        Every rank reaches the Linears in the same order, so the collectives line up: a group's Hessian
+        sum is all-reduced once, each unit's owner (LPT over the layer's units) runs GPTQ on the whole
+        weights the forward holds and broadcasts the result into every rank's whole copy, and once the
+        layer is sharded again each rank stores its own piece.
     """
     backend, memory, rank = result.backend, result.memory, result.backend.rank
-    (x,), (mask,), ((args, kwargs),) = hidden, masks, calls  # one forward per rank
-    names = list(modules)
-    shapes = [tuple(backend.weight_shape(modules[n].weight)) for n in names]
-    owners = dict(zip(names, assign_owners(shapes, backend.world_size).owners, strict=True))
+    kind = (type(layer).__name__, tuple(n[len(prefix) :] for n in modules))
+    units = [tuple(prefix + n for n in unit) for unit in units_of.get(kind, [])]
+    units += [(n,) for n in modules if not any(n in unit for unit in units)]
+    unit_of = {name: unit for unit in units for name in unit}
+    shapes = [(sum(backend.weight_shape(modules[n].weight)[0] for n in u), modules[u[0]].in_features) for u in units]
+    owner_of = dict(zip(units, assign_owners(shapes, backend.world_size).owners, strict=True))
     hooks = HessianHooks(modules, stop_early=False)
-    summed: set[int] = set()  # groups whose sum is already over all ranks
+    summed: set[int] = set()  # Hessian groups whose sum is already over all ranks
     pieces: dict[str, torch.Tensor | None] = {}
-    inside = 0.0  # seconds spent in the quantizing hooks, taken out of the forward's time
 
-    def quantize_before_use(name: str, module: nn.Linear) -> None:
-        nonlocal inside
-        if name in pieces:  # called again in this forward: quantized already
-            return
-        begin = time.perf_counter()
-        group = hooks.group_of(name)
+    def quantize(unit: tuple[str, ...]) -> None:
+        group = hooks.group_of(unit[0])
         if id(group) not in summed:
             with clock("wait"):
                 backend.all_reduce(group.sum)
                 group.tokens = backend.sum_ints([group.tokens])[0]
             summed.add(id(group))
-        weight = module.weight.detach()  # whole: the layer is unsharded for this forward
-        if owners[name] == rank:
-            with clock("gptq", layer=index, module=name):
+        weights = [modules[n].weight.detach() for n in unit]  # whole: the layer is unsharded for these forwards
+        owner = owner_of[unit]
+        if owner == rank:
+            with clock("gptq", layer=index, group=", ".join(unit)):
                 start = time.perf_counter()
                 gptq = gptq_quantize(
-                    weight,
+                    torch.cat(weights) if len(weights) > 1 else weights[0],
                     hessian_from_sum(group.sum, group.tokens),
                     config.weights,
                     dampening_frac=config.dampening_frac,
                     block_size=config.block_size,
-                    name=name,
+                    name=", ".join(unit),
                     overwrite_hessian=True,
                 )
-                seconds = time.perf_counter() - start
-                (full,) = _record(index, [name], [weight.shape[0]], gptq, seconds, config, rank, result)
-                weight.copy_(full)
+                rows = [w.shape[0] for w in weights]
+                fulls = _record(index, list(unit), rows, gptq, time.perf_counter() - start, config, rank, result)
+                for weight, full in zip(weights, fulls, strict=True):
+                    weight.copy_(full)
         with clock("wait"):
-            backend.broadcast(weight, owners[name])
-        pieces[name] = backend.piece_of(module.weight, weight)
-        inside += time.perf_counter() - begin
+            for weight in weights:
+                backend.broadcast(weight, owner)
+        for name, weight in zip(unit, weights, strict=True):
+            pieces[name] = backend.piece_of(modules[name].weight, weight)
+
+    def forward(b: int) -> torch.Tensor:
+        with hooks.forward(masks[b]):
+            args, kwargs = calls[b]
+            return store.keep(_layer_output(layer(store.fetch(hidden[b]), *args, **kwargs)))
+
+    def pause_before(name: str) -> None:
+        if unit_of[name][0] not in pieces:
+            forwards.pause(unit_of[name])
 
     measure = layer.register_forward_pre_hook(lambda m, a: _measure_layer(m, memory, backend))
     with clock("forward"), hooks.attached(), backend.layer_unsharded(layer):
-        # Registered after the Hessian hooks: a Linear's input is summed before it is quantized.
-        handles = [m.register_forward_pre_hook(lambda m, a, n=n: quantize_before_use(n, m)) for n, m in modules.items()]
+        # Registered after the Hessian hooks: a Linear's input is summed before the forward pauses.
+        handles = [m.register_forward_pre_hook(lambda m, a, n=n: pause_before(n)) for n, m in modules.items()]
+        # All forwards also wait at the layer's end, before its other forward hooks: FSDP2's post-forward
+        # of one batch may reshard the layer, which the others must not see mid-forward.
+        handles.append(layer.register_forward_hook(lambda m, a, o: forwards.pause(_LAYER_END), prepend=True))
+        forwards = _PausableForwards(len(hidden), forward)
         try:
-            with hooks.forward(mask):
-                output = store.keep(_layer_output(layer(store.fetch(x), *args, **kwargs)))
+            while waiting := forwards.run_all():
+                if len(waiting) != 1:
+                    raise RuntimeError(f"the forwards of one layer paused at different points: {sorted(waiting)}")
+                point = waiting.pop()
+                if point != _LAYER_END:
+                    begin = time.perf_counter()
+                    quantize(point)
+                    result.phases["forward"] -= time.perf_counter() - begin
         finally:
+            forwards.close()
             for handle in handles:
                 handle.remove()
         store.settle()
     measure.remove()
+    units_of.setdefault(kind, [tuple(n[len(prefix) :] for n in g.names) for g in hooks.groups])
     memory.hessian_bytes = max(memory.hessian_bytes, sum(g.nbytes for g in hooks.groups))
     for group in hooks.groups:
         group.release()
     for name, piece in pieces.items():
         backend.write_piece(modules[name].weight, piece)
-    result.phases["forward"] -= inside + hooks.seconds
+    result.phases["forward"] -= hooks.seconds
     result.phases["hessian"] += hooks.seconds
-    return [output]
+    return forwards.outputs
+
+
+_LAYER_END = ("<end of the layer's forward>",)
+
+
+class _Aborted(Exception):
+    """Unwinds a paused forward when its layer failed elsewhere."""
+
+
+class _PausableForwards:
+    """`forward(b)` for every batch b, each in a thread of its own, one thread running at a time.
+
+    A forward that calls `pause(point)` stops there; `run_all()` lets every unfinished forward run
+    until it pauses or ends and returns the points they wait at, so the caller can do what they wait
+    for (quantize a Linear whose Hessian is now complete) and call `run_all()` again. Batches keep
+    their own size, so the forwards run as fast as in the standard order, while every batch's
+    activations stay alive until its forward ends.
+    """
+
+    def __init__(self, count: int, forward: Callable[[int], torch.Tensor]) -> None:
+        self.outputs: list[torch.Tensor] = [torch.empty(0)] * count
+        self._forward = forward
+        self._cond = threading.Condition()
+        self._turn: int | None = None  # the batch whose thread may run; None: the caller's
+        self._waiting: list = [None] * count
+        self._finished = [False] * count
+        self._error: BaseException | None = None
+        self._aborted = False
+        self._batch = threading.local()
+        self._threads = [threading.Thread(target=self._run, args=(b,), daemon=True) for b in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, b: int) -> None:
+        self._batch.index = b
+        try:
+            self._wait_for_turn(b)
+            with torch.no_grad():  # grad mode is per thread
+                self.outputs[b] = self._forward(b)
+        except _Aborted:
+            pass
+        except BaseException as error:  # re-raised by run_all in the caller's thread
+            self._error = error
+        finally:
+            with self._cond:
+                self._finished[b] = True
+                self._turn = None
+                self._cond.notify_all()
+
+    def _wait_for_turn(self, b: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == b)
+        if self._aborted:
+            raise _Aborted
+
+    def pause(self, point) -> None:
+        """Inside a forward: stop here until the caller's next `run_all()`."""
+        b = self._batch.index
+        with self._cond:
+            self._waiting[b] = point
+            self._turn = None
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._turn == b)
+            self._waiting[b] = None
+        if self._aborted:
+            raise _Aborted
+
+    def _give_turn(self, b: int) -> None:
+        with self._cond:
+            self._turn = b
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._turn is None)
+
+    def run_all(self) -> set:
+        """Run every unfinished forward until it pauses or ends; the points the paused ones wait at."""
+        for b in range(len(self._threads)):
+            if not self._finished[b]:
+                self._give_turn(b)
+                if self._error is not None:
+                    raise self._error
+        return {point for point in self._waiting if point is not None}
+
+    def close(self) -> None:
+        """Unwind the forwards still paused (after an error) and wait for every thread to end."""
+        self._aborted = True
+        for b in range(len(self._threads)):
+            if not self._finished[b]:
+                self._give_turn(b)
+        for thread in self._threads:
+            thread.join()
 
 
 def _measure_layer(layer: nn.Module, memory: MemoryStats, backend: Backend) -> None:

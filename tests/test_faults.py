@@ -59,11 +59,14 @@ def test_disk_full_during_save_leaves_no_partial_checkpoint(tiny_llama_dir, aust
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.gptq_state"]  # no checkpoint, no temporary dir
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_llama_dir, austen, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--true-sequential"]], ids=["standard", "true-sequential"])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(mode, tiny_llama_dir, austen, tmp_path):
+    """Resuming recomputes the finished layers' outputs with their quantized weights: in true-sequential
+    mode too, where those outputs came from the quantizing forward itself."""
     from sharded_helpers import dequantized
 
     def args(output):
-        return [*cli_args(tiny_llama_dir, output, austen), "--num-samples", "8"]
+        return [*cli_args(tiny_llama_dir, output, austen), "--num-samples", "8", *mode]
 
     whole, _ = launch(2, "", args(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]

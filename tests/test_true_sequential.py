@@ -101,3 +101,43 @@ def test_sharded_equals_single_process(world, load, tiny_llama_dir, austen, tmp_
     # What each rank stored equals what it computed with: the saved model gives the in-memory logits.
     ids = torch.tensor(report["input_ids"])
     torch.testing.assert_close(sharded_model(ids).logits, torch.tensor(report["logits"]), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_a_failure_inside_the_paused_forwards_is_raised_and_leaves_no_thread(tiny_llama_dir, calibration, monkeypatch):
+    import threading
+
+    from gptq_fsdp import pipeline
+    from gptq_fsdp.gptq import GPTQError
+
+    def fail_on_o_proj(weight, hessian, args, *, name, **options):
+        if "o_proj" in name:
+            raise GPTQError(f"{name}: refused by the test")
+        return gptq_quantize(weight, hessian, args, name=name, **options)
+
+    monkeypatch.setattr(pipeline, "gptq_quantize", fail_on_o_proj)
+    before = threading.active_count()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    config = GPTQConfig.from_options(group_size=32, batch_size=4, true_sequential=True)  # 3 paused forwards
+    with pytest.raises(pipeline.LayerError, match=r"layer 0 .*o_proj: refused by the test"):
+        quantize_model(model, calibration, config)
+    assert threading.active_count() == before
+
+
+@torch.no_grad()
+def test_a_failure_inside_a_forward_thread_is_raised_and_leaves_no_thread(tiny_llama_dir, calibration):
+    import threading
+
+    from gptq_fsdp.pipeline import LayerError
+
+    before = threading.active_count()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+
+    def boom(module, args):
+        raise RuntimeError("boom in the forward")
+
+    model.get_submodule("model.layers.1.mlp.down_proj").register_forward_pre_hook(boom)
+    config = GPTQConfig.from_options(group_size=32, batch_size=4, true_sequential=True)
+    with pytest.raises(LayerError, match="layer 1 .*boom in the forward"):
+        quantize_model(model, calibration, config)
+    assert threading.active_count() == before
