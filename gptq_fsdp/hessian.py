@@ -8,10 +8,10 @@ found by tensor identity in the first forward, so their common XᵀX is computed
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -117,14 +117,14 @@ def column_blocks(columns: int, device_type: str) -> list[tuple[int, int]]:
     return list(itertools.pairwise(edges))
 
 
-class _ForwardState(threading.local):
+@dataclass
+class _ForwardState:
     """What one forward's hooks need: the inputs seen so far (tensor identity), the padding mask."""
 
-    def __init__(self) -> None:
-        self.seen: list[tuple[torch.Tensor, HessianGroup]] = []
-        self.mask: torch.Tensor | None = None
-        self.kept_rows: dict[torch.device, torch.Tensor] = {}  # unmasked token indices, per device
-        self.calls_open = False  # recording the call order (first forward only)
+    seen: list[tuple[torch.Tensor, HessianGroup]] = field(default_factory=list)
+    mask: torch.Tensor | None = None
+    kept_rows: dict[torch.device, torch.Tensor] = field(default_factory=dict)  # unmasked token indices
+    calls_open: bool = False  # recording the call order (first forward only)
 
 
 class HessianHooks:
@@ -144,12 +144,21 @@ class HessianHooks:
         self.stop_early = stop_early
         self.groups: list[HessianGroup] = []
         self._group_of: dict[str, HessianGroup] = {}
-        # Per forward, and per thread: true-sequential runs each batch's forward in a thread of its own.
-        self._forward = _ForwardState()
+        # Per forward: true-sequential interleaves the batches' forwards, each in a greenlet (which has
+        # a context of its own), so the state lives in a context variable.
+        self._forward_state: ContextVar[_ForwardState] = ContextVar("hessian_hooks_forward")
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.seconds = 0.0  # time spent accumulating XᵀX
         self._calls: list[str] = []  # targets in call order, during the first forward
         self._stop_after: str | None = None
+
+    @property
+    def _forward(self) -> _ForwardState:
+        state = self._forward_state.get(None)
+        if state is None:
+            state = _ForwardState()
+            self._forward_state.set(state)
+        return state
 
     def start_forward(self, attention_mask: torch.Tensor | None) -> None:
         state = self._forward

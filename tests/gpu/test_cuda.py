@@ -126,19 +126,22 @@ def bf16_llama(tmp_path_factory, tokenizer_dir) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def single_gpu_checkpoint(bf16_llama, austen, tmp_path_factory):
+def quantize_on_one_gpu(model_dir: Path, text: Path, output: Path, **options):
     """(checkpoint, logits of the quantized model in memory, input ids) from one process on CUDA."""
-    tokenizer = AutoTokenizer.from_pretrained(bf16_llama)
-    calibration = build_calibration([(austen / "emma.txt").read_text()], tokenizer, num_samples=8, max_seq_length=64)
-    model = AutoModelForCausalLM.from_pretrained(bf16_llama, dtype=torch.bfloat16).to(CUDA)
-    result = quantize_model(model, calibration, GPTQConfig.from_options(group_size=64, batch_size=4))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    calibration = build_calibration([text.read_text()], tokenizer, num_samples=8, max_seq_length=64)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(CUDA)
+    result = quantize_model(model, calibration, GPTQConfig.from_options(group_size=64, batch_size=4, **options))
     assert all(r.loss > 0 for r in result.modules.values())
     ids = calibration.input_ids[:2].to(CUDA)
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    output = save_quantized(model, tmp_path_factory.mktemp("single") / "ckpt", result, tokenizer=tokenizer)
-    return output, logits, ids
+    return save_quantized(model, output, result, tokenizer=tokenizer), logits, ids
+
+
+@pytest.fixture(scope="module")
+def single_gpu_checkpoint(bf16_llama, austen, tmp_path_factory):
+    return quantize_on_one_gpu(bf16_llama, austen / "emma.txt", tmp_path_factory.mktemp("single") / "ckpt")
 
 
 def dequantized_weights(checkpoint: Path) -> tuple[AutoModelForCausalLM, dict[str, torch.Tensor]]:
@@ -157,14 +160,27 @@ def test_bf16_model_on_cuda_reloads_to_the_same_logits(single_gpu_checkpoint):
     torch.testing.assert_close(reloaded, logits, atol=0, rtol=0)
 
 
-def test_fsdp2_over_nccl_equals_one_process(single_gpu_checkpoint, bf16_llama, austen, tmp_path):
+@pytest.mark.parametrize("order", ["standard", "true-sequential"])
+def test_fsdp2_over_nccl_equals_one_process(order, single_gpu_checkpoint, bf16_llama, austen, tmp_path):
+    """True-sequential also runs each batch's forward in a thread of its own, CUDA graphs and NCCL inside."""
     output = tmp_path / "fsdp2"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     args = [str(REPO / "tests" / "gpu" / "cuda_worker.py"), str(bf16_llama), str(austen / "emma.txt"), str(output)]
-    done = subprocess.run([*command, *args], capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    done = subprocess.run(
+        [*command, *args, order], capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    if order == "standard":
+        expected = single_gpu_checkpoint[0]
+    else:
+        expected, logits, ids = quantize_on_one_gpu(
+            bf16_llama, austen / "emma.txt", tmp_path / "single", true_sequential=True
+        )
+        model, _ = dequantized_weights(expected)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, logits, atol=0, rtol=0)
     _, sharded = dequantized_weights(output)
-    _, single = dequantized_weights(single_gpu_checkpoint[0])
+    _, single = dequantized_weights(expected)
     assert sharded.keys() == single.keys() and len(single) == 3 * 7
     assert all(torch.equal(sharded[k], single[k]) for k in single)
 
