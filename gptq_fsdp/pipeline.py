@@ -474,27 +474,33 @@ def _run_layer_true_sequential(
                 group.tokens = backend.sum_ints([group.tokens])[0]
             summed.add(id(group))
         weights = [modules[n].weight.detach() for n in unit]  # whole: the layer is unsharded for these forwards
-        owner = owner_of[unit]
-        if owner == rank:
-            with clock("gptq", layer=index, group=", ".join(unit)):
-                start = time.perf_counter()
-                gptq = gptq_quantize(
-                    torch.cat(weights) if len(weights) > 1 else weights[0],
-                    hessian_from_sum(group.sum, group.tokens),
-                    config.weights,
-                    dampening_frac=config.dampening_frac,
-                    block_size=config.block_size,
-                    name=", ".join(unit),
-                    overwrite_hessian=True,
-                )
-                rows = [w.shape[0] for w in weights]
-                fulls = _record(index, list(unit), rows, gptq, time.perf_counter() - start, config, rank, result)
-                for weight, full in zip(weights, fulls, strict=True):
-                    weight.copy_(full)
+        rows = [w.shape[0] for w in weights]
+        stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+        # GPTQ is row-separable given H: every rank quantizes a share of the rows, then all get all.
+        total = stacked.shape[0]
+        split = backend.world_size if total >= backend.world_size else 1  # tiny weights: every rank does all
+        counts = [total // split + (r < total % split) for r in range(split)]
+        mine = slice(sum(counts[:rank]), sum(counts[: rank + 1])) if split > 1 else slice(None)
+        with clock("gptq", layer=index, group=", ".join(unit)):
+            start = time.perf_counter()
+            part = gptq_quantize(
+                stacked[mine],
+                hessian_from_sum(group.sum, group.tokens),
+                config.weights,
+                dampening_frac=config.dampening_frac,
+                block_size=config.block_size,
+                name=", ".join(unit),
+                overwrite_hessian=True,
+            )
+            seconds = time.perf_counter() - start
         with clock("wait"):
-            for weight in weights:
-                backend.broadcast(weight, owner)
-        for name, weight in zip(unit, weights, strict=True):
+            parts = [part.weight, part.scale, part.zero_point, part.row_losses]
+            gathered = [backend.all_gather_rows(t, counts) for t in parts] if split > 1 else parts
+        gptq = GPTQResult(*gathered[:3], g_idx=None, row_losses=gathered[3], damping=part.damping)
+        if owner_of[unit] == rank:  # packs the unit's modules for the checkpoint
+            _record(index, list(unit), rows, gptq, seconds, config, rank, result)
+        for name, weight, full in zip(unit, weights, gptq.weight.split(rows), strict=True):
+            weight.copy_(full)
             pieces[name] = backend.piece_of(modules[name].weight, weight)
 
     def forward(b: int) -> torch.Tensor:
