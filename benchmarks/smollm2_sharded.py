@@ -97,6 +97,8 @@ def worker(backend: str, precision: str, true_sequential: bool, calibration: Pat
                 }
             )
         )
+    if world > 1:
+        torch.distributed.destroy_process_group()  # as the CLI does: no process group left to tear down at exit
 
 
 def run(command: list[str], threads: int = 1) -> None:

@@ -66,13 +66,3 @@ def reduce_to(tensor: torch.Tensor, owner: int) -> Pending:
         return done(tensor)
     work = dist.reduce(tensor, dst=owner, op=dist.ReduceOp.SUM, async_op=True)
     return Pending(work, lambda: tensor if dist.get_rank() == owner else None)
-
-
-def all_gather_rows(piece: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Every rank's `piece` (`counts[r]` rows on rank r), concatenated in rank order, on every rank."""
-    world = dist.get_world_size()
-    padded = torch.zeros((max(counts), *piece.shape[1:]), dtype=piece.dtype, device=piece.device)
-    padded[: piece.shape[0]] = piece
-    pieces = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(pieces, padded)
-    return torch.cat([p[:n] for p, n in zip(pieces, counts, strict=True)])

@@ -442,18 +442,19 @@ def _run_layer_true_sequential(
 ) -> list[torch.Tensor]:
     """One forward of the layer per batch, quantizing each Linear right before it runs.
 
-        A Linear's Hessian is summed from the inputs it gets in these forwards, which the Linears before
-        it produced already quantized (GPTQ's "true sequential"); the forwards' outputs are therefore the
-        next layer's inputs, with no second pass. Every batch's forward pauses before a Linear that is
-        not quantized yet (`_PausableForwards`); once all of them wait there, its Hessian is complete and
-        the Linear is quantized, then they go on. Linears that read one input share its XᵀX and, from the
-        second layer of a kind on (`units_of` remembers the first one's groups), one GPTQ call. `prefix` is
-    the layer's own name ("model.layers.3.").
+    A Linear's Hessian is summed from the inputs it gets in these forwards, which the Linears before
+    it produced already quantized (GPTQ's "true sequential"); the forwards' outputs are therefore the
+    next layer's inputs, with no second pass. Every batch's forward pauses before a Linear that is
+    not quantized yet (`_PausableForwards`); once all of them wait there, its Hessian is complete and
+    the Linear is quantized, then they go on. Linears that read one input share its XᵀX and, from the
+    second layer of a kind on (`units_of` remembers the first one's groups), one GPTQ call. `prefix`
+    is the layer's own name ("model.layers.3.").
 
-        Every rank reaches the Linears in the same order, so the collectives line up: a group's Hessian
-        sum is all-reduced once, each unit's owner (LPT over the layer's units) runs GPTQ on the whole
-        weights the forward holds and broadcasts the result into every rank's whole copy, and once the
-        layer is sharded again each rank stores its own piece.
+    Every rank reaches the Linears in the same order, so the collectives line up: a Hessian sum is
+    reduced to its owner (LPT over the layer's units; a group's later units keep its first unit's
+    owner), which alone holds it and runs GPTQ on the whole weights the forward holds, then
+    broadcasts the result into every rank's whole copy; once the layer is sharded again each rank
+    stores its own piece.
     """
     backend, memory, rank = result.backend, result.memory, result.backend.rank
     kind = (type(layer).__name__, tuple(n[len(prefix) :] for n in modules))
@@ -463,44 +464,38 @@ def _run_layer_true_sequential(
     shapes = [(sum(backend.weight_shape(modules[n].weight)[0] for n in u), modules[u[0]].in_features) for u in units]
     owner_of = dict(zip(units, assign_owners(shapes, backend.world_size).owners, strict=True))
     hooks = HessianHooks(modules, stop_early=False)
-    summed: set[int] = set()  # Hessian groups whose sum is already over all ranks
+    group_owner: dict[int, int] = {}  # Hessian group -> the rank its sum was reduced to
     pieces: dict[str, torch.Tensor | None] = {}
 
     def quantize(unit: tuple[str, ...]) -> None:
         group = hooks.group_of(unit[0])
-        if id(group) not in summed:
+        if id(group) not in group_owner:
+            group_owner[id(group)] = owner_of[unit]
             with clock("wait"):
-                backend.all_reduce(group.sum)
+                backend.reduce(group.sum, owner_of[unit]).wait()
                 group.tokens = backend.sum_ints([group.tokens])[0]
-            summed.add(id(group))
+        owner = group_owner[id(group)]
         weights = [modules[n].weight.detach() for n in unit]  # whole: the layer is unsharded for these forwards
-        rows = [w.shape[0] for w in weights]
-        stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
-        # GPTQ is row-separable given H: every rank quantizes a share of the rows, then all get all.
-        total = stacked.shape[0]
-        split = backend.world_size if total >= backend.world_size else 1  # tiny weights: every rank does all
-        counts = [total // split + (r < total % split) for r in range(split)]
-        mine = slice(sum(counts[:rank]), sum(counts[: rank + 1])) if split > 1 else slice(None)
-        with clock("gptq", layer=index, group=", ".join(unit)):
-            start = time.perf_counter()
-            part = gptq_quantize(
-                stacked[mine],
-                hessian_from_sum(group.sum, group.tokens),
-                config.weights,
-                dampening_frac=config.dampening_frac,
-                block_size=config.block_size,
-                name=", ".join(unit),
-                overwrite_hessian=True,
-            )
-            seconds = time.perf_counter() - start
+        if owner == rank:
+            with clock("gptq", layer=index, group=", ".join(unit)):
+                start = time.perf_counter()
+                gptq = gptq_quantize(
+                    torch.cat(weights) if len(weights) > 1 else weights[0],
+                    hessian_from_sum(group.sum, group.tokens),
+                    config.weights,
+                    dampening_frac=config.dampening_frac,
+                    block_size=config.block_size,
+                    name=", ".join(unit),
+                    overwrite_hessian=True,
+                )
+                rows = [w.shape[0] for w in weights]
+                fulls = _record(index, list(unit), rows, gptq, time.perf_counter() - start, config, rank, result)
+                for weight, full in zip(weights, fulls, strict=True):
+                    weight.copy_(full)
         with clock("wait"):
-            parts = [part.weight, part.scale, part.zero_point, part.row_losses]
-            gathered = [backend.all_gather_rows(t, counts) for t in parts] if split > 1 else parts
-        gptq = GPTQResult(*gathered[:3], g_idx=None, row_losses=gathered[3], damping=part.damping)
-        if owner_of[unit] == rank:  # packs the unit's modules for the checkpoint
-            _record(index, list(unit), rows, gptq, seconds, config, rank, result)
-        for name, weight, full in zip(unit, weights, gptq.weight.split(rows), strict=True):
-            weight.copy_(full)
+            for weight in weights:
+                backend.broadcast(weight, owner)
+        for name, weight in zip(unit, weights, strict=True):
             pieces[name] = backend.piece_of(modules[name].weight, weight)
 
     def forward(b: int) -> torch.Tensor:
