@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--true-sequential",
         action="store_true",
         help="quantize each Hessian group inside the layer's forward, on the outputs of the groups already "
-        "quantized: one forward per layer instead of two (a rank's whole sample slice in one forward)",
+        "quantized: one forward per layer instead of two (every batch's activations held until the layer ends)",
     )
     run.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads")
     run.add_argument("-v", "--verbose", action="store_true")
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--column-latency-us",
         type=_positive(float),
         default=25.0,
-        help="GPTQ time per weight column beyond its FLOPs (H200: ~25 with act-order static, ~100 with none)",
+        help="GPTQ time per weight column beyond its FLOPs (H200: ~25 with act-order static, 110-150 with none)",
     )
     plan.set_defaults(threads=None)  # main() reads it
     return parser

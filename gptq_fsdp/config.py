@@ -33,7 +33,8 @@ class GPTQConfig:
     offload_activations: bool = False
     # Quantize each Hessian group inside the layer's one forward, right before its first Linear runs,
     # from inputs that the already-quantized groups produced (GPTQ's "true sequential"): one forward
-    # per layer instead of two. Each rank's whole calibration slice goes through that forward at once.
+    # per layer instead of two. Every batch's forward is paused there, so all batches' activations are
+    # held until the layer's forwards end.
     true_sequential: bool = False
 
     def __post_init__(self) -> None:

@@ -167,7 +167,7 @@ class _ColumnLoopGraph:
     """`quantize_columns` over one whole block, captured once as a CUDA graph and replayed per block.
 
     The loop is ~10 tiny kernels per column, so on a GPU it is bound by kernel launches (an H200 took
-    ~100 µs per column eagerly). The graph reads and writes fixed buffers: each block's inputs are
+    110-150 µs per column eagerly). The graph reads and writes fixed buffers: each block's inputs are
     copied in and its results out.
     """
 

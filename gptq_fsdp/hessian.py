@@ -104,7 +104,8 @@ class _InputsTaken(Exception):
 
 
 # Column block of the symmetric XᵀX: 384 measured best on CPU for 576..1536 columns. On accelerators
-# larger blocks keep the number of kernel launches small (4096: not measured on a GPU yet).
+# larger blocks keep the number of kernel launches small (4096: an H200 ran 16384 x 8192, two blocks,
+# in 2.5 ms, the full product's equivalent of 880 TFLOP/s; other widths not compared).
 CPU_SYMMETRIC_BLOCK = 384
 ACCELERATOR_SYMMETRIC_BLOCK = 4096
 

@@ -18,10 +18,9 @@ Memory of rank r (bytes; b = bytes per element of --dtype, N = world size, T = -
   samples_r from `data.rank_batches` (ceil(samples/N) on the first ranks); x2 while a layer maps its
   inputs to outputs. With --offload-activations only one batch (of at most --batch-size samples) is
   on the device, x2 while propagating (the pipeline's ActivationStore with offload_activations).
-- forward working set, one batch: batch_r·T·(widest output·b + 2·block·4), the largest
-  Linear-group output (gate+up) and the two fp32 column blocks (block ≈ 4096 columns on a GPU,
-  `hessian.column_blocks`) that XᵀX up-casts at a time. Attention is assumed to use a fused kernel
-  (no T² score matrix).
+- forward working set, one batch: batch_r·T·widest output·b, the largest Linear-group output
+  (gate+up). XᵀX makes no copy of its input on a GPU (16-bit blocks go straight into the tensor
+  cores, `hessian.HessianGroup`). Attention is assumed to use a fused kernel (no T² score matrix).
 - Hessians: every rank accumulates every group of the layer: a float64 sum (8 bytes per element)
   and one fp32 block of XᵀX, Σ (cols²·8 + block²·4). They stay alive until the layer's GPTQ is
   done (the pending reduces hold them). "owned" is the part whose GPTQ this rank runs (already
@@ -60,7 +59,7 @@ Time per layer (rates: --matmul-tflops M, --cholesky-tflops C, --bandwidth-gbps 
   (the package's cost model `schedule.gptq_cost` with its Cholesky and update terms replaced by
   their FLOPs at the given rates, its per-column latency set by --column-latency-us (default 25 µs:
   an H200 ran GPTQ's column loop, replayed as a CUDA graph, at 22-30 µs per column for 4096..28672
-  columns; 60-150 µs without the graph, i.e. with act-order none) and its elementwise term dropped;
+  columns; 110-150 µs without it, as with act-order none) and its elementwise term dropped;
   transfers are posted at once and overlap GPTQ.)
 The total is the sum over layers.
 """
@@ -137,10 +136,6 @@ class LayerShape:
     @property
     def numel(self) -> int:
         return sum(math.prod(s) for s in self.params)
-
-    @property
-    def widest_input(self) -> int:
-        return max((g.columns for g in self.groups), default=0)
 
 
 @dataclass(frozen=True)
@@ -549,7 +544,7 @@ def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
     phases: list[tuple[str, dict[str, int]]] = [("capture", capture)]
     for s, structure in enumerate(shape.structures):
         layer = structure.numel * b if ctx.sharded else 0
-        working = batch_tokens * (structure.widest_output * b + 2 * _block_width(structure.widest_input) * FP32)
+        working = batch_tokens * structure.widest_output * b
         hessians = sum(_hessian_bytes(g.columns) for g in structure.groups)
         owners = ctx.owners(s)
         mine = [g for g, o in zip(structure.groups, owners, strict=True) if o == rank]
