@@ -1,4 +1,5 @@
-"""Asynchronous point-to-owner collectives on equal-sized pieces (gather, scatter, reduce).
+"""Asynchronous point-to-owner collectives on equal-sized pieces (gather, scatter, reduce), and a
+row all-gather.
 
 Every rank must post the same collectives in the same order; each call returns at once with a
 `Pending` whose `wait()` gives the result, so the next transfer is in flight while an owner runs GPTQ.
@@ -66,3 +67,12 @@ def reduce_to(tensor: torch.Tensor, owner: int) -> Pending:
         return done(tensor)
     work = dist.reduce(tensor, dst=owner, op=dist.ReduceOp.SUM, async_op=True)
     return Pending(work, lambda: tensor if dist.get_rank() == owner else None)
+
+
+def all_gather_rows(piece: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Every rank's `piece` (`counts[r]` rows on rank r), concatenated in rank order, on every rank."""
+    padded = torch.zeros((max(counts), *piece.shape[1:]), dtype=piece.dtype, device=piece.device)
+    padded[: piece.shape[0]] = piece
+    pieces = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(pieces, padded)
+    return torch.cat([p[:n] for p, n in zip(pieces, counts, strict=True)])

@@ -451,10 +451,10 @@ def _run_layer_true_sequential(
     is the layer's own name ("model.layers.3.").
 
     Every rank reaches the Linears in the same order, so the collectives line up: a Hessian sum is
-    reduced to its owner (LPT over the layer's units; a group's later units keep its first unit's
-    owner), which alone holds it and runs GPTQ on the whole weights the forward holds, then
-    broadcasts the result into every rank's whole copy; once the layer is sharded again each rank
-    stores its own piece.
+    all-reduced, every rank runs GPTQ on its share of the unit's rows of the whole weights the
+    forward holds and all-gathers the rest into its whole copy; the unit's owner (LPT over the
+    layer's units) packs it for the checkpoint. Once the layer is sharded again each rank stores its
+    own piece.
     """
     backend, memory, rank = result.backend, result.memory, result.backend.rank
     kind = (type(layer).__name__, tuple(n[len(prefix) :] for n in modules))
@@ -464,38 +464,44 @@ def _run_layer_true_sequential(
     shapes = [(sum(backend.weight_shape(modules[n].weight)[0] for n in u), modules[u[0]].in_features) for u in units]
     owner_of = dict(zip(units, assign_owners(shapes, backend.world_size).owners, strict=True))
     hooks = HessianHooks(modules, stop_early=False)
-    group_owner: dict[int, int] = {}  # Hessian group -> the rank its sum was reduced to
+    summed: set[int] = set()  # Hessian groups whose sum every rank holds
     pieces: dict[str, torch.Tensor | None] = {}
 
     def quantize(unit: tuple[str, ...]) -> None:
         group = hooks.group_of(unit[0])
-        if id(group) not in group_owner:
-            group_owner[id(group)] = owner_of[unit]
+        if id(group) not in summed:
             with clock("wait"):
-                backend.reduce(group.sum, owner_of[unit]).wait()
+                backend.all_reduce(group.sum)
                 group.tokens = backend.sum_ints([group.tokens])[0]
-        owner = group_owner[id(group)]
+            summed.add(id(group))
         weights = [modules[n].weight.detach() for n in unit]  # whole: the layer is unsharded for these forwards
-        if owner == rank:
-            with clock("gptq", layer=index, group=", ".join(unit)):
-                start = time.perf_counter()
-                gptq = gptq_quantize(
-                    torch.cat(weights) if len(weights) > 1 else weights[0],
-                    hessian_from_sum(group.sum, group.tokens),
-                    config.weights,
-                    dampening_frac=config.dampening_frac,
-                    block_size=config.block_size,
-                    name=", ".join(unit),
-                    overwrite_hessian=True,
-                )
-                rows = [w.shape[0] for w in weights]
-                fulls = _record(index, list(unit), rows, gptq, time.perf_counter() - start, config, rank, result)
-                for weight, full in zip(weights, fulls, strict=True):
-                    weight.copy_(full)
-        with clock("wait"):
-            for weight in weights:
-                backend.broadcast(weight, owner)
-        for name, weight in zip(unit, weights, strict=True):
+        rows = [w.shape[0] for w in weights]
+        # GPTQ is separable by rows given H: each rank quantizes a share of them (the factorization of
+        # H is repeated on every rank), then every rank gets all of them.
+        split = backend.world_size > 1 and sum(rows) >= backend.world_size  # else every rank does all rows
+        counts = _shares(sum(rows), backend.world_size)
+        mine = slice(sum(counts[:rank]), sum(counts[: rank + 1])) if split else slice(None)
+        with clock("gptq", layer=index, group=", ".join(unit)):
+            start = time.perf_counter()
+            stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+            part = gptq_quantize(
+                stacked[mine],
+                hessian_from_sum(group.sum, group.tokens),
+                config.weights,
+                dampening_frac=config.dampening_frac,
+                block_size=config.block_size,
+                name=", ".join(unit),
+                overwrite_hessian=True,
+            )
+            seconds = time.perf_counter() - start
+        gptq = part
+        if split:
+            with clock("wait"):
+                gptq = _all_gather_rows(part, counts, backend)
+        if owner_of[unit] == rank:  # packs the unit's modules for the checkpoint
+            _record(index, list(unit), rows, gptq, seconds, config, rank, result)
+        for name, weight, full in zip(unit, weights, gptq.weight.split(rows), strict=True):
+            weight.copy_(full)
             pieces[name] = backend.piece_of(modules[name].weight, weight)
 
     def forward(b: int) -> torch.Tensor:
@@ -674,6 +680,24 @@ def _quantize_layer(
     with clock("wait"):
         for pending in scatters:
             pending.wait()
+
+
+def _shares(rows: int, world: int) -> list[int]:
+    """Near-equal row counts per rank."""
+    base, extra = divmod(rows, world)
+    return [base + (r < extra) for r in range(world)]
+
+
+def _all_gather_rows(part: GPTQResult, counts: list[int], backend: Backend) -> GPTQResult:
+    """The whole unit's result on every rank from each rank's rows (`counts`), in one collective."""
+    fields = [part.weight, part.scale, part.zero_point, part.row_losses[:, None]]
+    widths = [f.shape[1] for f in fields]
+    packed = torch.cat([f.float() for f in fields], dim=1)  # fp32 holds bf16/fp16 values and int8 levels exactly
+    whole = backend.all_gather_rows(packed, counts)
+    weight, scale, zero_point, losses = (
+        f.to(like.dtype).contiguous() for f, like in zip(whole.split(widths, dim=1), fields, strict=True)
+    )
+    return GPTQResult(weight, scale, zero_point, g_idx=part.g_idx, row_losses=losses[:, 0], damping=part.damping)
 
 
 def _record(

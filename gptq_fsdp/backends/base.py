@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gptq_fsdp.comm import Pending, done, reduce_to
+from gptq_fsdp.comm import Pending, all_gather_rows, done, reduce_to
 
 
 class Backend:
@@ -85,10 +85,14 @@ class Backend:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
-        """`src`'s `tensor` into every rank's `tensor`, in place."""
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """The sum over ranks into every rank's `tensor`, in place."""
         if self.world_size > 1:
-            dist.broadcast(tensor, src=src)
+            dist.all_reduce(tensor)
+
+    def all_gather_rows(self, piece: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Every rank's rows (`counts[r]` on rank r), concatenated in rank order, on every rank."""
+        return all_gather_rows(piece, counts) if self.world_size > 1 else piece
 
     def sum_ints(self, values: list[int]) -> list[int]:
         """Element-wise sums over ranks, in one collective."""
