@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--backend", choices=["fsdp2", "zero3"], default="fsdp2")
     plan.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     plan.add_argument("--group-size", type=int, default=128, help="columns per scale; 0 = one scale per channel")
+    plan.add_argument(
+        "--actorder",
+        default="static",
+        choices=["static", "weight", "none", "group"],
+        help="as for quantizing: none/group compute scales during GPTQ, which then also inverts its factor",
+    )
     plan.add_argument("--batch-size", type=_positive(int), default=8, help="samples per forward call")
     plan.add_argument(
         "--offload-activations", action="store_true", help="what-if: keep only one batch of activations on the GPU"
@@ -307,6 +313,7 @@ def plan_command(args: argparse.Namespace) -> None:
             cholesky_tflops=args.cholesky_tflops,
             column_latency_us=args.column_latency_us,
             bandwidth_gbps=args.bandwidth_gbps,
+            static_scales=args.actorder in ("static", "weight") or args.group_size == 0,
         )
         shape = load_model_shape(config, PLAN_DTYPES[args.dtype], args.group_size or None)
     except (ValueError, GPTQError) as error:

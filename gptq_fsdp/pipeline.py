@@ -466,11 +466,12 @@ def _run_layer_true_sequential(
     hooks = HessianHooks(modules, stop_early=False)
     summed: set[int] = set()  # Hessian groups whose sum every rank holds
     pieces: dict[str, torch.Tensor | None] = {}
+    owned: list[tuple] = []  # _record's arguments for the units this rank packs
 
     def quantize(unit: tuple[str, ...]) -> None:
         group = hooks.group_of(unit[0])
         if id(group) not in summed:
-            with clock("wait"):
+            with clock("wait", layer=index, group=", ".join(unit), step="hessian"):
                 backend.all_reduce(group.sum)
                 group.tokens = backend.sum_ints([group.tokens])[0]
             summed.add(id(group))
@@ -496,10 +497,10 @@ def _run_layer_true_sequential(
             seconds = time.perf_counter() - start
         gptq = part
         if split:
-            with clock("wait"):
+            with clock("wait", layer=index, group=", ".join(unit), step="rows"):
                 gptq = _all_gather_rows(part, counts, backend)
-        if owner_of[unit] == rank:  # packs the unit's modules for the checkpoint
-            _record(index, list(unit), rows, gptq, seconds, config, rank, result)
+        if owner_of[unit] == rank:  # packs the unit's modules for the checkpoint, once the forwards are done
+            owned.append((index, list(unit), rows, gptq, seconds, config, rank, result))
         for name, weight, full in zip(unit, weights, gptq.weight.split(rows), strict=True):
             weight.copy_(full)
             pieces[name] = backend.piece_of(modules[name].weight, weight)
@@ -542,6 +543,9 @@ def _run_layer_true_sequential(
         group.release()
     for name, piece in pieces.items():
         backend.write_piece(modules[name].weight, piece)
+    with clock("gptq"):  # off the path the other ranks wait on between units
+        for record in owned:
+            _record(*record)
     result.phases["forward"] -= hooks.seconds
     result.phases["hessian"] += hooks.seconds
     return forwards.outputs

@@ -30,10 +30,10 @@ Memory of rank r (bytes; b = bytes per element of --dtype, N = world size, T = -
   target, its own send and receive piece (2·piece·b). piece = ceil(rows/N)·cols (FSDP2) or
   ceil(rows·cols/N) (ZeRO-3).
 - GPTQ workspace, for the owned group that needs most: the gathered weight handed to GPTQ
-  (rows·cols·b) + max(W + 3·H, 2·W + 2·H) with W = rows·cols·4 and H = cols²·4: inside
-  `inverse_hessian_cholesky` the fp32 Hessian (permuted in place: GPTQ's working copy), the factor
-  and cholesky_inverse's temporary are alive at once (3·H); when the weight is transposed W and Wt
-  are both alive beside the caller's H and the inverse factor (2·W + 2·H).
+  (rows·cols·b) + 2·W + 2·H with W = rows·cols·4 and H = cols²·4: when the weight is transposed W
+  and Wt are both alive beside the fp32 Hessian (GPTQ's working copy) and its Cholesky factor; with
+  dynamic scales (act-order none/group) the factor's triangular inverse is computed beside them
+  (max(W + 3·H, 2·W + 2·H)).
 - phases of a layer (peak = the largest, over layers, plus the capture phase):
   hessian forward = shards + layer + activations + working set + Hessians;
   GPTQ = shards + activations + Hessians + owned weights + workspace;
@@ -54,9 +54,11 @@ Time per layer (rates: --matmul-tflops M, --cholesky-tflops C, --bandwidth-gbps 
              MoE expert parameters count with num_experts_per_tok / num_experts)
   XᵀX      = Σ_groups 2·t·cols² / M
   gathers  = all-gathers per layer · layer all-gather bytes / B
-  GPTQ     = max(slowest owner's Σ (4/3·cols³ / C + rows·cols² / M + column latency·cols),
+  GPTQ     = max(slowest owner's Σ (k·cols³ / C + rows·cols² / M + column latency·cols),
                  transfers), transfers = (N-1)/N·Σ Hessian bytes / B + busiest owner's weight bytes / B
-  (the package's cost model `schedule.gptq_cost` with its Cholesky and update terms replaced by
+  (k = 1/3 with static scales, act-order static or one scale per channel: one Cholesky; 4/3 with
+  act-order none/group, which also inverts the factor; the package's cost model
+  `schedule.gptq_cost` with its factorization and update terms replaced by
   their FLOPs at the given rates, its per-column latency set by --column-latency-us (default 25 µs:
   an H200 ran GPTQ's column loop, replayed as a CUDA graph, at 22-30 µs per column for 4096..28672
   columns; 110-150 µs without it, as with act-order none) and its elementwise term dropped;
@@ -355,6 +357,7 @@ class PlanOptions:
     cholesky_tflops: float = 20.0
     bandwidth_gbps: float = 200.0
     column_latency_us: float = 25.0
+    static_scales: bool = True  # act-order static or one scale per channel (else act-order none/group)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -475,18 +478,20 @@ def _local(shape: tuple[int, ...], world: int, rank: int, backend: str) -> int:
     return math.ceil(math.prod(shape) / world)
 
 
-def _workspace(group: GroupShape, element_size: int) -> int:
+def _workspace(group: GroupShape, element_size: int, static_scales: bool) -> int:
     """GPTQ's own memory for one group (see the module docstring: gptq.py's live fp32 copies)."""
     w = group.total_rows * group.columns * FP32
     h = group.columns**2 * FP32
-    return group.total_rows * group.columns * element_size + max(w + 3 * h, 2 * w + 2 * h)
+    inverse = 0 if static_scales else w + 3 * h
+    return group.total_rows * group.columns * element_size + max(inverse, 2 * w + 2 * h)
 
 
 def _gptq_seconds(group: GroupShape, options: PlanOptions) -> float:
     """The package's cost model with its FLOP terms at the given rates (module docstring)."""
     cols, rows = group.columns, group.total_rows
+    factorization = 1 / 3 if options.static_scales else 4 / 3
     return (
-        4 / 3 * cols**3 / (options.cholesky_tflops * 1e12)
+        factorization * cols**3 / (options.cholesky_tflops * 1e12)
         + rows * cols**2 / (options.matmul_tflops * 1e12)
         + options.column_latency_us * 1e-6 * cols
     )
@@ -553,7 +558,7 @@ def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
         if ctx.sharded:
             for (_, piece_bytes), owner in zip(ctx.target_piece_bytes(structure), owners, strict=True):
                 buffers += 2 * piece_bytes + (2 * world * piece_bytes if owner == rank else 0)
-        workspace = max((_workspace(g, b) for g in mine), default=0)
+        workspace = max((_workspace(g, b, options.static_scales) for g in mine), default=0)
         layers = [i for i, x in enumerate(shape.layer_structure) if x == s]
         where = f"layer {layers[0]}" + (f" (and {len(layers) - 1} like it)" if len(layers) > 1 else "")
         phases += [
@@ -706,11 +711,12 @@ def _advice(result: Plan) -> list[str]:
         )
         structure = shape.structures[result.largest]
         if structure.groups:
-            group = max(structure.groups, key=lambda g: _workspace(g, shape.element_size))
+            workspace = {g: _workspace(g, shape.element_size, options.static_scales) for g in structure.groups}
+            group = max(structure.groups, key=workspace.__getitem__)
             hessians = sum(_hessian_bytes(g.columns) for g in structure.groups)
             advice.append(
                 f"the owner of {group.label} [{group.total_rows} x {group.columns}] alone needs the layer's Hessians "
-                f"({_gib(hessians)}) + GPTQ workspace ({_gib(_workspace(group, shape.element_size))}): a GPU with "
+                f"({_gib(hessians)}) + GPTQ workspace ({_gib(workspace[group])}): a GPU with "
                 "more memory, or fewer live fp32 copies in gptq.py, is what would make this fit"
             )
     if not options.offload_activations:

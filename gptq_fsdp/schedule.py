@@ -5,14 +5,14 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-# Seconds of GPTQ on a [rows, cols] weight ~ a·cols³ (Cholesky, inverse) + b·rows·cols² (block
+# Seconds of GPTQ on a [rows, cols] weight ~ a·cols³ (the factorization) + b·rows·cols² (block
 # updates) + c·cols (per-column launch overhead) + d·rows·cols (column work). Fitted on this project's
-# 2-core CPU, one thread, by benchmarks/gptq_cost_model.py (within 25 % on 576..3072 x 576..2304);
-# only the ratios matter for the packing.
-CHOLESKY_COST = 2.55e-11
-UPDATE_COST = 2.45e-11
-COLUMN_OVERHEAD = 4.0e-5
-ELEMENT_COST = 1.5e-8
+# 2-core CPU, one thread, by benchmarks/gptq_cost_model.py (act-order static; within 20 % on
+# 192..3072 x 576..2304); only the ratios matter for the packing.
+CHOLESKY_COST = 8.1e-12
+UPDATE_COST = 1.01e-11
+COLUMN_OVERHEAD = 2.7e-5
+ELEMENT_COST = 1.33e-8
 
 
 def gptq_cost(rows: int, cols: int) -> float:

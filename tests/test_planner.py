@@ -97,7 +97,7 @@ def test_llama_8b_world_8_by_hand(shapes):
     down_piece = 512 * 14336
     owned_weights = 2 * pieces * bf16 + 2 * 8 * down_piece * bf16  # own send/receive + gathered and scatter copies
     w, h = 4096 * 14336 * 4, 14336 * 14336 * 4
-    workspace = 4096 * 14336 * bf16 + max(w + 3 * h, 2 * w + 2 * h)
+    workspace = 4096 * 14336 * bf16 + 2 * w + 2 * h  # act-order static: the factor is not inverted
     rank0 = result.ranks[0]
     assert (rank0.owned_weights, rank0.workspace) == (owned_weights, workspace)
     assert rank0.hessians_owned == 8 * 14336**2 + 4 * 3584**2
@@ -128,12 +128,15 @@ def test_time_model_by_hand(shapes):
     forward = 32 * 2 * (2 * L8_LAYER_PARAMS * tokens + 16 * 2 * 2048**2 * 32 * 128) / mm
     xtx = 32 * 2 * tokens * (3 * 4096**2 + 14336**2) / mm
     gathers = 32 * 2 * 7 * 27_264_000 * 2 / bw
-    down = 4 / 3 * 14336**3 / chol + 4096 * 14336**2 / mm + 30e-6 * 14336  # rank 0: down_proj alone
+    down = 1 / 3 * 14336**3 / chol + 4096 * 14336**2 / mm + 30e-6 * 14336  # rank 0: down_proj alone
     assert result.time.forward == pytest.approx(forward)
     assert result.time.xtx == pytest.approx(xtx)
     assert result.time.gathers == pytest.approx(gathers)
     assert result.time.gptq == pytest.approx(32 * down)  # GPTQ outlasts the transfers here
     assert result.time.total == pytest.approx(forward + xtx + gathers + 32 * down)
+    # Dynamic scales (act-order none/group) also invert the factor: 4/3 instead of 1/3 cols³.
+    dynamic = plan(shapes["llama-3.1-8b"], replace(options, static_scales=False))
+    assert dynamic.time.gptq == pytest.approx(32 * (down + 14336**3 / chol))
 
 
 def test_zero3_flat_partitions_and_fsdp2_uneven_rows(shapes):
@@ -173,13 +176,17 @@ def test_405b_does_not_fit_on_8_gpus_and_says_why(shapes):
     (why,) = planner.reasons(result)
     assert why.startswith("rank 0 peaks at") and "GPTQ workspace" in why and "shards" in why
     # Rank 0 owns down_proj [16384 x 53248]: its float64 Hessian sum (13 GPU blocks of 4096 columns) and
-    # GPTQ's workspace: the bf16 weight handed in + max(W + 3H, 2W + 2H) in fp32.
+    # GPTQ's workspace: the bf16 weight handed in + 2W + 2H in fp32 (act-order static).
     assert result.ranks[0].hessians_owned == 8 * 53248**2 + 4 * 4096**2
     w, h = 16384 * 53248 * 4, 53248**2 * 4
-    assert result.ranks[0].workspace == 16384 * 53248 * 2 + max(w + 3 * h, 2 * w + 2 * h)
-    # What does not shrink with more ranks leaves room for the shards only from 61 ranks on.
-    assert planner.smallest_world_size(shape, result.options) == 61
-    assert any("--world-size 61 fits" in s for s in result.suggestions)
+    assert result.ranks[0].workspace == 16384 * 53248 * 2 + 2 * w + 2 * h
+    dynamic = plan(shape, PlanOptions(world_size=8, gpu_memory=MEM80, static_scales=False))
+    assert dynamic.ranks[0].workspace == 16384 * 53248 * 2 + max(w + 3 * h, 2 * w + 2 * h)
+    # What does not shrink with more ranks leaves room for the shards only from 39 ranks on (61 when
+    # GPTQ also inverts the factor, with dynamic scales).
+    assert planner.smallest_world_size(shape, result.options) == 39
+    assert planner.smallest_world_size(shape, dynamic.options) == 61
+    assert any("--world-size 39 fits" in s for s in result.suggestions)
     assert any("--offload-activations alone does not fit" in s for s in result.suggestions)
     assert plan(shape, PlanOptions(world_size=64, gpu_memory=MEM80)).fits  # 8 nodes of 8 GPUs
 
