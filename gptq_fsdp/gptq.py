@@ -328,6 +328,9 @@ def gptq_quantize(
     Wt = W.T.contiguous()
     del W
     Wt = Wt.index_select(0, perm)
+    # The V form feeds back (original - quantized) columns: keep the originals, in the weight's own
+    # dtype (exact: W was converted from it), read one block at a time.
+    original_t = Wt.to(out_dtype, copy=True) if static_scales else None
     scale_t, zero_point_t = scale.T.contiguous(), zero_point.T.contiguous()
     # Blocks must not cut through a group whose scale is computed on entry.
     block = block_size if static_scales else max(group, block_size - block_size % group)
@@ -339,9 +342,7 @@ def gptq_quantize(
         W1 = Wt[i1:i2]  # a view: updated in place, ends up holding the quantized columns
         rows1 = reversed_factor[cols - i2 : cols - i1, : cols - i1].flip(0, 1)  # V or U [i1:i2, i1:]
         if static_scales:  # V form: the feedback carries (original - quantized) columns
-            # The block's original columns (the caller's weight is read, not copied whole).
-            source1 = weight.detach().index_select(1, perm[i1:i2]).T.contiguous().to(torch.float32)
-            source1.masked_fill_(dead[perm[i1:i2], None], 0)
+            source1 = original_t[i1:i2].to(torch.float32)
             feedback = rows1.div_(v_diagonal[i1:])  # V[i, j] / V[j, j]
         else:  # U form: the feedback carries (current - quantized) columns
             source1 = W1

@@ -25,7 +25,12 @@ LOSSLESS_PRECISION = {torch.bfloat16: "medium", torch.float16: "high"}
 
 @dataclass
 class HessianGroup:
-    """Linears reading one input, with the running sum of XᵀX (fp32) and the token count."""
+    """Linears reading one input, with the running sum of XᵀX and the token count.
+
+    `sum` holds only the column blocks on and above the diagonal (`upper_blocks`), one after another,
+    in float64: half the memory and traffic of the whole symmetric matrix for wide inputs (10 of 16
+    blocks at 4 blocks a side). `hessian()` / `hessian_from_sum` build the whole matrix in fp32.
+    """
 
     names: list[str]
     columns: int
@@ -34,9 +39,10 @@ class HessianGroup:
     tokens: int = 0
 
     def __post_init__(self) -> None:
-        self.sum = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=self.device)
-        self._bounds = column_blocks(self.columns, self.device.type)
-        width = max(b - a for a, b in self._bounds)
+        self._blocks = upper_blocks(self.columns, self.device.type)
+        self.sum = torch.zeros(packed_size(self._blocks), dtype=torch.float64, device=self.device)
+        self._sums = block_views(self.sum, self._blocks)
+        width = max(b - a for a, b, _, _ in self._blocks)
         self._product = torch.empty(width, width, dtype=torch.float32, device=self.device)  # one block's XᵀX
 
     def add(self, x: torch.Tensor) -> None:
@@ -44,7 +50,7 @@ class HessianGroup:
 
         The float64 sum makes the result independent of summation order (to fp32 rounding), so a
         run that splits the batches over ranks gets the same Hessian as one process. XᵀX is
-        symmetric: only the blocks on and above the diagonal are multiplied.
+        symmetric: only the blocks on and above the diagonal are multiplied and kept.
 
         16-bit activations are exactly representable in the reduced-precision matmul inputs (bf16 in
         bf16, fp16 in TF32), so their products go through the fast units with fp32 accumulation and
@@ -55,34 +61,26 @@ class HessianGroup:
             self._add_16bit_cuda(x)
             return
         precision = LOSSLESS_PRECISION.get(x.dtype, torch.get_float32_matmul_precision())
-        bounds = self._bounds
         with float32_matmul_precision(precision):
-            for i, (a, b) in enumerate(bounds):
-                left = x[:, a:b].float()  # one column block at a time: never a whole fp32 copy of x
-                for c, d in bounds[i:]:
-                    block = self._product[: b - a, : d - c]
-                    torch.mm(left.T, left if c == a else x[:, c:d].float(), out=block)
-                    self._add_block(a, b, c, d, block)
+            for (a, b, c, d), total in zip(self._blocks, self._sums, strict=True):
+                if c == a:  # a row of blocks starts on the diagonal: one column block up-cast at a time
+                    left = x[:, a:b].float()
+                block = self._product[: b - a, : d - c]
+                torch.mm(left.T, left if c == a else x[:, c:d].float(), out=block)
+                total += block
         self.tokens += x.shape[0]
 
     def _add_16bit_cuda(self, x: torch.Tensor) -> None:
         """CUDA: 16-bit inputs straight into the tensor cores with an fp32 result (cuBLAS accumulates
         in fp32), no up-cast copy at all."""
-        bounds = self._bounds
-        for i, (a, b) in enumerate(bounds):
-            for c, d in bounds[i:]:
-                block = self._product[: b - a, : d - c]
-                torch.mm(x[:, a:b].T, x[:, c:d], out_dtype=torch.float32, out=block)
-                self._add_block(a, b, c, d, block)
+        for (a, b, c, d), total in zip(self._blocks, self._sums, strict=True):
+            block = self._product[: b - a, : d - c]
+            torch.mm(x[:, a:b].T, x[:, c:d], out_dtype=torch.float32, out=block)
+            total += block
         self.tokens += x.shape[0]
 
-    def _add_block(self, a: int, b: int, c: int, d: int, block: torch.Tensor) -> None:
-        self.sum[a:b, c:d] += block
-        if c != a:
-            self.sum[c:d, a:b] += block.T
-
     def hessian(self) -> torch.Tensor:
-        return hessian_from_sum(self.sum, self.tokens)
+        return hessian_from_sum(self.sum, self.tokens, self.columns)
 
     @property
     def nbytes(self) -> int:
@@ -91,12 +89,43 @@ class HessianGroup:
 
     def release(self) -> None:
         self.sum = self._product = torch.empty(0)
+        self._sums = []
 
 
-def hessian_from_sum(total: torch.Tensor, tokens: int) -> torch.Tensor:
-    """H = 2·XᵀX / n in fp32 from the float64 sum (no float64 temporary). No tokens: all zeros, every
-    column dead."""
-    return total.float().mul_(2.0 / max(tokens, 1))
+def upper_blocks(columns: int, device_type: str) -> list[tuple[int, int, int, int]]:
+    """The blocks [a:b, c:d] on and above the diagonal of a [columns, columns] matrix cut by
+    `column_blocks`, row of blocks by row of blocks: how `HessianGroup.sum` lays them out."""
+    bounds = column_blocks(columns, device_type)
+    return [(a, b, c, d) for i, (a, b) in enumerate(bounds) for c, d in bounds[i:]]
+
+
+def packed_size(blocks: list[tuple[int, int, int, int]]) -> int:
+    return sum((b - a) * (d - c) for a, b, c, d in blocks)
+
+
+def block_views(packed: torch.Tensor, blocks: list[tuple[int, int, int, int]]) -> list[torch.Tensor]:
+    """`packed` (flat) seen as its blocks, each [b - a, d - c]."""
+    sizes = [(b - a) * (d - c) for a, b, c, d in blocks]
+    return [v.view(b - a, d - c) for v, (a, b, c, d) in zip(packed.split(sizes), blocks, strict=True)]
+
+
+def unpack_symmetric(packed: torch.Tensor, columns: int, dtype: torch.dtype) -> torch.Tensor:
+    """The whole symmetric [columns, columns] matrix in `dtype` from a `HessianGroup.sum`."""
+    blocks = upper_blocks(columns, packed.device.type)
+    if packed.numel() != packed_size(blocks):
+        raise ValueError(f"{packed.numel()} values are not the upper blocks of a {columns}-column matrix")
+    whole = torch.empty(columns, columns, dtype=dtype, device=packed.device)
+    for (a, b, c, d), block in zip(blocks, block_views(packed, blocks), strict=True):
+        whole[a:b, c:d] = block
+        if c != a:
+            whole[c:d, a:b] = whole[a:b, c:d].T
+    return whole
+
+
+def hessian_from_sum(total: torch.Tensor, tokens: int, columns: int) -> torch.Tensor:
+    """H = 2·XᵀX / n in fp32 from a `HessianGroup.sum` (no float64 temporary). No tokens: all zeros,
+    every column dead."""
+    return unpack_symmetric(total, columns, torch.float32).mul_(2.0 / max(tokens, 1))
 
 
 class _InputsTaken(Exception):

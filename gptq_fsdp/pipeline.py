@@ -487,7 +487,7 @@ def _run_layer_true_sequential(
             stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
             part = gptq_quantize(
                 stacked[mine],
-                hessian_from_sum(group.sum, group.tokens),
+                hessian_from_sum(group.sum, group.tokens, group.columns),
                 config.weights,
                 dampening_frac=config.dampening_frac,
                 block_size=config.block_size,
@@ -657,7 +657,7 @@ def _quantize_layer(
             hessians[gi], weights[gi] = None, []  # the pendings hold the buffers: drop them with the locals
             with clock("gptq", **event):
                 begin = time.perf_counter()
-                hessian = hessian_from_sum(hessian_sum, tokens[gi])
+                hessian = hessian_from_sum(hessian_sum, tokens[gi], group.columns)
                 del hessian_sum
                 group.release()  # the float64 sum (twice the fp32 H) is not needed during GPTQ
                 gptq = gptq_quantize(

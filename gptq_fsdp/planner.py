@@ -21,8 +21,9 @@ Memory of rank r (bytes; b = bytes per element of --dtype, N = world size, T = -
 - forward working set, one batch: batch_r·T·widest output·b, the largest Linear-group output
   (gate+up). XᵀX makes no copy of its input on a GPU (16-bit blocks go straight into the tensor
   cores, `hessian.HessianGroup`). Attention is assumed to use a fused kernel (no T² score matrix).
-- Hessians: every rank accumulates every group of the layer: a float64 sum (8 bytes per element)
-  and one fp32 block of XᵀX, Σ (cols²·8 + block²·4). They stay alive until the layer's GPTQ is
+- Hessians: every rank accumulates every group of the layer: a float64 sum of the column blocks
+  on and above the diagonal (upper(cols) elements: 91 of 169 blocks at 13 blocks a side) and one
+  fp32 block of XᵀX, Σ (upper(cols)·8 + block²·4). They stay alive until the layer's GPTQ is
   done (the pending reduces hold them). "owned" is the part whose GPTQ this rank runs (already
   inside the total).
 - owned weights: for each group it owns, the gathered pieces (N·piece·b) and the scatter buffer
@@ -31,7 +32,8 @@ Memory of rank r (bytes; b = bytes per element of --dtype, N = world size, T = -
   ceil(rows·cols/N) (ZeRO-3).
 - GPTQ workspace, for the owned group that needs most: the gathered weight handed to GPTQ
   (rows·cols·b) + 2·W + 2·H with W = rows·cols·4 and H = cols²·4: when the weight is transposed W
-  and Wt are both alive beside the fp32 Hessian (GPTQ's working copy) and its Cholesky factor; with
+  and Wt are both alive beside the fp32 Hessian (GPTQ's working copy) and its Cholesky factor (later
+  Wt and a copy of the original columns in the weight's dtype, no more than 2·W); with
   dynamic scales (act-order none/group) the factor's triangular inverse is computed beside them
   (max(W + 3·H, 2·W + 2·H)).
 - phases of a layer (peak = the largest, over layers, plus the capture phase):
@@ -42,7 +44,7 @@ Memory of rank r (bytes; b = bytes per element of --dtype, N = world size, T = -
   norm, lm_head: FSDP2's root unshards them together; an upper bound for ZeRO-3) + activations.
   Not counted: attention masks and rotary tables kept per batch, the CUDA context, allocator slack.
 
-Communication per layer: the Hessian sums reduced to their owners (Σ cols²·8 bytes, float64); the
+Communication per layer: the Hessian sums reduced to their owners (Σ upper(cols)·8 bytes); the
 weights gathered to owners and scattered back (Σ over targets 2·(N-1)·piece·b); the all-gather of
 the whole layer for a forward ((N-1)·Σ pieces·b received by every rank), twice per layer under
 FSDP2 (the pipeline keeps the layer unsharded across all batches of a pass) and once per forward
@@ -52,7 +54,7 @@ Time per layer (rates: --matmul-tflops M, --cholesky-tflops C, --bandwidth-gbps 
 10⁹ bytes per second per rank), for the rank with the most samples (tokens t = samples_r·T):
   forward  = 2 passes · (2·active_params·t + samples_r·2·T²·heads·head_dim) / M   (causal attention;
              MoE expert parameters count with num_experts_per_tok / num_experts)
-  XᵀX      = Σ_groups 2·t·cols² / M
+  XᵀX      = Σ_groups 2·t·upper(cols) / M   (only the blocks on and above the diagonal are multiplied)
   gathers  = all-gathers per layer · layer all-gather bytes / B
   GPTQ     = max(slowest owner's Σ (k·cols³ / C + rows·cols² / M + column latency·cols),
                  transfers), transfers = (N-1)/N·Σ Hessian bytes / B + busiest owner's weight bytes / B
@@ -80,7 +82,7 @@ from torch import nn
 
 from gptq_fsdp.backends.fsdp2 import row_counts
 from gptq_fsdp.config import GPTQConfig
-from gptq_fsdp.hessian import HessianHooks, column_blocks
+from gptq_fsdp.hessian import HessianHooks, column_blocks, packed_size, upper_blocks
 from gptq_fsdp.pipeline import find_decoder_layers, target_modules
 from gptq_fsdp.schedule import assign_owners
 
@@ -531,8 +533,14 @@ def _block_width(columns: int) -> int:
 
 
 def _hessian_bytes(columns: int) -> int:
-    """hessian.HessianGroup on a GPU: the float64 running sum and one fp32 block of XᵀX."""
-    return columns**2 * 8 + _block_width(columns) ** 2 * FP32
+    """hessian.HessianGroup on a GPU: the float64 running sum of the upper blocks and one fp32 block of XᵀX."""
+    return _upper(columns) * REDUCE_BYTES + _block_width(columns) ** 2 * FP32
+
+
+@functools.lru_cache(maxsize=1024)
+def _upper(columns: int) -> int:
+    """Elements of a Hessian sum on a GPU (hessian.upper_blocks)."""
+    return packed_size(upper_blocks(columns, "cuda"))
 
 
 def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
@@ -630,7 +638,7 @@ def plan(shape: ModelShape, options: PlanOptions, advise: bool = True) -> Plan:
         count = shape.layer_structure.count(s)
         owners = ctx.owners(s)
         pieces = ctx.target_piece_bytes(structure)
-        hessian_reduce = sum(g.columns**2 for g in structure.groups) * REDUCE_BYTES
+        hessian_reduce = sum(_upper(g.columns) for g in structure.groups) * REDUCE_BYTES
         weight_transfer = sum(2 * (world - 1) * p for _, p in pieces)
         layer_gather = (world - 1) * sum(_piece(p, world, backend) for p in structure.params) * b
         n_gathers = 0 if world == 1 else (2 if backend == "fsdp2" else 2 * ctx.batches)
@@ -639,7 +647,7 @@ def plan(shape: ModelShape, options: PlanOptions, advise: bool = True) -> Plan:
 
         attention = samples0 * 2 * options.seq_len**2 * shape.attention_width
         forward += count * 2 * (2 * structure.active_params * tokens + attention) / mm
-        xtx += count * sum(2 * tokens * g.columns**2 for g in structure.groups) / mm
+        xtx += count * sum(2 * tokens * _upper(g.columns) for g in structure.groups) / mm
         gathers += count * n_gathers * layer_gather / bw
         compute = [0.0] * world
         owner_bytes = [0] * world

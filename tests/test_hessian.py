@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from gptq_fsdp.gptq import float32_matmul_precision
-from gptq_fsdp.hessian import HessianGroup, HessianHooks
+from gptq_fsdp.hessian import HessianGroup, HessianHooks, packed_size, unpack_symmetric, upper_blocks
+
+
+def full(group: HessianGroup) -> torch.Tensor:
+    """The group's float64 sum as the whole symmetric matrix."""
+    return unpack_symmetric(group.sum, group.columns, torch.float64)
+
 
 HIDDEN = 12
 
@@ -97,7 +103,7 @@ def test_groups_by_shared_input(accumulated):
     assert len(hooks.groups) == 4  # one accumulator per distinct input, no duplicates
     assert sorted(n for g in hooks.groups for n in g.names) == sorted(["q", "k", "v", "o", "twice", "pooled"])
     for group in hooks.groups:
-        assert group.columns == HIDDEN and group.sum.shape == (HIDDEN, HIDDEN)
+        assert group.columns == HIDDEN and group.sum.numel() == packed_size(upper_blocks(HIDDEN, "cpu"))
         assert group.sum.dtype == torch.float64  # order-independent sums
 
 
@@ -107,8 +113,8 @@ def test_sums_equal_xtx_over_unmasked_tokens(block, accumulated, key, names):
     group = group_by_names(hooks)[frozenset(names)]
     expected, tokens = reference(block, batches, key)
     assert group.tokens == tokens
-    torch.testing.assert_close(group.sum.double(), expected, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(group.hessian(), (group.sum * 2 / tokens).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(full(group), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(group.hessian(), (full(group) * 2 / tokens).float(), rtol=1e-6, atol=0)
     torch.testing.assert_close(group.hessian().double(), 2 * expected / tokens, rtol=1e-5, atol=1e-5)
 
 
@@ -171,7 +177,7 @@ def test_group_add_accumulates_in_fp32():
     group.add(b)
     rows = torch.cat([a, b]).double()
     assert group.tokens == 13 and group.sum.dtype == torch.float64
-    torch.testing.assert_close(group.sum.double(), rows.T @ rows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full(group), rows.T @ rows, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("ambient", ["highest", "medium"])
@@ -193,7 +199,7 @@ def test_16_bit_activations_lose_nothing_in_reduced_precision_xtx(ambient, dtype
         group.add(x)
     assert precisions and set(precisions) == {fast}
     exact = x.double().T @ x.double()
-    assert ((group.sum - exact).abs().max() / exact.abs().max()).item() < 1e-6
+    assert ((full(group) - exact).abs().max() / exact.abs().max()).item() < 1e-6
 
 
 # ------------------------------------------------------------------------------------- real Llama layer
@@ -235,8 +241,8 @@ def test_real_llama_layer_groups_and_sums(tiny_llama_dir):
     assert len(normed) == len(masks)
     rows = [masked_rows(h, m).double() for h, m in zip(normed, masks, strict=True)]
     expected = sum(r.T @ r for r in rows)
-    torch.testing.assert_close(qkv.sum.double(), expected, rtol=1e-5, atol=1e-5)
-    assert groups[frozenset({p + "mlp.down_proj"})].sum.shape == (128, 128)
+    torch.testing.assert_close(full(qkv), expected, rtol=1e-5, atol=1e-5)
+    assert groups[frozenset({p + "mlp.down_proj"})].columns == 128
 
 
 def test_symmetric_blocks_equal_the_full_product_and_any_summation_order():
@@ -254,8 +260,12 @@ def test_symmetric_blocks_equal_the_full_product_and_any_summation_order():
     for x in reversed(batches):
         backward.add(x)
     reference = sum(x.double().T @ x.double() for x in batches)
-    torch.testing.assert_close(forward.sum, reference, rtol=1e-6, atol=1e-3)
-    assert torch.equal(forward.sum, forward.sum.T)
+    whole = full(forward)
+    torch.testing.assert_close(whole, reference, rtol=1e-6, atol=1e-3)
+    assert torch.equal(whole, whole.T)
+    # Only the blocks on and above the diagonal are kept: 6 of 9 at three blocks a side.
+    assert len(upper_blocks(columns, "cpu")) == 6
+    assert forward.sum.numel() == sum((b - a) * (d - c) for a, b, c, d in upper_blocks(columns, "cpu")) < columns**2
     # fp32 Hessians are identical whatever the order of the batches or the split over ranks.
     assert torch.equal(forward.hessian(), backward.hessian())
     merged = HessianGroup(["w"], columns, torch.device("cpu"))
@@ -306,3 +316,9 @@ def test_accumulation_never_waits_for_the_device():
             with HostSyncs() as syncs:
                 linear(torch.randn(2, 5, 16))
             assert syncs.total == 0, syncs.ops
+
+
+def test_unpacking_checks_the_layout():
+    group = HessianGroup(["w"], 1000, torch.device("cpu"))
+    with pytest.raises(ValueError, match="upper blocks of a 999-column matrix"):
+        unpack_symmetric(group.sum, 999, torch.float32)

@@ -73,7 +73,9 @@ def test_llama_8b_world_8_by_hand(shapes):
     assert layer == 436_224_000 and all(r.layer == layer for r in result.ranks)
     # q/k/v, o, gate/up read 4096 features; down_proj 14336: float64 sums + one fp32 XᵀX block each
     # (GPU blocks: 4096 columns -> one block of 4096; 14336 -> four of 3584)
-    hessians = 8 * (4096**2 * 3 + 14336**2) + 4 * (4096**2 * 3 + 3584**2)
+    # float64 sums of the blocks on and above the diagonal (down_proj: 4 blocks of 3584 a side, 10 kept)
+    down_sum = 10 * 3584**2
+    hessians = 8 * (4096**2 * 3 + down_sum) + 4 * (4096**2 * 3 + 3584**2)
     assert hessians == 2_299_527_168 and all(r.hessians == hessians for r in result.ranks)
     activations = 16 * 2048 * 4096 * bf16  # 128 samples / 8 ranks x seq x hidden x bf16
     assert all(r.activations == activations == 268_435_456 for r in result.ranks)
@@ -100,7 +102,7 @@ def test_llama_8b_world_8_by_hand(shapes):
     workspace = 4096 * 14336 * bf16 + 2 * w + 2 * h  # act-order static: the factor is not inverted
     rank0 = result.ranks[0]
     assert (rank0.owned_weights, rank0.workspace) == (owned_weights, workspace)
-    assert rank0.hessians_owned == 8 * 14336**2 + 4 * 3584**2
+    assert rank0.hessians_owned == 8 * down_sum + 4 * 3584**2
     gptq_phase = shards + activations + hessians + owned_weights + workspace
     hessian_phase = shards + layer + activations + working + hessians
     propagate = shards + layer + 2 * activations + working
@@ -112,7 +114,7 @@ def test_llama_8b_world_8_by_hand(shapes):
     assert result.fits and result.peak == gptq_phase
 
     traffic = result.traffic[0]
-    assert traffic.hessian_reduce == 8 * (4096**2 * 3 + 14336**2)
+    assert traffic.hessian_reduce == 8 * (4096**2 * 3 + down_sum)
     assert traffic.weight_transfer == 2 * 7 * pieces * bf16
     assert traffic.layer_gather == 7 * (pieces + 2 * 512) * bf16
     assert traffic.gathers == 2
@@ -126,7 +128,7 @@ def test_time_model_by_hand(shapes):
     tokens = 16 * 2048
     mm, chol, bw = 400e12, 20e12, 200e9
     forward = 32 * 2 * (2 * L8_LAYER_PARAMS * tokens + 16 * 2 * 2048**2 * 32 * 128) / mm
-    xtx = 32 * 2 * tokens * (3 * 4096**2 + 14336**2) / mm
+    xtx = 32 * 2 * tokens * (3 * 4096**2 + 10 * 3584**2) / mm  # symmetric: upper blocks only
     gathers = 32 * 2 * 7 * 27_264_000 * 2 / bw
     down = 1 / 3 * 14336**3 / chol + 4096 * 14336**2 / mm + 30e-6 * 14336  # rank 0: down_proj alone
     assert result.time.forward == pytest.approx(forward)
@@ -177,7 +179,7 @@ def test_405b_does_not_fit_on_8_gpus_and_says_why(shapes):
     assert why.startswith("rank 0 peaks at") and "GPTQ workspace" in why and "shards" in why
     # Rank 0 owns down_proj [16384 x 53248]: its float64 Hessian sum (13 GPU blocks of 4096 columns) and
     # GPTQ's workspace: the bf16 weight handed in + 2W + 2H in fp32 (act-order static).
-    assert result.ranks[0].hessians_owned == 8 * 53248**2 + 4 * 4096**2
+    assert result.ranks[0].hessians_owned == 8 * 91 * 4096**2 + 4 * 4096**2  # 13 blocks a side, 91 kept
     w, h = 16384 * 53248 * 4, 53248**2 * 4
     assert result.ranks[0].workspace == 16384 * 53248 * 2 + 2 * w + 2 * h
     dynamic = plan(shape, PlanOptions(world_size=8, gpu_memory=MEM80, static_scales=False))

@@ -30,7 +30,7 @@ def straightforward_true_sequential(model, calibration, config) -> None:
             group = next(g for g in hooks.groups if not set(g.names) <= done)  # first in call order
             for name in group.names:
                 weight = modules[name].weight
-                hessian = hessian_from_sum(group.sum, group.tokens)
+                hessian = hessian_from_sum(group.sum, group.tokens, group.columns)
                 result = gptq_quantize(weight, hessian, config.weights, block_size=config.block_size)
                 weight.data.copy_(result.weight)
                 done.add(name)
