@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from gptq_fsdp import GPTQConfig, build_calibration, quantize_model, save_quantized
 from gptq_fsdp.gptq import gptq_quantize
-from gptq_fsdp.hessian import HessianGroup
+from gptq_fsdp.hessian import HessianGroup, unpack_symmetric
 
 REPO = Path(__file__).resolve().parents[2]
 CUDA = torch.device("cuda")
@@ -62,7 +62,7 @@ def test_16bit_xtx_goes_through_the_tensor_cores_exactly(dtype):
     assert not any(n.startswith("aten._to_copy") for n in ops.names), "16-bit input was up-cast"
     xd = torch.cat([x, x[:1000]]).double()
     bound = 2 * 2048 * 2.0**-24 * (xd.abs().T @ xd.abs())
-    error = (group.sum - xd.T @ xd).abs()
+    error = (unpack_symmetric(group.sum, 6144, torch.float64) - xd.T @ xd).abs()
     print(f"{dtype}: max |error| / bound {(error / bound).max().item():.3f}")
     assert (error <= bound).all()
     assert group.tokens == 3048
