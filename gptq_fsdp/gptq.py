@@ -323,7 +323,8 @@ def gptq_quantize(
         # A group's scale is taken from its columns as GPTQ's update for all earlier columns left them;
         # the V form holds that only for each column as it is reached, so these run in the U form.
         identity = torch.eye(cols, device=reversed_factor.device)
-        reversed_factor = torch.linalg.solve_triangular(reversed_factor, identity, upper=False, out=identity)
+        reversed_factor = torch.linalg.solve_triangular(reversed_factor, identity, upper=False)
+        del identity
     # Work on Wᵀ so that a weight column (the unit GPTQ steps over) is one contiguous vector.
     Wt = W.T.contiguous()
     del W
