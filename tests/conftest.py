@@ -96,12 +96,13 @@ TINY_FAMILIES = {
 }
 
 
-def make_tiny_model(family: str, directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Save a randomly initialised `family` model (SmolLM2's tokenizer and vocabulary) to `directory`."""
+def make_tiny_model(family: str, directory: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """Save a randomly initialised `family` model (SmolLM2's tokenizer and vocabulary) to `directory`;
+    `overrides` change its config."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    options = dict(TINY_FAMILIES[family])
+    options = {**TINY_FAMILIES[family], **overrides}
     config = AutoConfig.for_model(options.pop("model_type"), vocab_size=len(tokenizer), **options)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--matmul-precision", default="highest")
     parser.add_argument("--true-sequential", action="store_true")
+    parser.add_argument("--group-size", type=int, default=32, help="0: one scale per output channel")
     args = parser.parse_args()
     torch.set_num_threads(1)
     zero3 = args.load.startswith("zero3")
@@ -41,7 +42,7 @@ def main() -> None:
     else:
         model = (load_sharded if args.load == "sharded" else load_rank0_broadcast)(args.model)
     config = GPTQConfig.from_options(
-        group_size=32,
+        group_size=args.group_size or None,
         batch_size=args.batch_size,
         matmul_precision=args.matmul_precision,
         true_sequential=args.true_sequential,

@@ -29,7 +29,9 @@ def single_process(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     calibration = build_calibration(load_texts(str(text)), tokenizer, num_samples=samples, max_seq_length=32)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = GPTQConfig.from_options(group_size=32, batch_size=2, matmul_precision=matmul_precision, **options)
+    config = GPTQConfig.from_options(
+        **{"group_size": 32, "batch_size": 2, "matmul_precision": matmul_precision, **options}
+    )
     result = quantize_model(model, calibration, config)
     return save_quantized(model, output, result, tokenizer=tokenizer)
 

@@ -103,6 +103,32 @@ def test_sharded_equals_single_process(world, load, tiny_llama_dir, austen, tmp_
     torch.testing.assert_close(sharded_model(ids).logits, torch.tensor(report["logits"]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("load", ["sharded", "zero3"])
+def test_units_with_fewer_rows_than_ranks_are_quantized_whole_on_every_rank(load, smollm2_dir, austen, tmp_path):
+    """A Llama 2 features wide at 3 ranks: o_proj and down_proj have 2 rows, too few to split over the
+    ranks, so every rank quantizes all of them (q/k/v with 6 rows and gate/up with 8 are split)."""
+    from conftest import make_tiny_model
+
+    narrow = dict(hidden_size=2, intermediate_size=4, num_attention_heads=1, num_key_value_heads=1, head_dim=2)
+    model_dir = make_tiny_model("llama", tmp_path / "narrow", smollm2_dir, **narrow)
+    output, report_path = tmp_path / "ckpt", tmp_path / "report.json"
+    torchrun(
+        3, str(REPO / "tests" / "fsdp_worker.py"), str(model_dir), str(output), str(report_path),
+        "--text", str(austen / "emma.txt"), "--load", load, "--true-sequential", "--group-size", "0",
+    )  # fmt: skip
+    report = json.loads(report_path.read_text())
+    single = single_process(
+        model_dir, tmp_path / "single", austen / "emma.txt", 12, true_sequential=True, group_size=None
+    )
+    sharded_model, sharded = dequantized(output)
+    _, expected = dequantized(single)
+    assert sharded["model.layers.0.self_attn.o_proj.weight"].shape == (2, 2)
+    same = sum((sharded[k] == expected[k]).sum().item() for k in expected)
+    assert same / sum(v.numel() for v in expected.values()) >= 0.999
+    ids = torch.tensor(report["input_ids"])
+    torch.testing.assert_close(sharded_model(ids).logits, torch.tensor(report["logits"]), atol=1e-5, rtol=0)
+
+
 @torch.no_grad()
 def test_a_failure_inside_the_paused_forwards_is_raised_and_leaves_no_thread(tiny_llama_dir, calibration, monkeypatch):
     import threading
