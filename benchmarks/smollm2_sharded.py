@@ -13,11 +13,12 @@ Every run is repeated `--rounds` times, round after round (so a slow spell of th
 round, not one configuration); the tables give the median of the rounds and each round's scaling,
 computed from the runs of that round.
 
-What the machine allows: two cores that share caches and memory bandwidth do not run two processes as
-fast as one. Each round also runs two independent one-process quantizations at once, each on half of
-the samples (not a valid result, only a load), and compares their data-parallel phases (calibration
-forwards, XᵀX, propagation) with half of the one-process run's. With that slowdown s, a perfect split
-of all the work would take T(1)_dp / 2 · s + T(1)_rest / 2: the ceiling on T(1)/T(2) on this machine.
+What the machine allows: two cores that share caches and memory bandwidth may not run two processes
+as fast as one. Each round also quantizes half of the samples in one process alone, then each half in
+its own process, both at once (no valid result, only the load of two ranks without their
+communication), and compares the data-parallel phases (calibration forwards, XᵀX, propagation): with
+that slowdown s, a perfect split of all the one-process work would take T(1)_dp / 2 · s +
+T(1)_rest / 2, the ceiling on T(1)/T(2) on this machine.
 Writes benchmarks/results/smollm2_sharded.{json,md}.
 
     python benchmarks/smollm2_sharded.py [--rounds 2]
@@ -134,15 +135,16 @@ def data_parallel_s(report: dict) -> float:
     return sum(report["phases_s"][p] for p in DATA_PARALLEL_PHASES)
 
 
-def contention(world1: dict, halves: list[dict]) -> dict:
-    """Slowdown of the data-parallel phases when two processes share the machine, and the ceiling it
-    puts on T(1)/T(2): every phase split perfectly, the data-parallel ones slowed by that much."""
-    slowdown = statistics.mean(data_parallel_s(h) for h in halves) / (data_parallel_s(world1) / 2)
+def contention(world1: dict, alone: dict, together: list[dict]) -> dict:
+    """Slowdown of the data-parallel phases when two processes share the machine (half of the samples
+    alone, then both halves at once), and the ceiling it puts on T(1)/T(2): every phase of the
+    one-process run split perfectly, the data-parallel ones slowed by that much."""
+    slowdown = statistics.mean(data_parallel_s(h) for h in together) / data_parallel_s(alone)
     rest = world1["quantize_s"] - data_parallel_s(world1)
     ceiling = world1["quantize_s"] / (data_parallel_s(world1) / 2 * slowdown + rest / 2)
     return {
-        "halves_data_parallel_s": [data_parallel_s(h) for h in halves],
-        "world1_data_parallel_s": data_parallel_s(world1),
+        "alone_data_parallel_s": data_parallel_s(alone),
+        "together_data_parallel_s": [data_parallel_s(h) for h in together],
         "slowdown": slowdown,
         "scaling_ceiling": ceiling,
     }
@@ -171,15 +173,17 @@ def one_round() -> tuple[dict, dict, dict]:
         run([*launcher, __file__, "--worker", backend, precision, order, str(WORK / "calibration.pt"),
              str(WORK / name), str(report)])  # fmt: skip
         reports[name] = json.loads(report.read_text())
-    halves = {}
+    halves = {}  # order: (half 0 alone, [half 0, half 1] at once)
     for order in CONTENTION:
         commands = [
             [sys.executable, __file__, "--worker", "single", "highest", order,
              str(WORK / f"calibration_half{h}.pt"), "-", str(WORK / f"half{h}_{order}.json")]
             for h in (0, 1)
         ]  # fmt: skip
+        run(commands[0])
+        alone = json.loads((WORK / f"half0_{order}.json").read_text())
         run(*commands)
-        halves[order] = [json.loads((WORK / f"half{h}_{order}.json").read_text()) for h in (0, 1)]
+        halves[order] = (alone, [json.loads((WORK / f"half{h}_{order}.json").read_text()) for h in (0, 1)])
     peers = {}
     for name, precision in PEERS.items():
         run(
@@ -232,7 +236,7 @@ def main() -> None:
         {
             "quantize_s": {**{n: rep[n]["quantize_s"] for n in RUNS}, **{n: peer[n]["quantize_s"] for n in PEERS}},
             "strong_scaling_T1_over_T2": {n: rep[w1]["quantize_s"] / rep[n]["quantize_s"] for w1, n in pairs},
-            "machine": {order: contention(rep[w1], halves[order]) for order, w1 in CONTENTION.items()},
+            "machine": {order: contention(rep[w1], *halves[order]) for order, w1 in CONTENTION.items()},
             "phases_s": {n: rep[n]["phases_s"] for n in RUNS},
         }
         for rep, halves, peer in measured
@@ -309,9 +313,9 @@ def markdown(result: dict, pairs: list[tuple[str, str]]) -> str:
     ]
     machine_rows = [
         f"| {order} | "
-        + " / ".join(f"{r['machine'][order]['world1_data_parallel_s'] / 2:.1f}" for r in rounds)
+        + " / ".join(f"{r['machine'][order]['alone_data_parallel_s']:.1f}" for r in rounds)
         + " | "
-        + " / ".join(" & ".join(f"{s:.1f}" for s in r["machine"][order]["halves_data_parallel_s"]) for r in rounds)
+        + " / ".join(" & ".join(f"{s:.1f}" for s in r["machine"][order]["together_data_parallel_s"]) for r in rounds)
         + " | "
         + " / ".join(f"{r['machine'][order]['slowdown']:.3f}" for r in rounds)
         + " |"
@@ -330,13 +334,13 @@ the median, then each round's.
 {SCALING_HEADER}
 {chr(10).join(scaling_rows)}
 
-What this 2-core machine allows: two independent one-process runs at once, each on half of the
-samples, against half of the one-process run of the same round. Seconds of the data-parallel phases
-(calibration forwards, XᵀX, propagation); the slowdown is what sharing the machine costs each process.
-The ceiling divides T(1) by a perfect split of every phase with the data-parallel ones slowed by that
+What this 2-core machine allows: half of the samples quantized in one process alone, then each half
+in its own process, both at once (right after). Seconds of the data-parallel phases (calibration
+forwards, XᵀX, propagation); the slowdown is what sharing the machine costs each process. The
+ceiling divides T(1) by a perfect split of every phase with the data-parallel ones slowed by that
 much.
 
-| order | half of 1 process (s), each round | two at once (s), each round | slowdown, each round |
+| order | one half alone (s), each round | two halves at once (s), each round | slowdown, each round |
 |---|---:|---:|---:|
 {chr(10).join(machine_rows)}
 """
