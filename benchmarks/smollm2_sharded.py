@@ -33,6 +33,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,13 +123,17 @@ def worker(backend: str, precision: str, true_sequential: bool, calibration: Pat
 def run(*commands: list[str]) -> None:
     """Run the commands at the same time (1 thread each) and wait for all of them."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    running = [
-        subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in commands
-    ]
-    for command, process in zip(commands, running, strict=True):
-        _, stderr = process.communicate()
-        if process.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-4000:]}")
+    # stderr to files, not pipes: a pipe read only after an earlier process ends could fill and stall
+    # a process that is still being timed.
+    with tempfile.TemporaryDirectory() as logs:
+        running = []
+        for i, command in enumerate(commands):
+            with open(Path(logs) / f"{i}.err", "w") as err:
+                running.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err))
+        for i, (command, process) in enumerate(zip(commands, running, strict=True)):
+            if process.wait() != 0:
+                stderr = (Path(logs) / f"{i}.err").read_text()
+                raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-4000:]}")
 
 
 def data_parallel_s(report: dict) -> float:
