@@ -145,9 +145,37 @@ def reversed_hessian_factor(reversed_hessian: torch.Tensor, damping: float) -> t
     diagonal = reversed_hessian.diagonal().clone()
     reversed_hessian.diagonal().add_(damping * torch.mean(diagonal))
     try:
-        return torch.linalg.cholesky(reversed_hessian)
+        return cholesky(reversed_hessian)
     finally:
         reversed_hessian.diagonal().copy_(diagonal)
+
+
+# Above this many columns the CPU factorization goes by diagonal blocks of CHOLESKY_BLOCK columns.
+BLOCKED_CHOLESKY_FROM = 1024
+CHOLESKY_BLOCK = 384
+
+
+def cholesky(matrix: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of a symmetric positive definite matrix (raises LinAlgError).
+
+    On the CPU, torch.linalg.cholesky zeroes the upper triangle of LAPACK's column-major result in
+    a slow strided pass (one thread, 1536 columns: 26 of its 34 ms). Large matrices are therefore
+    factored a block of columns at a time (right-looking: the diagonal block's Cholesky, the panel
+    below it by a triangular solve, the trailing update by one product): 1536 columns in 18 ms.
+    """
+    columns = matrix.shape[-1]
+    if matrix.device.type != "cpu" or columns < BLOCKED_CHOLESKY_FROM:
+        return torch.linalg.cholesky(matrix)
+    factor = matrix.clone()
+    for start in range(0, columns, CHOLESKY_BLOCK):
+        end = min(start + CHOLESKY_BLOCK, columns)
+        diagonal = torch.linalg.cholesky(factor[start:end, start:end])
+        factor[start:end, start:end] = diagonal
+        if end < columns:
+            panel = torch.linalg.solve_triangular(diagonal.mT, factor[end:, start:end], upper=True, left=False)
+            factor[end:, start:end] = panel
+            factor[end:, end:].addmm_(panel, panel.mT, alpha=-1)
+    return factor.tril_()
 
 
 def quantize_columns(
@@ -157,7 +185,7 @@ def quantize_columns(
     D1: torch.Tensor,
     feedback1: torch.Tensor,
     scales: torch.Tensor,
-    zero_points: torch.Tensor,
+    zero_points: torch.Tensor | None,
     qmin: float,
     qmax: float,
     columns: range,
@@ -165,23 +193,36 @@ def quantize_columns(
     """GPTQ's column loop inside one block (Wᵀ layout: W1[i] is column i, for all rows).
 
     Column i of `W1`, with the feedback of all earlier columns added, is quantized into `Q1[i]` with
-    its row of `scales`/`zero_points`; `D1[i]` = `source1[i]` - `Q1[i]` goes into the block's later
-    columns j through `feedback1[i, j]`. Two forms give the same columns (W1[i] as reached, and so Q1):
+    its row of `scales`/`zero_points` (None: symmetric, all zero); `D1[i]` = `source1[i]` - `Q1[i]`
+    goes into the block's later columns j through `feedback1[i, j]`. Two forms give the same columns
+    (W1[i] as reached, and so Q1):
     - GPTQ's usual one, with U = chol_upper(H⁻¹): source = W1 (as reached), feedback = -U[i, j] / U[i, i];
     - with V = U⁻¹ (H = V·Vᵀ, from one Cholesky; Chen et al., 2025, GPTQ as Babai's nearest plane):
       source = the original weight, feedback = V[i, j] / V[j, j].
     Rows are independent.
     """
-    # Per-column views made in one call each (indexing one at a time costs more than the math here).
-    w, source, q, d, scale, zero_point = (t.unbind(0) for t in (W1, source1, Q1, D1, scales, zero_points))
+    # Per-column views made in one call each (indexing one at a time costs more than the math here):
+    # each column is 5 small ops (6 with zero points), so on a CPU the loop is bound by their overhead.
+    w, source, q, d, scale = (t.unbind(0) for t in (W1, source1, Q1, D1, scales))
+    zero_point = zero_points.unbind(0) if zero_points is not None else None
     # The feedback goes column by column only inside runs of SUB_BLOCK columns, and to the rest of the
     # block as one product per run: the per-column update stays small however many rows there are.
     for j1 in range(columns.start, columns.stop, SUB_BLOCK):
         j2 = min(j1 + SUB_BLOCK, columns.stop)
+        # Each column updates the whole run with its feedback row zeroed on and before the diagonal:
+        # columns already quantized get x + 0 = x, and no per-column slices are needed.
+        run, feedback = W1[j1:j2], feedback1[j1:j2, j1:j2].triu(1).unbind(0)
         for i in range(j1, j2):
-            fake_quantize(w[i], scale[i], zero_point[i], qmin, qmax, out=q[i])
-            torch.sub(source[i], q[i], out=d[i])
-            W1[i + 1 : j2].addr_(feedback1[i, i + 1 : j2], d[i])
+            # Q1[i] holds the level less the zero point until the run is done.
+            if zero_point is None:
+                torch.div(w[i], scale[i], out=q[i]).round_().clamp_(qmin, qmax)
+            else:
+                torch.addcdiv(zero_point[i], w[i], scale[i], out=q[i]).round_().clamp_(qmin, qmax)
+                q[i].sub_(zero_point[i])
+            torch.addcmul(source[i], q[i], scale[i], value=-1, out=d[i])  # source - level·scale, one rounding
+            if i + 1 < j2:
+                run.addr_(feedback[i - j1], d[i])
+        Q1[j1:j2].mul_(scales[j1:j2])  # dequantized: (level - zero point)·scale, as compressed-tensors does
         W1[j2:].addmm_(feedback1[j1:j2, j2:].T, D1[j1:j2])
 
 
@@ -193,10 +234,11 @@ class _ColumnLoopGraph:
     inputs are copied in and its results read out.
     """
 
-    def __init__(self, block: int, rows: int, device: torch.device, qmin: float, qmax: float) -> None:
-        self.W1, self.source1, self.Q1, self.D1, self.scales, self.zero_points = (
-            torch.zeros(block, rows, device=device) for _ in range(6)
+    def __init__(self, block: int, rows: int, device: torch.device, qmin: float, qmax: float, symmetric: bool) -> None:
+        self.W1, self.source1, self.Q1, self.D1, self.scales = (
+            torch.zeros(block, rows, device=device) for _ in range(5)
         )
+        self.zero_points = None if symmetric else torch.zeros(block, rows, device=device)
         self.feedback1 = torch.zeros(block, block, device=device)
         self.qmin, self.qmax = qmin, qmax
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -222,7 +264,7 @@ class _ColumnLoopGraph:
 
     def run(
         self, W1: torch.Tensor, source1: torch.Tensor, feedback1: torch.Tensor, scales: torch.Tensor,
-        zero_points: torch.Tensor,
+        zero_points: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """`quantize_columns` on the block: updates `W1` in place and returns its quantized columns
         and differences (Q1, D1), valid until the next run."""
@@ -233,7 +275,8 @@ class _ColumnLoopGraph:
             (self.W1, W1), (self.source1, source1), (self.feedback1, feedback1), (self.scales, scales),
             (self.zero_points, zero_points),
         ):  # fmt: skip
-            buffer.copy_(value)
+            if buffer is not None:
+                buffer.copy_(value)
         self.graph.replay()
         W1.copy_(self.W1)
         return self.Q1, self.D1
@@ -336,7 +379,7 @@ def gptq_quantize(
     # Blocks must not cut through a group whose scale is computed on entry.
     block = block_size if static_scales else max(group, block_size - block_size % group)
     graphed = cuda_graph and static_scales and Wt.is_cuda
-    graph = _ColumnLoopGraph(block, rows, Wt.device, qmin, qmax) if graphed else None
+    graph = _ColumnLoopGraph(block, rows, Wt.device, qmin, qmax, args.symmetric) if graphed else None
     losses = torch.zeros(rows, device=Wt.device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -351,7 +394,8 @@ def gptq_quantize(
         feedback1 = feedback[:, : i2 - i1]
         if static_scales:  # each column's scale row, gathered on the device (no host sync)
             groups = column_group[i1:i2]
-            scales, zero_points = scale_t.index_select(0, groups), zero_point_t.index_select(0, groups)
+            scales = scale_t.index_select(0, groups)
+            zero_points = None if args.symmetric else zero_point_t.index_select(0, groups)
             if graph is not None and i2 - i1 == block:
                 Q1, D1 = graph.run(W1, source1, feedback1, scales, zero_points)
             else:
@@ -362,7 +406,8 @@ def gptq_quantize(
             for start in range(0, i2 - i1, group):
                 g = (i1 + start) // group
                 scale_t[g], zero_point_t[g] = qparams(W1[start : start + group].T, args, out_dtype)
-                scales, zero_points = scale_t[g].expand_as(W1), zero_point_t[g].expand_as(W1)
+                scales = scale_t[g].expand_as(W1)
+                zero_points = None if args.symmetric else zero_point_t[g].expand_as(W1)
                 columns = range(start, start + group)
                 quantize_columns(W1, source1, Q1, D1, feedback1, scales, zero_points, qmin, qmax, columns)
         # GPTQ's objective per column: ((w - q) / U[i, i])², w as the column was reached.

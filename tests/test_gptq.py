@@ -9,7 +9,14 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
 
-from gptq_fsdp.gptq import GPTQError, float32_matmul_precision, gptq_quantize
+from gptq_fsdp.gptq import (
+    BLOCKED_CHOLESKY_FROM,
+    CHOLESKY_BLOCK,
+    GPTQError,
+    cholesky,
+    float32_matmul_precision,
+    gptq_quantize,
+)
 
 
 def args_for(bits: int, symmetric: bool, group_size: int | None) -> QuantizationArgs:
@@ -196,6 +203,26 @@ def test_dead_columns_quantize_to_zero():
     H[:, 5] = H[5, :] = 0
     result = gptq_quantize(W, H, args_for(4, True, None))
     assert torch.all(result.weight[:, 5] == 0)
+
+
+@pytest.mark.parametrize("columns", [BLOCKED_CHOLESKY_FROM, BLOCKED_CHOLESKY_FROM + CHOLESKY_BLOCK // 2 + 5])
+def test_blocked_cpu_cholesky_matches_lapack(columns):
+    """Large CPU matrices go by diagonal blocks (the last one partial here): same factor to fp32 rounding."""
+    g = torch.Generator().manual_seed(columns)
+    X = torch.randn(2 * columns, columns, generator=g)
+    H = X.T @ X / (2 * columns) + 0.01 * torch.eye(columns)
+    factor = cholesky(H)
+    assert torch.equal(factor, factor.tril()), "the upper triangle must be zero"
+    exact = torch.linalg.cholesky(H.double())
+    torch.testing.assert_close(factor.double(), exact, atol=1e-5, rtol=0)
+    torch.testing.assert_close(factor, torch.linalg.cholesky(H), atol=1e-5, rtol=0)
+
+
+def test_blocked_cpu_cholesky_raises_like_lapack():
+    H = torch.eye(BLOCKED_CHOLESKY_FROM)
+    H[-1, -1] = -1  # only the last diagonal block fails
+    with pytest.raises(torch.linalg.LinAlgError):
+        cholesky(H)
 
 
 def test_cholesky_failure_retries_with_more_damping():
