@@ -46,6 +46,7 @@ class GPTQError(RuntimeError):
 @dataclass
 class GPTQResult:
     weight: torch.Tensor  # dequantized weight, input dtype
+    levels: torch.Tensor  # [rows, cols] int8 integer levels: weight = (levels - zero_point)·scale, see dequantize
     scale: torch.Tensor  # [rows, groups] (groups = 1 for channel), input dtype
     zero_point: torch.Tensor  # [rows, groups], int8 (all zero when symmetric)
     g_idx: torch.Tensor | None  # [cols] int32 column -> group, only for act-order "group"
@@ -133,6 +134,20 @@ def fake_quantize(
     return torch.mul(q, scale, out=out)
 
 
+def dequantize(
+    levels: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, g_idx: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """(levels - zero_point)·scale with each column's group (`g_idx`, else contiguous groups), in fp32,
+    then `dtype`: bit for bit the `weight` of the GPTQResult these came from."""
+    rows, cols = levels.shape
+    if g_idx is None:  # contiguous groups: broadcast instead of gathering a [rows, cols] scale
+        values = levels.float().view(rows, scale.shape[1], -1)
+        values.sub_(zero_point.float()[..., None]).mul_(scale.float()[..., None])
+        return values.view(rows, cols).to(dtype)
+    group = g_idx.long()
+    return levels.float().sub_(zero_point.float()[:, group]).mul_(scale.float()[:, group]).to(dtype)
+
+
 def reversed_hessian_factor(reversed_hessian: torch.Tensor, damping: float) -> torch.Tensor:
     """Lower Cholesky factor L of J·(H + λI)·J, given J·H·J (J reverses the order of the columns),
     λ = damping · mean(diag H).
@@ -192,10 +207,11 @@ def quantize_columns(
 ) -> None:
     """GPTQ's column loop inside one block (Wᵀ layout: W1[i] is column i, for all rows).
 
-    Column i of `W1`, with the feedback of all earlier columns added, is quantized into `Q1[i]` with
-    its row of `scales`/`zero_points` (None: symmetric, all zero); `D1[i]` = `source1[i]` - `Q1[i]`
-    goes into the block's later columns j through `feedback1[i, j]`. Two forms give the same columns
-    (W1[i] as reached, and so Q1):
+    Column i of `W1`, with the feedback of all earlier columns added, is quantized with its row of
+    `scales`/`zero_points` (None: symmetric, all zero): `Q1[i]` gets its levels less the zero points
+    (integers; the caller multiplies by the scales), `D1[i]` = `source1[i]` - its dequantized values,
+    which go into the block's later columns j through `feedback1[i, j]`. Two forms give the same
+    columns (W1[i] as reached, and so Q1):
     - GPTQ's usual one, with U = chol_upper(H⁻¹): source = W1 (as reached), feedback = -U[i, j] / U[i, i];
     - with V = U⁻¹ (H = V·Vᵀ, from one Cholesky; Chen et al., 2025, GPTQ as Babai's nearest plane):
       source = the original weight, feedback = V[i, j] / V[j, j].
@@ -213,7 +229,6 @@ def quantize_columns(
         # columns already quantized get x + 0 = x, and no per-column slices are needed.
         run, feedback = W1[j1:j2], feedback1[j1:j2, j1:j2].triu(1).unbind(0)
         for i in range(j1, j2):
-            # Q1[i] holds the level less the zero point until the run is done.
             if zero_point is None:
                 torch.div(w[i], scale[i], out=q[i]).round_().clamp_(qmin, qmax)
             else:
@@ -222,7 +237,6 @@ def quantize_columns(
             torch.addcmul(source[i], q[i], scale[i], value=-1, out=d[i])  # source - level·scale, one rounding
             if i + 1 < j2:
                 run.addr_(feedback[i - j1], d[i])
-        Q1[j1:j2].mul_(scales[j1:j2])  # dequantized: (level - zero point)·scale, as compressed-tensors does
         W1[j2:].addmm_(feedback1[j1:j2, j2:].T, D1[j1:j2])
 
 
@@ -381,6 +395,7 @@ def gptq_quantize(
     graphed = cuda_graph and static_scales and Wt.is_cuda
     graph = _ColumnLoopGraph(block, rows, Wt.device, qmin, qmax, args.symmetric) if graphed else None
     losses = torch.zeros(rows, device=Wt.device)
+    levels_t = torch.empty(cols, rows, dtype=torch.int8, device=Wt.device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1 = Wt[i1:i2]  # a view: updated in place, ends up holding the quantized columns
@@ -410,18 +425,27 @@ def gptq_quantize(
                 zero_points = None if args.symmetric else zero_point_t[g].expand_as(W1)
                 columns = range(start, start + group)
                 quantize_columns(W1, source1, Q1, D1, feedback1, scales, zero_points, qmin, qmax, columns)
+        if not static_scales:  # the block's groups all have their scales now
+            scales = scale_t.index_select(0, column_group[i1:i2])
+            zero_points = None if args.symmetric else zero_point_t.index_select(0, column_group[i1:i2])
+        # Q1 holds the levels less the zero points: keep the levels, then dequantize as compressed-tensors does.
+        levels_t[i1:i2] = Q1 if zero_points is None else Q1 + zero_points
+        Q1.mul_(scales)
         # GPTQ's objective per column: ((w - q) / U[i, i])², w as the column was reached.
         losses += (W1.sub_(Q1).mul_(v_diagonal[i1:i2, None])).square().sum(dim=0) / 2
         W1.copy_(Q1)
         Wt[i2:].addmm_(feedback[:, i2 - i1 :].T, D1)
 
-    W = Wt.index_select(0, torch.argsort(perm)).T
+    unpermute = torch.argsort(perm)
+    W = Wt.index_select(0, unpermute).T
+    levels = levels_t.index_select(0, unpermute).T
     scale, zero_point = scale_t.T, zero_point_t.T
     g_idx = None
     if order == "group" and args.strategy == QuantizationStrategy.GROUP:
-        g_idx = column_group[torch.argsort(perm)].to(torch.int32)
+        g_idx = column_group[unpermute].to(torch.int32)
     return GPTQResult(
         weight=W.to(out_dtype).contiguous(),
+        levels=levels.contiguous(),
         scale=scale.to(out_dtype).contiguous(),
         zero_point=zero_point.to(torch.int8).contiguous(),
         g_idx=g_idx,

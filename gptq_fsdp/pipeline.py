@@ -29,7 +29,14 @@ from gptq_fsdp.backends import Backend, detect_backend, unwrap_engine
 from gptq_fsdp.comm import Pending
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.data import CalibrationSet, rank_batches
-from gptq_fsdp.gptq import GPTQError, GPTQResult, float32_matmul_precision, gptq_quantize, validate_args
+from gptq_fsdp.gptq import (
+    GPTQError,
+    GPTQResult,
+    dequantize,
+    float32_matmul_precision,
+    gptq_quantize,
+    validate_args,
+)
 from gptq_fsdp.hessian import HessianGroup, HessianHooks, hessian_from_sum
 from gptq_fsdp.resume import LayerState, fingerprint
 from gptq_fsdp.schedule import assign_owners
@@ -693,15 +700,25 @@ def _shares(rows: int, world: int) -> list[int]:
 
 
 def _all_gather_rows(part: GPTQResult, counts: list[int], backend: Backend) -> GPTQResult:
-    """The whole unit's result on every rank from each rank's rows (`counts`), in one collective."""
-    fields = [part.weight, part.scale, part.zero_point, part.row_losses[:, None]]
-    widths = [f.shape[1] for f in fields]
-    packed = torch.cat([f.float() for f in fields], dim=1)  # fp32 holds bf16/fp16 values and int8 levels exactly
-    whole = backend.all_gather_rows(packed, counts)
-    weight, scale, zero_point, losses = (
-        f.to(like.dtype).contiguous() for f, like in zip(whole.split(widths, dim=1), fields, strict=True)
+    """The whole unit's result on every rank from each rank's rows (`counts`), in one collective.
+
+    The weight travels as its int8 levels (a quarter of fp32's bytes) and is dequantized on arrival,
+    bit for bit what its rank computed; the other fields ride along as bytes.
+    """
+    fields = [part.levels, part.zero_point, part.scale.float(), part.row_losses[:, None]]
+    widths = [f.shape[1] * f.element_size() for f in fields]
+    whole = backend.all_gather_rows(torch.cat([f.view(torch.int8) for f in fields], dim=1), counts)
+    levels, zero_point, scale, losses = (
+        f.contiguous().view(like.dtype) for f, like in zip(whole.split(widths, dim=1), fields, strict=True)
     )
-    return GPTQResult(weight, scale, zero_point, g_idx=part.g_idx, row_losses=losses[:, 0], damping=part.damping)
+    scale = scale.to(part.scale.dtype)
+    start, end = sum(counts[: backend.rank]), sum(counts[: backend.rank + 1])
+    weight = torch.empty(levels.shape, dtype=part.weight.dtype, device=levels.device)
+    weight[start:end] = part.weight
+    for others in (slice(0, start), slice(end, len(levels))):
+        if others.stop > others.start:
+            weight[others] = dequantize(levels[others], scale[others], zero_point[others], part.g_idx, weight.dtype)
+    return GPTQResult(weight, levels, scale, zero_point, part.g_idx, row_losses=losses[:, 0], damping=part.damping)
 
 
 def _record(

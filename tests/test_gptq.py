@@ -17,6 +17,9 @@ from gptq_fsdp.gptq import (
     float32_matmul_precision,
     gptq_quantize,
 )
+from gptq_fsdp.gptq import (
+    dequantize as gptq_dequantize,
+)
 
 
 def args_for(bits: int, symmetric: bool, group_size: int | None) -> QuantizationArgs:
@@ -186,6 +189,19 @@ def test_outputs_are_consistent_qparams():
     torch.testing.assert_close(q, q.round(), atol=1e-4, rtol=0)
     assert q.round().min() >= -8 and q.round().max() <= 7
     assert result.row_losses.shape == (8,) and result.loss > 0
+
+
+@pytest.mark.parametrize("bits,symmetric,group_size,actorder", OPTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_levels_dequantize_to_the_weight_bit_for_bit(bits, symmetric, group_size, actorder, dtype):
+    """A sharded run sends the int8 levels instead of the weight: they must give it back exactly."""
+    W, _, H = correlated_problem(rows=24, cols=64, dead=3, seed=bits)
+    result = gptq_quantize(W.to(dtype), H, args_for(bits, symmetric, group_size), actorder=actorder, block_size=16)
+    assert result.levels.dtype == torch.int8 and result.levels.shape == W.shape
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    assert result.levels.min() >= qmin and result.levels.max() <= qmax
+    back = gptq_dequantize(result.levels, result.scale, result.zero_point, result.g_idx, dtype)
+    assert back.dtype == dtype and torch.equal(back, result.weight)
 
 
 def test_bf16_weight_is_what_compressed_tensors_dequantizes():
