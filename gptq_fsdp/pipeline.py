@@ -730,9 +730,16 @@ def _record(
     for name, count in zip(names, rows, strict=True):
         part = slice(row, row + count)
         row += count
-        weight = gptq.weight[part]
+        weight, scale, zero_point = gptq.weight[part], gptq.scale[part], gptq.zero_point[part]
         fulls.append(weight)
-        state = {"weight": weight, "weight_scale": gptq.scale[part], "weight_zero_point": gptq.zero_point[part]}
+        # The packer re-quantizes the weight it is handed: give it fp32 values, from which every level
+        # comes back exactly (in bf16, 8-bit levels times the scale do not all survive the rounding).
+        exact = (
+            weight
+            if weight.dtype == torch.float32
+            else dequantize(gptq.levels[part], scale, zero_point, gptq.g_idx, torch.float32)
+        )
+        state = {"weight": exact, "weight_scale": scale, "weight_zero_point": zero_point}
         packed = PackedQuantizationCompressor.compress(state, config.scheme)
         if gptq.g_idx is not None:
             packed["weight_g_idx"] = gptq.g_idx

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from conftest import TINY_FAMILIES, make_tiny_model
 from safetensors.torch import load_file
 from torch import nn
@@ -15,8 +16,8 @@ from torch import nn
 from gptq_fsdp.checkpoint import OutputDirError, save_quantized
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.data import build_calibration, load_texts
-from gptq_fsdp.gptq import GPTQError
-from gptq_fsdp.pipeline import quantize_model
+from gptq_fsdp.gptq import GPTQError, gptq_quantize
+from gptq_fsdp.pipeline import QuantizationResult, _record, quantize_model
 
 GROUP = 32
 QMIN, QMAX = -8, 7  # signed 4-bit
@@ -456,3 +457,20 @@ def test_failed_overwrite_keeps_old_checkpoint(small_quantized, tokenizer, tmp_p
     assert "quantization_config" in json.loads((target / "config.json").read_text())
     assert not (target / "keep.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_packed_checkpoint_holds_gptqs_own_levels(bits, symmetric, dtype):
+    """The packer re-quantizes the weight it is handed, and 8-bit levels times a bf16 scale do not all
+    survive rounding to bf16: what gets packed must still be GPTQ's levels, unpacking to its weight."""
+    config = GPTQConfig.from_options(bits=bits, group_size=32, symmetric=symmetric)
+    g = torch.Generator().manual_seed(bits)
+    W, X = torch.randn(64, 128, generator=g).to(dtype), torch.randn(512, 128, generator=g)
+    gptq = gptq_quantize(W, X.T @ X, config.weights)
+    result = QuantizationResult(config, SimpleNamespace(rank=0, world_size=1))
+    _record(0, ["layer.proj"], [64], gptq, 0.0, config, 0, result)
+    packed = dict(result.modules["layer.proj"].packed)
+    unpacked = PackedQuantizationCompressor.decompress(packed, config.scheme)["weight"]
+    assert torch.equal(unpacked.to(dtype), gptq.weight)
