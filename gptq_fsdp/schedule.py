@@ -9,10 +9,10 @@ from dataclasses import dataclass
 # updates) + c·cols (per-column launch overhead) + d·rows·cols (column work). Fitted on this project's
 # 2-core CPU, one thread, by benchmarks/gptq_cost_model.py (act-order static; within 20 % on
 # 192..3072 x 576..2304); only the ratios matter for the packing.
-CHOLESKY_COST = 8.1e-12
-UPDATE_COST = 1.01e-11
-COLUMN_OVERHEAD = 2.7e-5
-ELEMENT_COST = 1.33e-8
+CHOLESKY_COST = 5.7e-12
+UPDATE_COST = 9.9e-12
+COLUMN_OVERHEAD = 1.33e-5
+ELEMENT_COST = 1.12e-8
 
 
 def gptq_cost(rows: int, cols: int) -> float:
