@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from gptq_fsdp.config import GPTQConfig
-from gptq_fsdp.gptq import fake_quantize, float32_matmul_precision, gptq_quantize, qparams
+from gptq_fsdp.gptq import float32_matmul_precision, gptq_quantize, qparams
 from gptq_fsdp.hessian import HessianGroup, unpack_symmetric
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,7 +67,7 @@ def straightforward_gptq(weight: torch.Tensor, hessian: torch.Tensor, args, bloc
             if (i1 + i) % GROUP == 0:
                 scale, zero = qparams(W1[:, i : i + GROUP], args, weight.dtype)
             w, d = W1[:, i], h_inv1[i, i]
-            q = fake_quantize(w, scale, zero, qmin, qmax)
+            q = (w / scale + zero).round().clamp(qmin, qmax).sub(zero).mul(scale)  # compressed-tensors' formula
             Q1[:, i] = q
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1).matmul(h_inv1[i, i:].unsqueeze(0))

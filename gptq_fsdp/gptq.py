@@ -120,20 +120,6 @@ def qparams(w: torch.Tensor, args: QuantizationArgs, dtype: torch.dtype) -> tupl
     return scale.to(dtype).float(), zero_point.round()
 
 
-def fake_quantize(
-    w: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    qmin: float,
-    qmax: float,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Quantize-dequantize, as compressed-tensors does it: clamp(round(w/s + z)), then (q - z)·s."""
-    # One temporary, the rest in place: in GPTQ's column loop each op is a few µs of overhead.
-    q = torch.addcdiv(zero_point, w, scale).round_().clamp_(qmin, qmax).sub_(zero_point)
-    return torch.mul(q, scale, out=out)
-
-
 def dequantize(
     levels: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, g_idx: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -280,8 +266,8 @@ class _ColumnLoopGraph:
         self, W1: torch.Tensor, source1: torch.Tensor, feedback1: torch.Tensor, scales: torch.Tensor,
         zero_points: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """`quantize_columns` on the block: updates `W1` in place and returns its quantized columns
-        and differences (Q1, D1), valid until the next run."""
+        """`quantize_columns` on the block: updates `W1` in place and returns its levels less the zero
+        points and its differences (Q1, D1), valid until the next run."""
         if self.graph is None:
             with torch.cuda.device(self.W1.device):
                 self._capture()
