@@ -39,7 +39,7 @@ from gptq_fsdp.gptq import (
 )
 from gptq_fsdp.hessian import HessianGroup, HessianHooks, hessian_from_sum
 from gptq_fsdp.resume import LayerState, fingerprint
-from gptq_fsdp.schedule import assign_owners
+from gptq_fsdp.schedule import assign_owners, packing_cost
 
 logger = logging.getLogger(__name__)
 
@@ -459,9 +459,9 @@ def _run_layer_true_sequential(
 
     Every rank reaches the Linears in the same order, so the collectives line up: a Hessian sum is
     all-reduced, every rank runs GPTQ on its share of the unit's rows of the whole weights the
-    forward holds and all-gathers the rest into its whole copy; the unit's owner (LPT over the
-    layer's units) packs it for the checkpoint. Once the layer is sharded again each rank stores its
-    own piece.
+    forward holds and all-gathers the rest into its whole copy; the unit's owner packs it for the
+    checkpoint (LPT over the layer's units by packing cost: here packing is all an owner does). Once
+    the layer is sharded again each rank stores its own piece.
     """
     backend, memory, rank = result.backend, result.memory, result.backend.rank
     kind = (type(layer).__name__, tuple(n[len(prefix) :] for n in modules))
@@ -469,7 +469,7 @@ def _run_layer_true_sequential(
     units += [(n,) for n in modules if not any(n in unit for unit in units)]
     unit_of = {name: unit for unit in units for name in unit}
     shapes = [(sum(backend.weight_shape(modules[n].weight)[0] for n in u), modules[u[0]].in_features) for u in units]
-    owner_of = dict(zip(units, assign_owners(shapes, backend.world_size).owners, strict=True))
+    owner_of = dict(zip(units, assign_owners(shapes, backend.world_size, packing_cost).owners, strict=True))
     hooks = HessianHooks(modules, stop_early=False)
     summed: set[int] = set()  # Hessian groups whose sum every rank holds
     pieces: dict[str, torch.Tensor | None] = {}

@@ -1,8 +1,10 @@
-"""Who runs GPTQ for which Hessian group: a cost model and longest-processing-time packing."""
+"""Who runs GPTQ for which Hessian group (and who packs which unit for the checkpoint): cost models and
+longest-processing-time packing."""
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # Seconds of GPTQ on a [rows, cols] weight ~ a·cols³ (the factorization) + b·rows·cols² (block
@@ -19,6 +21,12 @@ def gptq_cost(rows: int, cols: int) -> float:
     return CHOLESKY_COST * cols**3 + UPDATE_COST * rows * cols**2 + COLUMN_OVERHEAD * cols + ELEMENT_COST * rows * cols
 
 
+def packing_cost(rows: int, cols: int) -> float:
+    """Packing a quantized weight for the checkpoint: one pass over its elements. True-sequential
+    order splits GPTQ itself over all ranks, so there an owner only packs (and holds the result)."""
+    return float(rows * cols)
+
+
 @dataclass(frozen=True)
 class Assignment:
     owners: list[int]  # owner rank of each group, in the input order
@@ -32,9 +40,12 @@ class Assignment:
         return max(self.loads) / mean if mean else 1.0
 
 
-def assign_owners(shapes: list[tuple[int, int]], world_size: int) -> Assignment:
-    """Greedy LPT: the most expensive group goes to the least-loaded rank (ties: lowest rank)."""
-    costs = [gptq_cost(rows, cols) for rows, cols in shapes]
+def assign_owners(
+    shapes: list[tuple[int, int]], world_size: int, cost: Callable[[int, int], float] = gptq_cost
+) -> Assignment:
+    """Greedy LPT: the most expensive group (by `cost(rows, cols)`) goes to the least-loaded rank
+    (ties: lowest rank)."""
+    costs = [cost(rows, cols) for rows, cols in shapes]
     order = sorted(range(len(shapes)), key=lambda i: (-costs[i], i))
     heap = [(0.0, rank) for rank in range(world_size)]
     owners = [0] * len(shapes)

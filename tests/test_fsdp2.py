@@ -11,7 +11,7 @@ import torch
 from sharded_helpers import ENV, REPO, dequantized, single_process, torchrun
 from transformers import AutoModelForCausalLM
 
-from gptq_fsdp.schedule import assign_owners, gptq_cost
+from gptq_fsdp.schedule import assign_owners, gptq_cost, packing_cost
 
 
 @pytest.mark.parametrize(
@@ -128,6 +128,19 @@ def test_owner_assignment_on_dense_layers():
     assignment = assign_owners(LLAMA3_8B_LAYER, 2)
     assert max(assignment.loads) == pytest.approx(gptq_cost(4096, 14336))
     assert assignment.owners[3] != assignment.owners[2]
+
+
+def test_packing_owners_balance_elements():
+    """True-sequential owners only pack: SmolLM2's gate+up (1.77 M elements) against the other three
+    units (1.76 M), where the GPTQ cost model would give down_proj's rank a quarter of the elements."""
+    by_elements = assign_owners(SMOLLM2_LAYER, 2, packing_cost)
+    assert by_elements.balance < 1.01
+    assert by_elements.owners[2] not in {by_elements.owners[i] for i in (0, 1, 3)}
+    by_gptq = assign_owners(SMOLLM2_LAYER, 2)
+    elements = [0, 0]
+    for (rows, cols), owner in zip(SMOLLM2_LAYER, by_gptq.owners, strict=True):
+        elements[owner] += rows * cols
+    assert max(elements) / (sum(elements) / 2) > 1.4
 
 
 def test_layer_param_groups_in_older_and_newer_torch():
