@@ -34,7 +34,7 @@ class GPTQConfig:
     # Quantize each Hessian group inside the layer's one forward, right before its first Linear runs,
     # from inputs that the already-quantized groups produced (GPTQ's "true sequential"): one forward
     # per layer instead of two. Every batch's forward is paused there, so all batches' activations are
-    # held until the layer's forwards end.
+    # held until the layer's forwards end (hence not with offload_activations).
     true_sequential: bool = False
 
     def __post_init__(self) -> None:
@@ -48,6 +48,13 @@ class GPTQConfig:
             raise GPTQError("block_size and batch_size must be positive")
         if self.matmul_precision not in MATMUL_PRECISIONS:
             raise GPTQError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
+        if self.true_sequential and self.offload_activations:
+            # Each batch's forward holds its input (fetched to the device) and intermediates while paused.
+            raise GPTQError(
+                "offload_activations keeps one batch of activations on the device at a time, but "
+                "true_sequential keeps every batch's forward (its input and intermediates) on the device "
+                "until the layer's forwards end, so offloading would save nothing: use one of the two"
+            )
         # Group size vs. columns is checked per module once the model is known.
         validate_args(self.weights, columns=self.weights.group_size or 1, name="scheme")
 

@@ -50,7 +50,7 @@ def test_module_entry_point_runs(tiny_llama_dir, austen, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     args = quantize_args(
         tiny_llama_dir, output, austen, "--bits", "8", "--group-size", "0", "--threads", "1",
-        "--matmul-precision", "medium", "--offload-activations", "--true-sequential",
+        "--matmul-precision", "medium", "--true-sequential",
     )  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "gptq_fsdp", *args], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
@@ -70,6 +70,7 @@ BAD_OPTIONS = [
     (["--ignore"], "target outside the decoder layers"),  # lm_head becomes a target
     (["--backend", "fsdp2"], "needs several processes"),
     (["--matmul-precision", "low"], "matmul_precision must be one of"),  # FSDP2 asked for, but no launcher
+    (["--offload-activations", "--true-sequential"], "offloading would save nothing: use one of the two"),
 ]
 
 

@@ -74,8 +74,10 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(mode, tiny_llama_dir, a
     assert killed.returncode != 0 and not (tmp_path / "resumed").exists()
     states = sorted(p.name for p in (tmp_path / "resumed.gptq_state").iterdir())
     assert states == ["rank00000-layer00000.pt", "rank00001-layer00000.pt"], states  # layer 0, both ranks
-    # Activation offload does not change results, so the resumed run also exercises its recompute path.
-    resumed, _ = launch(2, "", [*args(tmp_path / "resumed"), "--resume", "--offload-activations"])
+    # Activation offload does not change results, so the resumed run also exercises its recompute path
+    # (in the standard order: true-sequential refuses offload).
+    offload = [] if mode else ["--offload-activations"]
+    resumed, _ = launch(2, "", [*args(tmp_path / "resumed"), "--resume", *offload])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after layer 0" in resumed.stderr
     assert not (tmp_path / "resumed.gptq_state").exists(), "the state is removed once the checkpoint is saved"
