@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -149,9 +150,13 @@ def column_blocks(columns: int, device_type: str) -> list[tuple[int, int]]:
 
 @dataclass
 class _ForwardState:
-    """What one forward's hooks need: the inputs seen so far (tensor identity), the padding mask."""
+    """What one forward's hooks need: the inputs seen so far (tensor identity), the padding mask.
 
-    seen: list[tuple[torch.Tensor, HessianGroup]] = field(default_factory=list)
+    The inputs are held by weak references: a Linear that shares an input is called while that input
+    is alive, and strong ones would keep every input of a paused true-sequential forward alive.
+    """
+
+    seen: list[tuple[weakref.ref, HessianGroup]] = field(default_factory=list)
     mask: torch.Tensor | None = None
     kept_rows: dict[torch.device, torch.Tensor] = field(default_factory=dict)  # unmasked token indices
     calls_open: bool = False  # recording the call order (first forward only)
@@ -192,7 +197,7 @@ class HessianHooks:
 
     def start_forward(self, attention_mask: torch.Tensor | None) -> None:
         state = self._forward
-        state.seen = []  # drops references to the previous forward's inputs
+        state.seen = []
         # Padding is found once per forward (the pipeline's masks live on the CPU): packed samples
         # need no mask work in the hooks, and padded ones an index_select by indices sent to the
         # device once per forward, not boolean indexing (a device sync) in every hook.
@@ -235,7 +240,7 @@ class HessianHooks:
 
     def _accumulate(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
         for seen_input, group in self._forward.seen:
-            if seen_input is x:
+            if seen_input() is x:
                 if name not in self._group_of:  # first forward: join the group reading this tensor
                     self._group_of[name] = group
                     group.names.append(name)
@@ -245,7 +250,7 @@ class HessianHooks:
             group = HessianGroup([name], module.in_features, x.device)
             self._group_of[name] = group
             self.groups.append(group)
-        self._forward.seen.append((x, group))
+        self._forward.seen.append((weakref.ref(x), group))
         rows = self._rows(x)
         start = time.perf_counter()
         group.add(rows)

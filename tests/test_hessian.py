@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -322,3 +324,17 @@ def test_unpacking_checks_the_layout():
     group = HessianGroup(["w"], 1000, torch.device("cpu"))
     with pytest.raises(ValueError, match="upper blocks of a 999-column matrix"):
         unpack_symmetric(group.sum, 999, torch.float32)
+
+
+def test_hooks_keep_no_input_alive():
+    """A paused true-sequential forward holds every batch's frames; the hooks must not also keep the
+    inputs of the Linears it has passed (they only need them for identity within the forward)."""
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    hooks = HessianHooks({"first": first, "second": second}, stop_early=False)
+    inputs: list[weakref.ref] = []
+    first.register_forward_pre_hook(lambda m, a: inputs.append(weakref.ref(a[0])))
+    with torch.no_grad(), hooks.attached(), hooks.forward(None):
+        x = torch.randn(2, 3, 8)
+        out = second(first(x * 2))  # first's input is a temporary, dead once first returns
+        assert inputs[0]() is None
+    assert out.shape == (2, 3, 8) and [g.names for g in hooks.groups] == [["first"], ["second"]]
