@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--offload-activations", action="store_true", help="what-if: keep only one batch of activations on the GPU"
     )
+    plan.add_argument(
+        "--true-sequential", action="store_true", help="plan a --true-sequential run (one forward per layer)"
+    )
     plan.add_argument("--matmul-tflops", type=_positive(float), default=400.0, help="dense matmul rate per GPU")
     plan.add_argument("--cholesky-tflops", type=_positive(float), default=20.0, help="Cholesky/inverse rate per GPU")
     plan.add_argument(
@@ -314,6 +317,7 @@ def plan_command(args: argparse.Namespace) -> None:
             column_latency_us=args.column_latency_us,
             bandwidth_gbps=args.bandwidth_gbps,
             static_scales=args.actorder in ("static", "weight") or args.group_size == 0,
+            true_sequential=args.true_sequential,
         )
         shape = load_model_shape(config, PLAN_DTYPES[args.dtype], args.group_size or None)
     except (ValueError, GPTQError) as error:

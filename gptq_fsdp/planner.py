@@ -66,11 +66,31 @@ Time per layer (rates: --matmul-tflops M, --cholesky-tflops C, --bandwidth-gbps 
   columns; 110-150 µs without it, as with act-order none) and its elementwise term dropped;
   transfers are posted at once and overlap GPTQ.)
 The total is the sum over layers.
+
+With --true-sequential (pipeline._run_layer_true_sequential) one forward per layer does it all:
+- memory: every batch's forward pauses inside the layer, so each of the rank's samples_r·T tokens
+  holds what a forward holds at its worst pause before a target ("paused forwards"). The meta
+  forward that finds the groups measures it: the storages made by the layer (Hessian sums aside)
+  still alive in each target's pre-hook, per probe token (Llama-3.1-8B: before down_proj, its
+  input, the residual and the normalized input, (14336 + 2·4096)·b). Assumes no [T, T] attention
+  matrix lives at a pause (sdpa/flash attention; the probe's T is 4). Without a meta forward, the
+  rule (widest input + 2·hidden)·b stands in. Every rank sums every Hessian and runs GPTQ on its share of each
+  unit's rows, beside the unit's stacked weight (several members are concatenated) and the whole
+  result it all-gathers (rows·cols·(b + 1): weight and int8 levels); a unit's owner only packs it
+  and keeps the result till the layer ends (owners balanced by elements, schedule.packing_cost).
+  Phases: GPTQ = shards + layer + activations + paused forwards + Hessians + owned results + that
+  workspace; layer end = shards + layer + 2·activations + Hessians + owned results. No activation
+  offload (the package refuses it: the paused forwards hold their inputs on the device).
+- time: forward = 1 pass; layer all-gathers once per layer (FSDP2) or per forward call (ZeRO-3);
+  GPTQ = Σ units (k·cols³/C + ceil(rows/N)·cols²/M + column latency·cols) + (Hessian all-reduce
+  2·(N-1)/N·Σ upper(cols)·8 + rows all-gather (N-1)·ceil(rows/N)·cols) / B, with no overlap: each
+  unit waits for its collectives.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import re
 from collections import Counter
@@ -84,7 +104,7 @@ from gptq_fsdp.backends.fsdp2 import row_counts
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.hessian import HessianHooks, column_blocks, packed_size, upper_blocks
 from gptq_fsdp.pipeline import find_decoder_layers, target_modules
-from gptq_fsdp.schedule import assign_owners
+from gptq_fsdp.schedule import assign_owners, gptq_cost, packing_cost
 
 GiB = 2**30
 REDUCE_BYTES = 8  # per element: the float64 sum is what gets reduced
@@ -136,6 +156,9 @@ class LayerShape:
     unquantized: tuple[str, ...]  # matrix parameters no target covers (fused MoE experts, routers)
     unquantized_params: int
     grouping: str  # "forward" (tensor identity in a meta forward) or "rule" (sibling names)
+    # What one token of a true-sequential forward holds while paused before its worst Linear: measured
+    # in the meta forward ("forward") or by the rule.
+    paused_bytes_per_token: float
 
     @property
     def numel(self) -> int:
@@ -217,7 +240,7 @@ def load_model_shape(
         key = (tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()), tuple(modules))
         if key not in index_of:
             index_of[key] = len(structures)
-            structures.append(_layer_shape(layer, modules, calls, expert_fraction))
+            structures.append(_layer_shape(layer, modules, calls, expert_fraction, hidden))
         layer_structure.append(index_of[key])
     return ModelShape(
         name=(getattr(config, "architectures", None) or [type(model).__name__])[0],
@@ -265,16 +288,25 @@ def _probe_layer_calls(model: nn.Module, layers: nn.ModuleList) -> list[tuple[tu
 
 
 def _layer_shape(
-    layer: nn.Module, modules: dict[str, nn.Linear], calls: list[tuple[tuple, dict]], expert_fraction: float
+    layer: nn.Module,
+    modules: dict[str, nn.Linear],
+    calls: list[tuple[tuple, dict]],
+    expert_fraction: float,
+    hidden: int,
 ) -> LayerShape:
-    groups = next((g for call in calls if (g := _groups_by_forward(layer, modules, call)) is not None), None)
+    probe = next((p for call in calls if (p := _groups_by_forward(layer, modules, call)) is not None), None)
     grouping = "forward"
-    if groups is None:
+    if probe is None:
         groups, grouping = _groups_by_rule(modules), "rule"
+    else:
+        groups, paused = probe
     group_shapes = tuple(
         GroupShape(tuple(names), tuple(modules[n].out_features for n in names), modules[names[0]].in_features)
         for names in groups
     )
+    if probe is None:  # what the forward shows for pre-norm layers: the input, a residual and a normed copy
+        element_size = next(layer.parameters()).element_size()
+        paused = (max((g.columns for g in group_shapes), default=0) + 2 * hidden) * element_size
     target_weights = {f"{n}.weight" for n in modules}
     unquantized = [(n, p) for n, p in layer.named_parameters() if p.dim() >= 2 and n not in target_weights]
     active = 0.0
@@ -289,32 +321,41 @@ def _layer_shape(
         unquantized=tuple(n for n, _ in unquantized),
         unquantized_params=sum(p.numel() for _, p in unquantized),
         grouping=grouping,
+        paused_bytes_per_token=paused,
     )
 
 
 @torch.no_grad()
 def _groups_by_forward(
     layer: nn.Module, modules: dict[str, nn.Linear], call: tuple[tuple, dict]
-) -> list[list[str]] | None:
-    """Groups by tensor identity (`HessianHooks`) in one meta forward; None if the forward fails.
+) -> tuple[list[list[str]], float] | None:
+    """Groups by tensor identity (`HessianHooks`) in one meta forward, and the bytes per token that
+    the forward holds at its worst pause before a target (as a paused true-sequential forward does);
+    None if the forward fails.
 
     The forward is stopped once every target has taken its input, so e.g. an MoE block after the
     attention targets is never run. A target the forward never reached gets a group of its own.
     """
     if not modules:
-        return []
+        return [], 0.0
     hooks = HessianHooks(modules, stop_early=False)
     seen: set[str] = set()
+    before = live_storages("meta")
+    paused = 0
 
-    def stop_when_all_seen(name: str) -> None:
+    def at_pause(name: str) -> None:
+        nonlocal paused
+        own = {t.untyped_storage()._cdata for g in hooks.groups for t in (g.sum, g._product)}
+        made = live_storages("meta")
+        paused = max(paused, sum(n for k, n in made.items() if k not in before and k not in own))
         seen.add(name)
         if len(seen) == len(modules):
             raise _Stop
 
     args, kwargs = call
     with hooks.attached():
-        # Registered after HessianHooks' own hooks, so the last target's input is taken before stopping.
-        handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: stop_when_all_seen(n)) for n, m in modules.items()]
+        # Registered after HessianHooks' own hooks, as the pipeline's pausing hooks are.
+        handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: at_pause(n)) for n, m in modules.items()]
         try:
             hooks.start_forward(None)
             layer(*args, **kwargs)
@@ -327,7 +368,18 @@ def _groups_by_forward(
                 handle.remove()
     groups = [list(g.names) for g in hooks.groups]
     grouped = {n for g in groups for n in g}
-    return groups + [[n] for n in modules if n not in grouped]
+    return groups + [[n] for n in modules if n not in grouped], paused / PROBE_TOKENS
+
+
+def live_storages(device_type: str) -> dict[int, int]:
+    """Bytes of every tensor storage alive on `device_type`, by storage (views count once)."""
+    storages = {}
+    for obj in gc.get_objects():
+        # type(), not isinstance(): the latter reads __class__, which deprecated torch objects warn on.
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == device_type:
+            storage = obj.untyped_storage()
+            storages[storage._cdata] = storage.nbytes()
+    return storages
 
 
 def _groups_by_rule(modules: dict[str, nn.Linear]) -> list[list[str]]:
@@ -360,6 +412,7 @@ class PlanOptions:
     bandwidth_gbps: float = 200.0
     column_latency_us: float = 25.0
     static_scales: bool = True  # act-order static or one scale per channel (else act-order none/group)
+    true_sequential: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -370,6 +423,8 @@ class PlanOptions:
         for name in ("matmul_tflops", "cholesky_tflops", "bandwidth_gbps", "column_latency_us"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.true_sequential and self.offload_activations:
+            raise ValueError("offload_activations and true_sequential exclude each other (GPTQConfig refuses both)")
 
 
 @dataclass
@@ -480,17 +535,33 @@ def _local(shape: tuple[int, ...], world: int, rank: int, backend: str) -> int:
     return math.ceil(math.prod(shape) / world)
 
 
-def _workspace(group: GroupShape, element_size: int, static_scales: bool) -> int:
-    """GPTQ's own memory for one group (see the module docstring: gptq.py's live fp32 copies)."""
-    w = group.total_rows * group.columns * FP32
-    h = group.columns**2 * FP32
+def _workspace(rows: int, cols: int, element_size: int, static_scales: bool) -> int:
+    """GPTQ's own memory for a [rows, cols] weight (see the module docstring: gptq.py's live fp32 copies)."""
+    w = rows * cols * FP32
+    h = cols**2 * FP32
     inverse = 0 if static_scales else w + 3 * h
-    return group.total_rows * group.columns * element_size + max(inverse, 2 * w + 2 * h)
+    return rows * cols * element_size + max(inverse, 2 * w + 2 * h)
 
 
-def _gptq_seconds(group: GroupShape, options: PlanOptions) -> float:
+def _row_share(group: GroupShape, world: int) -> int:
+    """True-sequential: the most rows of a unit one rank quantizes (pipeline._shares)."""
+    return math.ceil(group.total_rows / world)
+
+
+def _unit_workspace(group: GroupShape, element_size: int, options: PlanOptions) -> int:
+    """GPTQ memory for one group on a rank that runs it. True-sequential: GPTQ on the rank's share of
+    the rows, beside the unit's stacked weight (several members are concatenated) and its whole result
+    (weight in the model's dtype + int8 levels, all-gathered)."""
+    if not options.true_sequential:
+        return _workspace(group.total_rows, group.columns, element_size, options.static_scales)
+    share = _row_share(group, options.world_size)
+    stacked = group.total_rows * group.columns * element_size if len(group.rows) > 1 else 0
+    whole = group.total_rows * group.columns * (element_size + 1)
+    return _workspace(share, group.columns, element_size, options.static_scales) + stacked + whole
+
+
+def _gptq_seconds(rows: int, cols: int, options: PlanOptions) -> float:
     """The package's cost model with its FLOP terms at the given rates (module docstring)."""
-    cols, rows = group.columns, group.total_rows
     factorization = 1 / 3 if options.static_scales else 4 / 3
     return (
         factorization * cols**3 / (options.cholesky_tflops * 1e12)
@@ -511,8 +582,10 @@ class _Context:
         self.param_counts = shape.all_params()
         self.sharded = world > 1
         self.outer_bytes = sum(math.prod(s) for s in shape.outer_params) * b if self.sharded else 0
+        # True-sequential owners only pack (every rank runs GPTQ on a share of each unit's rows).
+        cost = packing_cost if options.true_sequential else gptq_cost
         self.assignments = [
-            assign_owners([(g.total_rows, g.columns) for g in s.groups], world) if s.groups else None
+            assign_owners([(g.total_rows, g.columns) for g in s.groups], world, cost) if s.groups else None
             for s in shape.structures
         ]
         self.owner_sets = [set(a.owners) if a else set() for a in self.assignments]
@@ -562,39 +635,66 @@ def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
         owners = ctx.owners(s)
         mine = [g for g, o in zip(structure.groups, owners, strict=True) if o == rank]
         owned_h = sum(_hessian_bytes(g.columns) for g in mine)
-        buffers = 0
-        if ctx.sharded:
-            for (_, piece_bytes), owner in zip(ctx.target_piece_bytes(structure), owners, strict=True):
-                buffers += 2 * piece_bytes + (2 * world * piece_bytes if owner == rank else 0)
-        workspace = max((_workspace(g, b, options.static_scales) for g in mine), default=0)
         layers = [i for i, x in enumerate(shape.layer_structure) if x == s]
         where = f"layer {layers[0]}" + (f" (and {len(layers) - 1} like it)" if len(layers) > 1 else "")
-        phases += [
-            (
-                f"Hessian forward, {where}",
-                {
-                    "shards": shards,
-                    "layer": layer,
-                    "activations": activations,
-                    "working set": working,
-                    "Hessians": hessians,
-                },
-            ),
-            (
-                f"GPTQ, {where}",
-                {
-                    "shards": shards,
-                    "activations": activations,
-                    "Hessians": hessians,
-                    "owned weights": buffers,
-                    "GPTQ workspace": workspace,
-                },
-            ),
-            (
-                f"propagate, {where}",
-                {"shards": shards, "layer": layer, "activations x2": 2 * activations, "working set": working},
-            ),
-        ]
+        if options.true_sequential:
+            # Every batch's forward waits inside the layer, holding what the meta forward measured per
+            # token at its worst pause; the owners keep their units' results till the layer ends.
+            working = math.ceil(ctx.per_rank[rank] * options.seq_len * structure.paused_bytes_per_token)
+            owned_h = hessians  # every rank sums and keeps every group
+            buffers = sum(g.total_rows * g.columns * (b + 1) for g in mine)
+            workspace = max((_unit_workspace(g, b, options) for g in structure.groups), default=0)
+            phases += [
+                (
+                    f"true-sequential GPTQ, {where}",
+                    {
+                        "shards": shards,
+                        "layer": layer,
+                        "activations": activations,
+                        "paused forwards": working,
+                        "Hessians": hessians,
+                        "owned weights": buffers,
+                        "GPTQ workspace": workspace,
+                    },
+                ),
+                (
+                    f"true-sequential layer end, {where}",
+                    {"shards": shards, "layer": layer, "activations x2": 2 * activations, "Hessians": hessians,
+                     "owned weights": buffers},
+                ),
+            ]  # fmt: skip
+        else:
+            buffers = 0
+            if ctx.sharded:
+                for (_, piece_bytes), owner in zip(ctx.target_piece_bytes(structure), owners, strict=True):
+                    buffers += 2 * piece_bytes + (2 * world * piece_bytes if owner == rank else 0)
+            workspace = max((_unit_workspace(g, b, options) for g in mine), default=0)
+            phases += [
+                (
+                    f"Hessian forward, {where}",
+                    {
+                        "shards": shards,
+                        "layer": layer,
+                        "activations": activations,
+                        "working set": working,
+                        "Hessians": hessians,
+                    },
+                ),
+                (
+                    f"GPTQ, {where}",
+                    {
+                        "shards": shards,
+                        "activations": activations,
+                        "Hessians": hessians,
+                        "owned weights": buffers,
+                        "GPTQ workspace": workspace,
+                    },
+                ),
+                (
+                    f"propagate, {where}",
+                    {"shards": shards, "layer": layer, "activations x2": 2 * activations, "working set": working},
+                ),
+            ]
         best.layer = max(best.layer, layer)
         best.working = max(best.working, working)
         best.hessians = max(best.hessians, hessians)
@@ -634,28 +734,38 @@ def plan(shape: ModelShape, options: PlanOptions, advise: bool = True) -> Plan:
     mm, bw = options.matmul_tflops * 1e12, options.bandwidth_gbps * 1e9
     samples0 = ctx.per_rank[0]
     tokens = samples0 * options.seq_len
+    passes = 1 if options.true_sequential else 2  # forwards per layer
     for s, structure in enumerate(shape.structures):
         count = shape.layer_structure.count(s)
         owners = ctx.owners(s)
         pieces = ctx.target_piece_bytes(structure)
         hessian_reduce = sum(_upper(g.columns) for g in structure.groups) * REDUCE_BYTES
-        weight_transfer = sum(2 * (world - 1) * p for _, p in pieces)
+        if options.true_sequential:  # every rank receives the other ranks' rows, as int8 levels
+            shares = [_row_share(g, world) for g in structure.groups]
+            weight_transfer = sum((world - 1) * n * g.columns for g, n in zip(structure.groups, shares, strict=True))
+        else:
+            weight_transfer = sum(2 * (world - 1) * p for _, p in pieces)
         layer_gather = (world - 1) * sum(_piece(p, world, backend) for p in structure.params) * b
-        n_gathers = 0 if world == 1 else (2 if backend == "fsdp2" else 2 * ctx.batches)
+        n_gathers = 0 if world == 1 else (passes if backend == "fsdp2" else passes * ctx.batches)
         traffic.append(LayerTraffic(hessian_reduce, weight_transfer, layer_gather, n_gathers))
         balance.append(ctx.assignments[s].balance if ctx.assignments[s] else 1.0)
 
         attention = samples0 * 2 * options.seq_len**2 * shape.attention_width
-        forward += count * 2 * (2 * structure.active_params * tokens + attention) / mm
+        forward += count * passes * (2 * structure.active_params * tokens + attention) / mm
         xtx += count * sum(2 * tokens * _upper(g.columns) for g in structure.groups) / mm
         gathers += count * n_gathers * layer_gather / bw
-        compute = [0.0] * world
-        owner_bytes = [0] * world
-        for (group, piece_bytes), owner in zip(pieces, owners, strict=True):
-            compute[owner] += _gptq_seconds(group, options)
-            owner_bytes[owner] += 2 * (world - 1) * piece_bytes
-        transfers = ((world - 1) / world * hessian_reduce + max(owner_bytes)) / bw
-        gptq += count * max(max(compute), transfers)
+        if options.true_sequential:  # unit after unit, each on every rank between its two collectives
+            compute = sum(_gptq_seconds(n, g.columns, options) for g, n in zip(structure.groups, shares, strict=True))
+            all_reduce = 2 * (world - 1) / world * hessian_reduce
+            gptq += count * (compute + (all_reduce + weight_transfer) / bw)
+        else:  # owners run their groups while the transfers are in flight
+            compute_of = [0.0] * world
+            owner_bytes = [0] * world
+            for (group, piece_bytes), owner in zip(pieces, owners, strict=True):
+                compute_of[owner] += _gptq_seconds(group.total_rows, group.columns, options)
+                owner_bytes[owner] += 2 * (world - 1) * piece_bytes
+            transfers = ((world - 1) / world * hessian_reduce + max(owner_bytes)) / bw
+            gptq += count * max(max(compute_of), transfers)
     result = Plan(
         shape=shape,
         options=options,
@@ -719,15 +829,16 @@ def _advice(result: Plan) -> list[str]:
         )
         structure = shape.structures[result.largest]
         if structure.groups:
-            workspace = {g: _workspace(g, shape.element_size, options.static_scales) for g in structure.groups}
+            workspace = {g: _unit_workspace(g, shape.element_size, options) for g in structure.groups}
             group = max(structure.groups, key=workspace.__getitem__)
             hessians = sum(_hessian_bytes(g.columns) for g in structure.groups)
+            who = "every rank, for" if options.true_sequential else "the owner of"
             advice.append(
-                f"the owner of {group.label} [{group.total_rows} x {group.columns}] alone needs the layer's Hessians "
+                f"{who} {group.label} [{group.total_rows} x {group.columns}] alone needs the layer's Hessians "
                 f"({_gib(hessians)}) + GPTQ workspace ({_gib(workspace[group])}): a GPU with "
                 "more memory, or fewer live fp32 copies in gptq.py, is what would make this fit"
             )
-    if not options.offload_activations:
+    if not options.offload_activations and not options.true_sequential:
         offload = replace(options, offload_activations=True)
         peak, problems = peak_bytes(shape, offload)
         if not problems and peak <= options.gpu_memory:
@@ -790,8 +901,10 @@ def format_plan(result: Plan) -> str:
         f"{shape.num_layers} decoder layers ({shape.layers_name}), hidden {shape.hidden}",
         f"run: {world} rank(s) x {_gib(o.gpu_memory)}, {o.backend}, {o.samples} samples x {o.seq_len} tokens "
         f"({result.samples_per_rank[0]} on rank 0 in {result.batches} forward call(s) per pass), "
-        f"batch size {o.batch_size}{', activations offloaded' if o.offload_activations else ''}",
+        f"batch size {o.batch_size}{', activations offloaded' if o.offload_activations else ''}"
+        f"{', true-sequential' if o.true_sequential else ''}",
     ]
+    ts = o.true_sequential
     for s, structure in enumerate(shape.structures):
         layers = [i for i, x in enumerate(shape.layer_structure) if x == s]
         how = "tensor identity in a meta-device forward" if structure.grouping == "forward" else "sibling-name rule"
@@ -821,22 +934,36 @@ def format_plan(result: Plan) -> str:
         widths = (8, 7, 7, 7, 8, 7, 7)
         cells = "  ".join(f"{v / GiB:>{w}.2f}" for v, w in zip(values, widths, strict=True))
         lines.append(f"{r.rank:>4}  {cells}  {r.workspace / GiB:>7.2f}  {r.peak / GiB:>8.2f}  {r.peak_phase}")
-    lines.append("  acts: layer inputs of the rank's samples (x2 while propagating); working: one batch's forward")
+    if ts:
+        lines.append(
+            "  acts: layer inputs of the rank's samples (x2 at the layer's end); working: every batch's paused "
+            "forward; owned W: the results its units keep till the layer ends (owners pack)"
+        )
+    else:
+        lines.append("  acts: layer inputs of the rank's samples (x2 while propagating); working: one batch's forward")
     lines.append("")
     big = result.largest
     t = result.traffic[big]
     lines.append(f"communication per layer (structure {big}):")
-    lines.append(f"    Hessian reduce to owners      {_gib(t.hessian_reduce)} (float64 sums)")
-    lines.append(f"    weight gather + scatter       {_gib(t.weight_transfer)}")
+    if ts:
+        lines.append(f"    Hessian all-reduce            {_gib(t.hessian_reduce)} (float64 sums)")
+        lines.append(f"    rows all-gather               {_gib(t.weight_transfer)} received per rank (int8 levels)")
+    else:
+        lines.append(f"    Hessian reduce to owners      {_gib(t.hessian_reduce)} (float64 sums)")
+        lines.append(f"    weight gather + scatter       {_gib(t.weight_transfer)}")
+    passes = "1 pass" if ts else "2 passes"
     lines.append(
         f"    layer all-gather              {_gib(t.layer_gather)} received per rank, x{t.gathers} per layer "
-        + ("(2 passes)" if o.backend == "fsdp2" else "(every forward call: ZeRO-3 does not pin the layer)")
+        + (f"({passes})" if o.backend == "fsdp2" else "(every forward call: ZeRO-3 does not pin the layer)")
     )
     idle = world - len(set(result.owners[big]))
-    lines.append(
-        f"owner balance (assign_owners, max/mean predicted GPTQ load): {result.balance[big]:.2f}"
-        + (f"; {idle} of {world} rank(s) own no group and wait during GPTQ" if idle > 0 else "")
-    )
+    if ts:
+        lines.append(f"packing owners (assign_owners by elements, max/mean): {result.balance[big]:.2f}")
+    else:
+        lines.append(
+            f"owner balance (assign_owners, max/mean predicted GPTQ load): {result.balance[big]:.2f}"
+            + (f"; {idle} of {world} rank(s) own no group and wait during GPTQ" if idle > 0 else "")
+        )
     lines.append("")
     tm = result.time
     lines.append(
@@ -846,10 +973,16 @@ def format_plan(result: Plan) -> str:
     lines += [
         f"    at {o.matmul_tflops:g} matmul TFLOP/s, {o.cholesky_tflops:g} Cholesky TFLOP/s, {o.bandwidth_gbps:g} GB/s "
         "per rank (10⁹ bytes/s), for the rank with the most samples; per layer:",
-        "    forward = 2 passes x (2·active params·tokens + 2·samples·seq²·heads·head_dim) / matmul",
+        f"    forward = {passes} x (2·active params·tokens + 2·samples·seq²·heads·head_dim) / matmul",
         "    XᵀX = Σ groups 2·tokens·cols² / matmul;  all-gathers = bytes / bandwidth",
-        f"    GPTQ = max(slowest owner's Σ 4/3·cols³/Cholesky + rows·cols²/matmul + {o.column_latency_us:g} µs·cols, "
-        "Hessian reduces + weight transfers / bandwidth)",
+        (
+            f"    GPTQ = Σ units k·cols³/Cholesky + rows/N·cols²/matmul + {o.column_latency_us:g} µs·cols "
+            "+ (Hessian all-reduce + rows all-gather) / bandwidth, on every rank"
+            if ts
+            else f"    GPTQ = max(slowest owner's Σ k·cols³/Cholesky + rows·cols²/matmul + {o.column_latency_us:g} "
+            "µs·cols, Hessian reduces + weight transfers / bandwidth)"
+        ),
+        "    (k = 1/3 with act-order static or one scale per channel, 4/3 with none/group)",
     ]
     lines.append("")
     if result.fits:

@@ -141,6 +141,56 @@ def test_time_model_by_hand(shapes):
     assert dynamic.time.gptq == pytest.approx(32 * (down + 14336**3 / chol))
 
 
+def test_true_sequential_llama_8b_world_8_by_hand(shapes):
+    options = PlanOptions(
+        world_size=8, gpu_memory=MEM80, matmul_tflops=400, cholesky_tflops=20, bandwidth_gbps=200,
+        column_latency_us=30, true_sequential=True,
+    )  # fmt: skip
+    result = plan(shapes["llama-3.1-8b"], options)
+    bf16 = 2
+    # Paused before down_proj, a token holds its input (14336), the residual and the normalized input
+    # (4096 each); the earlier Linears' inputs are not kept alive by the Hessian hooks.
+    assert shapes["llama-3.1-8b"].structures[0].paused_bytes_per_token == (14336 + 2 * 4096) * bf16
+    paused = 16 * 2048 * (14336 + 2 * 4096) * bf16
+    assert all(r.working == paused for r in result.ranks)
+    # Owners only pack, balanced by elements: gate+up, down, q/k/v, o on ranks 0..3.
+    assert result.owners[0] == [2, 3, 0, 1]
+    units = [(6144, 4096, 3), (4096, 4096, 1), (28672, 4096, 2), (4096, 14336, 1)]  # rows, cols, members
+    assert result.ranks[0].owned_weights == 28672 * 4096 * (bf16 + 1)  # its result: weight + int8 levels
+    assert result.ranks[7].owned_weights == 0
+
+    def workspace(rows, cols, members):  # GPTQ on ceil(rows/8) rows + stacked copy + the whole result
+        share = ceil_div(rows, 8)
+        w, h = share * cols * 4, cols * cols * 4
+        return share * cols * bf16 + 2 * w + 2 * h + (rows * cols * bf16 if members > 1 else 0) + rows * cols * 3
+
+    assert all(r.workspace == max(workspace(*u) for u in units) for r in result.ranks)
+    shards, activations = L8_TOTAL * bf16 // 8, 16 * 2048 * 4096 * bf16
+    hessians = 8 * (4096**2 * 3 + 10 * 3584**2) + 4 * (4096**2 * 3 + 3584**2)
+    rank0 = result.ranks[0]
+    gptq_phase = (
+        shards + L8_LAYER_PARAMS * bf16 + activations + paused + hessians + rank0.owned_weights + rank0.workspace
+    )
+    assert rank0.peak == gptq_phase and rank0.peak_phase.startswith("true-sequential GPTQ")
+
+    traffic = result.traffic[0]
+    rows_received = 7 * sum(ceil_div(rows, 8) * cols for rows, cols, _ in units)  # int8
+    assert (traffic.weight_transfer, traffic.gathers) == (rows_received, 1)
+    tokens, mm, chol, bw = 16 * 2048, 400e12, 20e12, 200e9
+    forward = 32 * 1 * (2 * L8_LAYER_PARAMS * tokens + 16 * 2 * 2048**2 * 32 * 128) / mm  # one pass
+    gptq = sum(1 / 3 * c**3 / chol + ceil_div(r, 8) * c**2 / mm + 30e-6 * c for r, c, _ in units)
+    collectives = (2 * 7 / 8 * traffic.hessian_reduce + rows_received) / bw
+    assert result.time.forward == pytest.approx(forward)
+    assert result.time.gptq == pytest.approx(32 * (gptq + collectives))
+    standard = plan(shapes["llama-3.1-8b"], replace(options, true_sequential=False))
+    assert result.time.forward == pytest.approx(standard.time.forward / 2)
+
+
+def test_true_sequential_refuses_offload():
+    with pytest.raises(ValueError, match="exclude each other"):
+        PlanOptions(world_size=8, gpu_memory=MEM80, true_sequential=True, offload_activations=True)
+
+
 def test_zero3_flat_partitions_and_fsdp2_uneven_rows(shapes):
     shape = shapes["llama-3.1-8b"]
     outer = [(128256, 4096), (128256, 4096), (4096,)]
@@ -255,7 +305,8 @@ TINY = {
 
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_meta_groups_equal_a_real_forward(family, tmp_path):
-    """The meta-device grouping equals what HessianHooks finds in a real CPU forward of the same model."""
+    """The meta-device grouping equals what HessianHooks finds in a real CPU forward of the same model,
+    and so do the bytes per token that a forward holds while paused before a target (true-sequential)."""
     config = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
     (tmp_path / "config.json").write_text(json.dumps({**config, **TINY[family]}))
     shape = load_model_shape(tmp_path / "config.json", torch.float32, group_size=None)
@@ -267,13 +318,24 @@ def test_meta_groups_equal_a_real_forward(family, tmp_path):
     _, layers = find_decoder_layers(model)
     ids = torch.randint(0, 128, (1, 8))
     hidden, calls = capture_layer_inputs(model, layers, [(ids, torch.ones_like(ids))])
-    hooks = HessianHooks(modules)
+    hooks = HessianHooks(modules, stop_early=False)  # as in true-sequential order
+    paused = []
+
+    def at_pause(_module, _args) -> None:  # new storages alive here, the Hessian sums aside
+        own = {t.untyped_storage()._cdata for g in hooks.groups for t in (g.sum, g._product)}
+        paused.append(sum(n for k, n in planner.live_storages("cpu").items() if k not in before and k not in own))
+
+    before = planner.live_storages("cpu")
     with torch.no_grad(), hooks.attached(), hooks.forward(None):
+        handles = [m.register_forward_pre_hook(at_pause) for m in modules.values()]
         args, kwargs = calls[0][0]
         layers[0](hidden[0], *args, **kwargs)
+    for handle in handles:
+        handle.remove()
     prefix = f"{shape.layers_name}.0."
     real = [tuple(n.removeprefix(prefix) for n in g.names) for g in hooks.groups]
     assert [g.names for g in shape.structures[0].groups] == real
+    assert shape.structures[0].paused_bytes_per_token == max(paused) / ids.numel() > 0
 
 
 @pytest.mark.parametrize("name", ["llama-3.1-8b", "mixtral-8x7b"])
@@ -290,6 +352,13 @@ def test_parse_size():
     assert parse_size("80GB") == 80 * 10**9 and parse_size("1024") == 1024 and parse_size("1.5TiB") == 3 * 2**39
     with pytest.raises(ValueError):
         parse_size("eighty")
+
+
+def test_cli_plans_a_true_sequential_run(capsys):
+    main(["plan", "--model-config", str(CONFIGS / "llama-3.1-8b.json"), "--world-size", "8", "--true-sequential"])
+    out = capsys.readouterr().out
+    assert ", true-sequential" in out and "rows all-gather" in out and "forward = 1 pass x" in out
+    assert "true-sequential GPTQ, layer 0" in out and "FITS" in out
 
 
 def test_cli_prints_the_per_rank_table(tmp_path, capsys):
