@@ -482,6 +482,9 @@ class Plan:
     time: TimeEstimate
     problems: list[str] = field(default_factory=list)  # the package would refuse this run
     suggestions: list[str] = field(default_factory=list)
+    # The same run in the other order (true-sequential or standard): estimated seconds and peak bytes;
+    # None where that order is refused (activation offload with true-sequential).
+    other_order: tuple[float, int] | None = None
 
     @property
     def peak(self) -> int:
@@ -778,8 +781,12 @@ def plan(shape: ModelShape, options: PlanOptions, advise: bool = True) -> Plan:
         time=TimeEstimate(forward, xtx, gathers, gptq),
         problems=list(ctx.problems),
     )
-    if advise and not result.fits:
-        result.suggestions = _advice(result)
+    if advise:
+        if not result.fits:
+            result.suggestions = _advice(result)
+        if not options.offload_activations:
+            other = plan(shape, replace(options, true_sequential=not options.true_sequential), advise=False)
+            result.other_order = (other.time.total, other.peak)
     return result
 
 
@@ -984,6 +991,10 @@ def format_plan(result: Plan) -> str:
         ),
         "    (k = 1/3 with act-order static or one scale per channel, 4/3 with none/group)",
     ]
+    if result.other_order is not None:
+        seconds, peak = result.other_order
+        other = "standard order" if ts else "--true-sequential"
+        lines.append(f"{other}: estimated time {_seconds(seconds)}, peak {_gib(peak)}")
     lines.append("")
     if result.fits:
         lines.append(f"FITS: peak {_gib(result.peak)} of {_gib(o.gpu_memory)} (rank {_peak_rank(result).rank})")

@@ -359,6 +359,12 @@ def test_cli_plans_a_true_sequential_run(capsys):
     out = capsys.readouterr().out
     assert ", true-sequential" in out and "rows all-gather" in out and "forward = 1 pass x" in out
     assert "true-sequential GPTQ, layer 0" in out and "FITS" in out
+    standard = plan(load_model_shape(CONFIGS / "llama-3.1-8b.json"), PlanOptions(world_size=8, gpu_memory=MEM80))
+    assert f"standard order: estimated time {planner._seconds(standard.time.total)}, peak" in out
+    assert (
+        standard.other_order is not None
+        and standard.other_order[1] == plan(standard.shape, replace(standard.options, true_sequential=True)).peak
+    )
 
 
 def test_cli_prints_the_per_rank_table(tmp_path, capsys):
