@@ -84,9 +84,13 @@ class HessianGroup:
         return hessian_from_sum(self.sum, self.tokens, self.columns)
 
     @property
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the group allocates: the float64 sum and the fp32 block scratch."""
+        return self.sum, self._product
+
+    @property
     def nbytes(self) -> int:
-        """The float64 sum and the fp32 block scratch."""
-        return self.sum.numel() * self.sum.element_size() + self._product.numel() * self._product.element_size()
+        return sum(t.numel() * t.element_size() for t in self.buffers)
 
     def release(self) -> None:
         self.sum = self._product = torch.empty(0)

@@ -345,9 +345,7 @@ def _groups_by_forward(
 
     def at_pause(name: str) -> None:
         nonlocal paused
-        own = {t.untyped_storage()._cdata for g in hooks.groups for t in (g.sum, g._product)}
-        made = live_storages("meta")
-        paused = max(paused, sum(n for k, n in made.items() if k not in before and k not in own))
+        paused = max(paused, bytes_made_since(before, hooks, "meta"))
         seen.add(name)
         if len(seen) == len(modules):
             raise _Stop
@@ -369,6 +367,13 @@ def _groups_by_forward(
     groups = [list(g.names) for g in hooks.groups]
     grouped = {n for g in groups for n in g}
     return groups + [[n] for n in modules if n not in grouped], paused / PROBE_TOKENS
+
+
+def bytes_made_since(before: dict[int, int], hooks: HessianHooks, device_type: str) -> int:
+    """Bytes of the storages alive now that were not in `before` (a `live_storages` result), the
+    hooks' own Hessian buffers aside: what a forward paused here holds."""
+    own = {t.untyped_storage()._cdata for g in hooks.groups for t in g.buffers}
+    return sum(n for k, n in live_storages(device_type).items() if k not in before and k not in own)
 
 
 def live_storages(device_type: str) -> dict[int, int]:

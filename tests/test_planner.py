@@ -321,9 +321,8 @@ def test_meta_groups_equal_a_real_forward(family, tmp_path):
     hooks = HessianHooks(modules, stop_early=False)  # as in true-sequential order
     paused = []
 
-    def at_pause(_module, _args) -> None:  # new storages alive here, the Hessian sums aside
-        own = {t.untyped_storage()._cdata for g in hooks.groups for t in (g.sum, g._product)}
-        paused.append(sum(n for k, n in planner.live_storages("cpu").items() if k not in before and k not in own))
+    def at_pause(_module, _args) -> None:
+        paused.append(planner.bytes_made_since(before, hooks, "cpu"))
 
     before = planner.live_storages("cpu")
     with torch.no_grad(), hooks.attached(), hooks.forward(None):
