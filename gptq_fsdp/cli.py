@@ -221,7 +221,14 @@ def quantize_command(args: argparse.Namespace) -> None:
         skeleton = AutoModelForCausalLM.from_config(model_config)
     try:
         target_modules(skeleton, config)
-    except GPTQError as error:
+        if world > 1 and not zero3 and args.load == "sharded":
+            from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+            from gptq_fsdp.launch import check_files_hold
+
+            skeleton.tie_weights()  # as the sharded loader does: a tied lm_head is not in the files
+            check_files_hold(skeleton, HuggingFaceStorageReader(str(args.model)))
+    except (GPTQError, LaunchError) as error:
         _fail(str(error))
     del skeleton
     if args.num_samples < world:

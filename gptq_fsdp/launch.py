@@ -171,8 +171,27 @@ def load_sharded(
     model = _empty_sharded_model(model_dir, dtype, settings or FSDPSettings())
     # torch.distributed.checkpoint reads each rank's DTensor slices straight from the HF safetensors;
     # tied parameters appear once (named_parameters dedups them), as in the files.
-    dcp.load(dict(model.named_parameters()), storage_reader=HuggingFaceStorageReader(str(model_dir)))
+    reader = HuggingFaceStorageReader(str(model_dir))
+    check_files_hold(model, reader)
+    dcp.load(dict(model.named_parameters()), storage_reader=reader)
     return model
+
+
+def check_files_hold(model: nn.Module, reader: HuggingFaceStorageReader) -> None:
+    """Raise LaunchError unless the safetensors files hold every parameter of `model` under its name.
+
+    transformers 5 converts some layouts while loading (per-expert MoE weights into fused 3-D
+    parameters, for one), which reading each rank's slices straight from the files cannot do.
+    """
+    stored = reader.read_metadata().state_dict_metadata
+    missing = [name for name, _ in model.named_parameters() if name not in stored]
+    if missing:
+        raise LaunchError(
+            f"the model files do not store {len(missing)} parameter(s) under their names "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): transformers converts them "
+            "while loading, which reading each rank's slices from the files cannot do. Use --load rank0 "
+            "(rank 0 loads the model through transformers and sends each rank its slices) or --backend zero3"
+        )
 
 
 def load_rank0_broadcast(

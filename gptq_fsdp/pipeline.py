@@ -186,6 +186,57 @@ def target_modules(model: nn.Module, config: GPTQConfig) -> list[dict[str, nn.Li
     return per_layer
 
 
+def uncovered_matrices(
+    layer: nn.Module, covered: set[str], shape_of: Callable[[torch.Tensor], torch.Size] = lambda p: p.shape
+) -> list[tuple[str, torch.Size]]:
+    """The layer's matrix parameters (2-D and up; whole shapes by `shape_of`) inside none of the
+    `covered` modules (layer-relative names: the targets and the ignored): they stay as they are.
+    In transformers 5.x, MoE experts are such 3-D parameters, and routers such 2-D ones."""
+
+    def inside_covered(name: str) -> bool:
+        parts = name.split(".")[:-1]
+        return any(".".join(parts[:i]) in covered for i in range(1, len(parts) + 1))
+
+    return [
+        (name, shape_of(p))
+        for name, p in layer.named_parameters()
+        if len(shape_of(p)) >= 2 and not inside_covered(name)
+    ]
+
+
+def ignored_modules(model: nn.Module, config: GPTQConfig) -> set[str]:
+    """Full names of the modules `config.ignore` matches (of any class)."""
+    return {name for name, _ in match_named_modules(model, config.ignore)} if config.ignore else set()
+
+
+def _warn_uncovered(
+    model: nn.Module, per_layer: list[dict[str, nn.Linear]], config: GPTQConfig, backend: Backend
+) -> None:
+    """Warn when matrices inside the decoder layers would silently stay in full precision."""
+    layers_name, layers = find_decoder_layers(model)
+    ignored = ignored_modules(model, config)
+    uncovered: dict[str, torch.Size] = {}  # layer-relative name: shape in the first layer that has it
+    total = left = 0
+    for index, layer in enumerate(layers):
+        prefix = f"{layers_name}.{index}."
+        covered = {n[len(prefix) :] for n in (*per_layer[index], *ignored) if n.startswith(prefix)}
+        total += sum(backend.weight_shape(p).numel() for p in layer.parameters())
+        for name, shape in uncovered_matrices(layer, covered, backend.weight_shape):
+            uncovered.setdefault(name, shape)
+            left += shape.numel()
+    if uncovered:
+        listed = ", ".join(f"{name} {list(shape)}" for name, shape in uncovered.items())
+        logger.warning(
+            "%.0f%% of the decoder layers' parameters stay unquantized: no nn.Linear target covers %s.%s "
+            "Add their modules to the ignored ones to silence this.",
+            100 * left / total,
+            listed,
+            " In transformers 5.x MoE experts are fused 3-D parameters, not nn.Linear."
+            if any(len(shape) > 2 for shape in uncovered.values())
+            else "",
+        )
+
+
 def _layer_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -295,6 +346,8 @@ def quantize_model(
     backend = backend or detect_backend(model)
     rank, world = backend.rank, backend.world_size
     per_layer = target_modules(model, config)
+    if rank == 0:
+        _warn_uncovered(model, per_layer, config, backend)
     layers_name, layers = find_decoder_layers(model)
     batches = [calibration.batch(b) for b in rank_batches(len(calibration), rank, world, config.batch_size)]
     masks = [mask for _, mask in batches]

@@ -103,7 +103,7 @@ from torch import nn
 from gptq_fsdp.backends.fsdp2 import row_counts
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.hessian import HessianHooks, column_blocks, packed_size, upper_blocks
-from gptq_fsdp.pipeline import find_decoder_layers, target_modules
+from gptq_fsdp.pipeline import find_decoder_layers, ignored_modules, target_modules, uncovered_matrices
 from gptq_fsdp.schedule import assign_owners, gptq_cost, packing_cost
 
 GiB = 2**30
@@ -153,7 +153,7 @@ class LayerShape:
     groups: tuple[GroupShape, ...]
     active_params: float  # parameters a token passes through (MoE experts weighted by top-k / experts)
     widest_output: int  # largest output width of a forward (a group's stacked rows, or a fused weight)
-    unquantized: tuple[str, ...]  # matrix parameters no target covers (fused MoE experts, routers)
+    unquantized: tuple[str, ...]  # matrix parameters no target covers and not ignored (fused MoE experts, routers)
     unquantized_params: int
     grouping: str  # "forward" (tensor identity in a meta forward) or "rule" (sibling names)
     # What one token of a true-sequential forward holds while paused before its worst Linear: measured
@@ -234,13 +234,15 @@ def load_model_shape(
     structures: list[LayerShape] = []
     index_of: dict[tuple, int] = {}
     layer_structure = []
+    ignored = ignored_modules(model, gptq_config)
     for i, layer in enumerate(layers):
         prefix = f"{layers_name}.{i}."
         modules = {name[len(prefix) :]: module for name, module in per_layer[i].items()}
-        key = (tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()), tuple(modules))
+        skipped = {name[len(prefix) :] for name in ignored if name.startswith(prefix)}
+        key = (tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()), tuple(modules), tuple(sorted(skipped)))
         if key not in index_of:
             index_of[key] = len(structures)
-            structures.append(_layer_shape(layer, modules, calls, expert_fraction, hidden))
+            structures.append(_layer_shape(layer, modules, skipped, calls, expert_fraction, hidden))
         layer_structure.append(index_of[key])
     return ModelShape(
         name=(getattr(config, "architectures", None) or [type(model).__name__])[0],
@@ -290,6 +292,7 @@ def _probe_layer_calls(model: nn.Module, layers: nn.ModuleList) -> list[tuple[tu
 def _layer_shape(
     layer: nn.Module,
     modules: dict[str, nn.Linear],
+    ignored: set[str],
     calls: list[tuple[tuple, dict]],
     expert_fraction: float,
     hidden: int,
@@ -307,19 +310,19 @@ def _layer_shape(
     if probe is None:  # what the forward shows for pre-norm layers: the input, a residual and a normed copy
         element_size = next(layer.parameters()).element_size()
         paused = (max((g.columns for g in group_shapes), default=0) + 2 * hidden) * element_size
-    target_weights = {f"{n}.weight" for n in modules}
-    unquantized = [(n, p) for n, p in layer.named_parameters() if p.dim() >= 2 and n not in target_weights]
+    others = uncovered_matrices(layer, set(modules))  # they still run in the forward
+    unquantized = uncovered_matrices(layer, {*modules, *ignored})
     active = 0.0
     for name, p in layer.named_parameters():
         active += p.numel() * (expert_fraction if "experts" in name.split(".") else 1.0)
-    widest = max([g.total_rows for g in group_shapes] + [p.shape[-2] for _, p in unquantized], default=0)
+    widest = max([g.total_rows for g in group_shapes] + [shape[-2] for _, shape in others], default=0)
     return LayerShape(
         params=tuple(tuple(p.shape) for p in layer.parameters()),
         groups=group_shapes,
         active_params=active,
         widest_output=int(widest),
         unquantized=tuple(n for n, _ in unquantized),
-        unquantized_params=sum(p.numel() for _, p in unquantized),
+        unquantized_params=sum(shape.numel() for _, shape in unquantized),
         grouping=grouping,
         paused_bytes_per_token=paused,
     )

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from sharded_helpers import ENV, REPO, dequantized, single_process, torchrun
 from transformers import AutoModelForCausalLM
 
@@ -64,6 +65,32 @@ def test_fast_matmul_precision_keeps_sharded_equal_to_single_process(tiny_llama_
     _, expected = dequantized(single)
     assert sharded.keys() == expected.keys()
     assert all(torch.equal(sharded[k], expected[k]) for k in expected)
+
+
+def test_moe_files_converted_on_load_need_the_rank0_load(tmp_path, smollm2_dir, austen):
+    """Mixtral's files hold per-expert weights that transformers 5 fuses while loading: reading each
+    rank's slices from them is refused before any weight is read, and --load rank0 gives the
+    one-process result."""
+    model_dir = make_tiny_model("mixtral", tmp_path / "mixtral", smollm2_dir)
+    refused = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptq_fsdp",
+         "quantize", str(model_dir), "--dataset", str(austen / "emma.txt"), "--num-samples", "4",
+         "--max-seq-length", "32", "--group-size", "32", "--output", str(tmp_path / "refused")],
+        capture_output=True, text=True, env=ENV,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "model.layers.0.mlp.experts.gate_up_proj" in refused.stderr and "Use --load rank0" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+    output = tmp_path / "ckpt"
+    torchrun(
+        2, str(REPO / "tests" / "fsdp_worker.py"), str(model_dir), str(output), str(tmp_path / "report.json"),
+        "--text", str(austen / "emma.txt"), "--load", "rank0",
+    )  # fmt: skip
+    _, sharded = dequantized(output)
+    _, single = dequantized(single_process(model_dir, tmp_path / "single", austen / "emma.txt", 12))
+    assert sharded.keys() == single.keys() and "model.layers.1.self_attn.o_proj.weight" in single
+    assert all(torch.equal(sharded[k], single[k]) for k in single)
 
 
 def test_uneven_row_shards_exist_in_the_tiny_model(tiny_llama_dir):

@@ -228,6 +228,32 @@ def test_checkpoint_tensors(quantized):
         assert stored in (["lm_head.weight"], ["embed_out.weight"]), stored
 
 
+def test_unquantized_matrices_are_warned_about(model_dirs, calibration, caplog):
+    # Mixtral's experts (fused 3-D parameters) and router are in no target: a warning names them,
+    # with their share of the layers' parameters, before any forward.
+    with caplog.at_level("WARNING", logger="gptq_fsdp.pipeline"):
+        model, _, _ = quantize(model_dirs("mixtral"), calibration, group_size=GROUP)
+    (warning,) = [r.getMessage() for r in caplog.records if "stay unquantized" in r.getMessage()]
+    layer = model.model.layers[0]
+    experts = layer.mlp.experts.gate_up_proj.numel() + layer.mlp.experts.down_proj.numel()
+    router = layer.mlp.gate.weight.numel()
+    share = (experts + router) / sum(p.numel() for p in layer.parameters())
+    assert warning.startswith(f"{100 * share:.0f}% of the decoder layers' parameters stay unquantized")
+    for name in (
+        "mlp.gate.weight [4, 64]",
+        "mlp.experts.gate_up_proj [4, 256, 64]",
+        "mlp.experts.down_proj [4, 64, 128]",
+    ):
+        assert name in warning
+    assert "fused 3-D parameters" in warning
+    # Ignoring their modules silences it; a dense model has nothing to warn about.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gptq_fsdp.pipeline"):
+        quantize(model_dirs("mixtral"), calibration, group_size=GROUP, ignore=["lm_head", "re:.*mlp$"])
+        quantize(model_dirs("llama"), calibration, group_size=GROUP)
+    assert not [r for r in caplog.records if "stay unquantized" in r.getMessage()]
+
+
 # ------------------------------------------------------------------------------------ schemes and inputs
 
 

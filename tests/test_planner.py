@@ -277,6 +277,9 @@ def test_moe_fused_experts_are_not_targets(shapes):
         assert [g.label for g in structure.groups] == ["self_attn.q_proj+k_proj+v_proj", "self_attn.o_proj"]
         assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= set(structure.unquantized)
         assert structure.unquantized_params >= experts
+    # Ignored modules are not reported as left out by accident.
+    ignoring = load_model_shape(CONFIGS / "mixtral-8x7b.json", ignore=["lm_head", "re:.*mlp.experts$"])
+    assert ignoring.structures[0].unquantized == ("mlp.gate.weight",)
     # Forward FLOPs count top-k of the experts: Mixtral 2 of 8.
     mixtral = shapes["mixtral-8x7b"].structures[0]
     dense = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 8 * 4096 + 2 * 4096
