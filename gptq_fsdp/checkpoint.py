@@ -22,6 +22,8 @@ from compressed_tensors.quantization import QuantizationConfig, QuantizationStat
 from compressed_tensors.utils import match_named_modules
 from safetensors.torch import save_file
 from torch import nn
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_renamings
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from gptq_fsdp import faults
@@ -74,6 +76,26 @@ def _unquantized_tensors(model: nn.Module, result: QuantizationResult) -> dict[s
     return tensors
 
 
+def in_file_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors under the names the model's own files give them, as save_pretrained writes
+    them: transformers 5 renames some while loading (gpt_neox's `embed_out` is `lm_head` in memory).
+
+    Models whose loading also fuses per-expert MoE weights into 3-D parameters keep the in-memory
+    names: their experts are not quantized here, and transformers 5.24 loads a compressed-tensors
+    checkpoint's per-expert weights only when they are quantized.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        # The model's class, not FSDP2's subclass of it (transformers takes that for custom code).
+        cls = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers."))
+        found = get_checkpoint_conversion_mapping(cls.__name__)
+        conversions = found or get_checkpoint_conversion_mapping(model.config.model_type) or []
+    if any(isinstance(c, WeightConverter) for c in conversions):
+        return dict(tensors)
+    renamings = [c.reverse_transform() for c in reversed(conversions) if isinstance(c, WeightRenaming)]
+    return {apply_renamings(name, renamings): tensor for name, tensor in tensors.items()}
+
+
 def _shared_tmp_dir(target: Path, backend) -> Path:
     """A fresh directory beside `target`, made by rank 0 and named to all ranks (shared filesystem)."""
     path = str(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)) if backend.rank == 0 else None
@@ -113,6 +135,7 @@ def save_quantized(
         for record in result.modules.values():
             if record.owner == rank:
                 tensors.update({f"{record.name}.{k}": v for k, v in record.packed.items()})
+        tensors = {k: v.contiguous() for k, v in in_file_layout(model, tensors).items()}
         file = "model.safetensors" if world == 1 else f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
         faults.before_write(tmp / file)
         save_file(tensors, tmp / file, metadata={"format": "pt"})

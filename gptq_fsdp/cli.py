@@ -224,10 +224,10 @@ def quantize_command(args: argparse.Namespace) -> None:
         if world > 1 and not zero3 and args.load == "sharded":
             from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-            from gptq_fsdp.launch import check_files_hold
+            from gptq_fsdp.launch import parameters_in_files
 
             skeleton.tie_weights()  # as the sharded loader does: a tied lm_head is not in the files
-            check_files_hold(skeleton, HuggingFaceStorageReader(str(args.model)))
+            parameters_in_files(skeleton, HuggingFaceStorageReader(str(args.model)))
     except (GPTQError, LaunchError) as error:
         _fail(str(error))
     del skeleton

@@ -24,6 +24,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from gptq_fsdp.backends.fsdp2 import FSDP2Backend
+from gptq_fsdp.checkpoint import in_file_layout
 from gptq_fsdp.pipeline import find_decoder_layers
 
 logger = logging.getLogger(__name__)
@@ -172,19 +173,20 @@ def load_sharded(
     # torch.distributed.checkpoint reads each rank's DTensor slices straight from the HF safetensors;
     # tied parameters appear once (named_parameters dedups them), as in the files.
     reader = HuggingFaceStorageReader(str(model_dir))
-    check_files_hold(model, reader)
-    dcp.load(dict(model.named_parameters()), storage_reader=reader)
+    dcp.load(parameters_in_files(model, reader), storage_reader=reader)
     return model
 
 
-def check_files_hold(model: nn.Module, reader: HuggingFaceStorageReader) -> None:
-    """Raise LaunchError unless the safetensors files hold every parameter of `model` under its name.
+def parameters_in_files(model: nn.Module, reader: HuggingFaceStorageReader) -> dict[str, nn.Parameter]:
+    """The model's parameters under their names in the safetensors files (renamed ones too); raise
+    LaunchError if the files do not hold them all.
 
-    transformers 5 converts some layouts while loading (per-expert MoE weights into fused 3-D
-    parameters, for one), which reading each rank's slices straight from the files cannot do.
+    transformers 5 also fuses per-expert MoE weights into 3-D parameters while loading, which reading
+    each rank's slices straight from the files cannot do.
     """
     stored = reader.read_metadata().state_dict_metadata
-    missing = [name for name, _ in model.named_parameters() if name not in stored]
+    in_files = in_file_layout(model, dict(model.named_parameters()))
+    missing = [name for name in in_files if name not in stored]
     if missing:
         raise LaunchError(
             f"the model files do not store {len(missing)} parameter(s) under their names "
@@ -192,6 +194,7 @@ def check_files_hold(model: nn.Module, reader: HuggingFaceStorageReader) -> None
             "while loading, which reading each rank's slices from the files cannot do. Use --load rank0 "
             "(rank 0 loads the model through transformers and sends each rank its slices) or --backend zero3"
         )
+    return in_files
 
 
 def load_rank0_broadcast(

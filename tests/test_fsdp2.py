@@ -93,6 +93,24 @@ def test_moe_files_converted_on_load_need_the_rank0_load(tmp_path, smollm2_dir, 
     assert all(torch.equal(sharded[k], single[k]) for k in single)
 
 
+def test_files_with_renamed_tensors_load_sharded(tmp_path, smollm2_dir, austen):
+    """GPT-NeoX's files name the lm_head embed_out (transformers 5 renames it while loading): each
+    rank still reads only its slices, and the result is the one-process one."""
+    model_dir = make_tiny_model("gpt_neox", tmp_path / "gpt_neox", smollm2_dir)
+    output = tmp_path / "ckpt"
+    torchrun(
+        2, str(REPO / "tests" / "fsdp_worker.py"), str(model_dir), str(output), str(tmp_path / "report.json"),
+        "--text", str(austen / "emma.txt"),
+    )  # fmt: skip
+    sharded_model, _ = dequantized(output)
+    single_model, _ = dequantized(single_process(model_dir, tmp_path / "single", austen / "emma.txt", 12))
+    sharded, single = sharded_model.state_dict(), single_model.state_dict()
+    assert sharded.keys() == single.keys() and "gpt_neox.layers.1.mlp.dense_4h_to_h.weight" in single
+    assert all(torch.equal(sharded[k], single[k]) for k in single)
+    index = json.loads((output / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "embed_out.weight" in index and "lm_head.weight" not in index
+
+
 def test_uneven_row_shards_exist_in_the_tiny_model(tiny_llama_dir):
     """The 3-rank runs above cut rows unevenly (e.g. 32 k_proj rows -> 11, 11, 10)."""
     config = json.loads((tiny_llama_dir / "config.json").read_text())

@@ -219,13 +219,23 @@ def test_checkpoint_tensors(quantized):
         torch.testing.assert_close(dequantized, module.weight.float(), rtol=0, atol=1e-6)
         if module.bias is not None:
             torch.testing.assert_close(tensors[f"{name}.bias"], quantized.original[f"{name}.bias"], rtol=0, atol=0)
-    # Only the layer Linears are packed; an untied lm_head is stored as it was (gpt_neox names it embed_out).
+    # Only the layer Linears are packed; every other tensor has the name the model's own files give
+    # it (gpt_neox's lm_head is embed_out there), except MoE models whose files transformers fuses
+    # per-expert weights from: their unquantized experts stay fused, as in memory.
     packed = {k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed")}
     assert packed == set(layer_linears(quantized.model))
+    weights = {f"{name}.weight" for name in packed}
+    others = {k for k in tensors if not (k.rpartition(".")[0] in packed and k.rpartition(".")[2].startswith("weight"))}
+    if quantized.family in ("mixtral", "deepseek_v3"):
+        tied = {"lm_head.weight"} if quantized.model.config.tie_word_embeddings else set()
+        assert others == set(quantized.original) - weights - tied
+        assert any(k.endswith("experts.gate_up_proj") for k in others)
+    else:
+        assert others == set(load_tensors(quantized.source)) - weights
     if not quantized.model.config.tie_word_embeddings:
         lm_head = quantized.original["lm_head.weight"]
         stored = [k for k, v in tensors.items() if v.shape == lm_head.shape and torch.equal(v, lm_head)]
-        assert stored in (["lm_head.weight"], ["embed_out.weight"]), stored
+        assert stored == (["embed_out.weight"] if quantized.family == "gpt_neox" else ["lm_head.weight"]), stored
 
 
 def test_unquantized_matrices_are_warned_about(model_dirs, calibration, caplog):
