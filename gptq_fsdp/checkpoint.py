@@ -86,7 +86,8 @@ def in_file_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[s
     """
     conversions = getattr(model, "_weight_conversions", None)
     if conversions is None:
-        # The model's class, not FSDP2's subclass of it (transformers takes that for custom code).
+        # The model's class, not FSDP2's subclass of it: transformers takes that for custom code and
+        # finds no conversions for it (so revert_weight_conversion would rename nothing there).
         cls = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers."))
         found = get_checkpoint_conversion_mapping(cls.__name__)
         conversions = found or get_checkpoint_conversion_mapping(model.config.model_type) or []
@@ -135,7 +136,7 @@ def save_quantized(
         for record in result.modules.values():
             if record.owner == rank:
                 tensors.update({f"{record.name}.{k}": v for k, v in record.packed.items()})
-        tensors = {k: v.contiguous() for k, v in in_file_layout(model, tensors).items()}
+        tensors = in_file_layout(model, tensors)
         file = "model.safetensors" if world == 1 else f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
         faults.before_write(tmp / file)
         save_file(tensors, tmp / file, metadata={"format": "pt"})

@@ -210,10 +210,14 @@ def ignored_modules(model: nn.Module, config: GPTQConfig) -> set[str]:
 
 
 def _warn_uncovered(
-    model: nn.Module, per_layer: list[dict[str, nn.Linear]], config: GPTQConfig, backend: Backend
+    model: nn.Module,
+    layers_name: str,
+    layers: nn.ModuleList,
+    per_layer: list[dict[str, nn.Linear]],
+    config: GPTQConfig,
+    backend: Backend,
 ) -> None:
     """Warn when matrices inside the decoder layers would silently stay in full precision."""
-    layers_name, layers = find_decoder_layers(model)
     ignored = ignored_modules(model, config)
     uncovered: dict[str, torch.Size] = {}  # layer-relative name: shape in the first layer that has it
     total = left = 0
@@ -346,9 +350,9 @@ def quantize_model(
     backend = backend or detect_backend(model)
     rank, world = backend.rank, backend.world_size
     per_layer = target_modules(model, config)
-    if rank == 0:
-        _warn_uncovered(model, per_layer, config, backend)
     layers_name, layers = find_decoder_layers(model)
+    if rank == 0:
+        _warn_uncovered(model, layers_name, layers, per_layer, config, backend)
     batches = [calibration.batch(b) for b in rank_batches(len(calibration), rank, world, config.batch_size)]
     masks = [mask for _, mask in batches]
     result = QuantizationResult(config, backend, quantized=[n for modules in per_layer for n in modules])
