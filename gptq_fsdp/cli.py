@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--samples", type=_positive(int), default=128, help="calibration samples")
     plan.add_argument("--seq-len", type=_positive(int), default=2048, help="tokens per sample")
     plan.add_argument("--backend", choices=["fsdp2", "zero3"], default="fsdp2")
+    plan.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda", help="where the run computes (Hessian block layout)"
+    )
     plan.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     plan.add_argument("--group-size", type=int, default=128, help="columns per scale; 0 = one scale per channel")
     plan.add_argument(
@@ -325,6 +328,7 @@ def plan_command(args: argparse.Namespace) -> None:
             bandwidth_gbps=args.bandwidth_gbps,
             static_scales=args.actorder in ("static", "weight") or args.group_size == 0,
             true_sequential=args.true_sequential,
+            device_type=args.device,
         )
         shape = load_model_shape(config, PLAN_DTYPES[args.dtype], args.group_size or None)
     except (ValueError, GPTQError) as error:

@@ -421,10 +421,13 @@ class PlanOptions:
     column_latency_us: float = 25.0
     static_scales: bool = True  # act-order static or one scale per channel (else act-order none/group)
     true_sequential: bool = False
+    device_type: str = "cuda"  # where the run computes: the Hessian's block layout depends on it ("cuda" or "cpu")
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.device_type not in ("cuda", "cpu"):
+            raise ValueError(f"device_type must be 'cuda' or 'cpu', got {self.device_type!r}")
         for name in ("world_size", "gpu_memory", "samples", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -611,20 +614,20 @@ class _Context:
         return [(g, sum(_piece((r, g.columns), world, backend) for r in g.rows) * b) for g in structure.groups]
 
 
-def _block_width(columns: int) -> int:
-    """Widest column block of the symmetric XᵀX on a GPU (hessian.column_blocks)."""
-    return max(b - a for a, b in column_blocks(columns, "cuda"))
+def _block_width(columns: int, device_type: str) -> int:
+    """Widest column block of the symmetric XᵀX on the device (hessian.column_blocks)."""
+    return max(b - a for a, b in column_blocks(columns, device_type))
 
 
-def _hessian_bytes(columns: int) -> int:
-    """hessian.HessianGroup on a GPU: the float64 running sum of the upper blocks and one fp32 block of XᵀX."""
-    return _upper(columns) * REDUCE_BYTES + _block_width(columns) ** 2 * FP32
+def _hessian_bytes(columns: int, device_type: str) -> int:
+    """hessian.HessianGroup: the float64 running sum of the upper blocks and one fp32 block of XᵀX."""
+    return _upper(columns, device_type) * REDUCE_BYTES + _block_width(columns, device_type) ** 2 * FP32
 
 
 @functools.lru_cache(maxsize=1024)
-def _upper(columns: int) -> int:
-    """Elements of a Hessian sum on a GPU (hessian.upper_blocks)."""
-    return packed_size(upper_blocks(columns, "cuda"))
+def _upper(columns: int, device_type: str) -> int:
+    """Elements of a Hessian sum (hessian.upper_blocks)."""
+    return packed_size(upper_blocks(columns, device_type))
 
 
 def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
@@ -642,10 +645,10 @@ def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
     for s, structure in enumerate(shape.structures):
         layer = structure.numel * b if ctx.sharded else 0
         working = batch_tokens * structure.widest_output * b
-        hessians = sum(_hessian_bytes(g.columns) for g in structure.groups)
+        hessians = sum(_hessian_bytes(g.columns, options.device_type) for g in structure.groups)
         owners = ctx.owners(s)
         mine = [g for g, o in zip(structure.groups, owners, strict=True) if o == rank]
-        owned_h = sum(_hessian_bytes(g.columns) for g in mine)
+        owned_h = sum(_hessian_bytes(g.columns, options.device_type) for g in mine)
         layers = [i for i, x in enumerate(shape.layer_structure) if x == s]
         where = f"layer {layers[0]}" + (f" (and {len(layers) - 1} like it)" if len(layers) > 1 else "")
         if options.true_sequential:
@@ -750,7 +753,7 @@ def plan(shape: ModelShape, options: PlanOptions, advise: bool = True) -> Plan:
         count = shape.layer_structure.count(s)
         owners = ctx.owners(s)
         pieces = ctx.target_piece_bytes(structure)
-        hessian_reduce = sum(_upper(g.columns) for g in structure.groups) * REDUCE_BYTES
+        hessian_reduce = sum(_upper(g.columns, options.device_type) for g in structure.groups) * REDUCE_BYTES
         if options.true_sequential:  # every rank receives the other ranks' rows, as int8 levels
             shares = [_row_share(g, world) for g in structure.groups]
             weight_transfer = sum((world - 1) * n * g.columns for g, n in zip(structure.groups, shares, strict=True))
@@ -763,7 +766,7 @@ def plan(shape: ModelShape, options: PlanOptions, advise: bool = True) -> Plan:
 
         attention = samples0 * 2 * options.seq_len**2 * shape.attention_width
         forward += count * passes * (2 * structure.active_params * tokens + attention) / mm
-        xtx += count * sum(2 * tokens * _upper(g.columns) for g in structure.groups) / mm
+        xtx += count * sum(2 * tokens * _upper(g.columns, options.device_type) for g in structure.groups) / mm
         gathers += count * n_gathers * layer_gather / bw
         if options.true_sequential:  # unit after unit, each on every rank between its two collectives
             compute = sum(_gptq_seconds(n, g.columns, options) for g, n in zip(structure.groups, shares, strict=True))
@@ -846,7 +849,7 @@ def _advice(result: Plan) -> list[str]:
         if structure.groups:
             workspace = {g: _unit_workspace(g, shape.element_size, options) for g in structure.groups}
             group = max(structure.groups, key=workspace.__getitem__)
-            hessians = sum(_hessian_bytes(g.columns) for g in structure.groups)
+            hessians = sum(_hessian_bytes(g.columns, options.device_type) for g in structure.groups)
             who = "every rank, for" if options.true_sequential else "the owner of"
             advice.append(
                 f"{who} {group.label} [{group.total_rows} x {group.columns}] alone needs the layer's Hessians "
@@ -930,7 +933,7 @@ def format_plan(result: Plan) -> str:
         for group, owner in zip(structure.groups, result.owners[s], strict=True):
             lines.append(
                 f"    {group.label:<44} [{group.total_rows:>6} x {group.columns:>6}]  Hessian "
-                f"{_gib(_hessian_bytes(group.columns)):>11}  owner {owner}"
+                f"{_gib(_hessian_bytes(group.columns, result.options.device_type)):>11}  owner {owner}"
             )
         if structure.unquantized_params:
             lines.append(

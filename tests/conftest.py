@@ -165,8 +165,12 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def reference(tiny_llama_dir, austen, tmp_path_factory):
-    """One-process results (model, dequantized weights) for 12 and 7 calibration samples."""
+    """One-process results (model, dequantized weights) for 12 calibration samples (whose batches of 2
+    are the same at 1, 2 and 3 ranks) and for 7 samples as 3 ranks batch them (2+1, 1+1, 1+1)."""
     from sharded_helpers import dequantized, single_process
 
     root = tmp_path_factory.mktemp("single")
-    return {n: dequantized(single_process(tiny_llama_dir, root / f"s{n}", austen / "emma.txt", n)) for n in (12, 7)}
+    return {
+        12: dequantized(single_process(tiny_llama_dir, root / "s12", austen / "emma.txt", 12)),
+        7: dequantized(single_process(tiny_llama_dir, root / "s7", austen / "emma.txt", 7, as_ranks=3)),
+    }

@@ -56,8 +56,15 @@ def main() -> None:
     layer_bytes = max(
         sum(shape(p).numel() * p.element_size() for p in layer.parameters()) for layer in find_decoder_layers(model)[1]
     )
+    # Every rank's stored share of one weight whose rows (FSDP2) or flat partition (ZeRO-3) do not
+    # divide evenly at 3 ranks.
+    k_proj = model.get_submodule(f"{find_decoder_layers(model)[0]}.0.self_attn.k_proj").weight
+    local_numels = [None] * dist.get_world_size()
+    dist.all_gather_object(local_numels, result.backend.local_numel(k_proj))
     if dist.get_rank() == 0:
         report = {
+            "k_proj_shape": list(shape(k_proj)),
+            "k_proj_local_numels": local_numels,
             "world": dist.get_world_size(),
             "backend": result.backend.name,
             "logits": logits.tolist(),

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from sharded_helpers import ENV, REPO, dequantized, torchrun
+from sharded_helpers import ENV, REPO, dequantized, rank_threads, torchrun
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -16,6 +16,7 @@ from gptq_fsdp.backends import UnsupportedModelError
 
 
 def assert_same_as_reference(checkpoint, reference):
+    """Bit for bit: `reference` ran the same batches of 2 at the ranks' thread count (conftest)."""
     _, weights = dequantized(checkpoint)
     _, expected = reference[12]
     assert weights.keys() == expected.keys()
@@ -26,18 +27,20 @@ def test_plain_model_in_one_call(tiny_llama_dir, austen, tmp_path, reference):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     config = gptq_fsdp.GPTQConfig.from_options(group_size=32, batch_size=2)
-    result = gptq_fsdp.quantize(
-        model, str(austen / "emma.txt"), config, tokenizer=tokenizer, num_samples=12, max_seq_length=32
-    )
+    with rank_threads():
+        result = gptq_fsdp.quantize(
+            model, str(austen / "emma.txt"), config, tokenizer=tokenizer, num_samples=12, max_seq_length=32
+        )
     assert result.backend.name == "single" and len(result.modules) == 14
     gptq_fsdp.save_quantized(model, tmp_path / "ckpt", tokenizer=tokenizer)
     assert_same_as_reference(tmp_path / "ckpt", reference)
     # The model stays usable and holds the quantized weights.
     reloaded, _ = dequantized(tmp_path / "ckpt")
     ids = torch.arange(10)[None]
-    torch.testing.assert_close(model(ids).logits, reloaded(ids).logits, atol=1e-5, rtol=0)
+    assert torch.equal(model(ids).logits, reloaded(ids).logits)  # same weights, ids and threads
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("form", ["fully_shard", "deepspeed"])
 def test_sharded_forms_under_torchrun(form, tiny_llama_dir, austen, tmp_path, reference):
     done = torchrun(2, str(REPO / "tests" / "api_worker.py"), form, str(tiny_llama_dir), str(tmp_path / "ckpt"),
@@ -46,6 +49,7 @@ def test_sharded_forms_under_torchrun(form, tiny_llama_dir, austen, tmp_path, re
     assert_same_as_reference(tmp_path / "ckpt", reference)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "form,config,backend",
     [("accelerate-deepspeed", "deepspeed_zero3_cpu.yaml", "zero3"), ("accelerate-fsdp-cpu", "fsdp2_cpu.yaml", "fsdp2")],
@@ -101,13 +105,15 @@ def test_trainer_callback_checkpoint_reloads_with_the_same_logits(tiny_llama_dir
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
     reloaded, _ = dequantized(tmp_path / "ckpt")
     ids = train.input_ids[:1]
-    torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=0)
+    assert torch.equal(reloaded(ids).logits, model.eval()(ids).logits)  # same weights, ids and threads
 
 
 def test_cli_run_equals_the_api_reference(tiny_llama_dir, austen, tmp_path, reference):
     """The API forms above are compared with `reference`; this ties `reference` to the direct CLI run."""
     from gptq_fsdp.cli import main
 
-    main(["quantize", str(tiny_llama_dir), "--dataset", str(austen / "emma.txt"), "--output", str(tmp_path / "cli"),
-          "--num-samples", "12", "--max-seq-length", "32", "--batch-size", "2", "--group-size", "32"])  # fmt: skip
+    with rank_threads():
+        main(["quantize", str(tiny_llama_dir), "--dataset", str(austen / "emma.txt"), "--output",
+              str(tmp_path / "cli"), "--num-samples", "12", "--max-seq-length", "32", "--batch-size", "2",
+              "--group-size", "32"])  # fmt: skip
     assert_same_as_reference(tmp_path / "cli", reference)
