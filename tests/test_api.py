@@ -84,6 +84,7 @@ def test_save_before_quantize_is_an_error(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_trainer_callback_checkpoint_reloads_with_the_same_logits(tiny_llama_dir, austen, tmp_path):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments

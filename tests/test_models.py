@@ -131,7 +131,12 @@ def logits(model: nn.Module, calibration) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ every family
 
 
-@pytest.fixture(scope="module", params=list(TINY_FAMILIES))
+# Llama in the fast tier, the other families in the full suite.
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(f, marks=[] if f == "llama" else pytest.mark.slow) for f in TINY_FAMILIES],
+    ids=list(TINY_FAMILIES),
+)
 def quantized(request, model_dirs, calibration, tokenizer, tmp_path_factory):
     family = request.param
     model, original, result = quantize(model_dirs(family), calibration, group_size=GROUP)

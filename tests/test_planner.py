@@ -306,6 +306,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_meta_groups_equal_a_real_forward(family, tmp_path):
     """The meta-device grouping equals what HessianHooks finds in a real CPU forward of the same model,
@@ -356,6 +357,7 @@ def test_parse_size():
         parse_size("eighty")
 
 
+@pytest.mark.slow
 def test_cli_plans_a_true_sequential_run(capsys):
     main(["plan", "--model-config", str(CONFIGS / "llama-3.1-8b.json"), "--world-size", "8", "--true-sequential"])
     out = capsys.readouterr().out
@@ -369,6 +371,7 @@ def test_cli_plans_a_true_sequential_run(capsys):
     )
 
 
+@pytest.mark.slow
 def test_cli_prints_the_per_rank_table(tmp_path, capsys):
     main(["plan", "--model-config", str(CONFIGS / "llama-3.1-8b.json"), "--world-size", "8", "--gpu-memory", "80GiB"])
     out = capsys.readouterr().out
