@@ -1,5 +1,9 @@
 """GPTQ quantization of language models, also while they stay sharded (FSDP2, DeepSpeed ZeRO-3)."""
 
+from importlib.metadata import version
+
+__version__ = version("gptq_fsdp")  # before the imports below: resume records it
+
 from gptq_fsdp.api import quantize, save_quantized
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.data import CalibrationSet, build_calibration, load_texts
@@ -18,4 +22,5 @@ __all__ = [
     "quantize",
     "quantize_model",
     "save_quantized",
+    "__version__",
 ]

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger("gptq_fsdp")
+
+_held_locks: list = []  # OutputLocks of the running command
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,11 +30,13 @@ def _scheme_bits(value: str) -> tuple[int, bool]:
     return int(match.group(1)), match.group(2) is None
 
 
-def _positive(kind):
+def _positive(kind, zero: bool = False):
+    """A finite number > 0 (>= 0 with `zero`)."""
+
     def parse(value: str):
         number = kind(value)
-        if number <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+        if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be positive{' or 0' if zero else ''} and finite, got {value}")
         return number
 
     return parse
@@ -56,17 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num-samples", type=_positive(int), default=128)
     data.add_argument("--max-seq-length", type=_positive(int), default=2048)
     data.add_argument("--no-pack", action="store_true", help="one padded sample per document instead of packing")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=_positive(int, zero=True), default=0)
     data.add_argument("--batch-size", type=_positive(int), default=8, help="samples per forward call")
     scheme = q.add_argument_group("quantization")
     scheme.add_argument(
         "--scheme", type=_scheme_bits, default=(4, True), help="W4A16 (default), W8A16, W4A16_ASYM, ..."
     )
-    scheme.add_argument("--bits", type=int, default=None, help="override the scheme's bits (2-8)")
+    scheme.add_argument("--bits", type=_positive(int), default=None, help="override the scheme's bits (2-8)")
     scheme.add_argument("--asymmetric", action="store_true", help="asymmetric (zero point) quantization")
-    scheme.add_argument("--group-size", type=int, default=128, help="columns per scale; 0 = one scale per channel")
+    scheme.add_argument(
+        "--group-size", type=_positive(int, zero=True), default=128, help="columns per scale; 0 = one scale per channel"
+    )
     scheme.add_argument("--actorder", default="static", choices=["static", "weight", "none", "group"])
-    scheme.add_argument("--dampening", type=float, default=0.01, help="fraction of mean diag(H) added to the diagonal")
+    scheme.add_argument(
+        "--dampening",
+        type=_positive(float, zero=True),
+        default=0.01,
+        help="fraction of mean diag(H) added to H's diagonal",
+    )
     scheme.add_argument("--block-size", type=_positive(int), default=128, help="GPTQ lazy-update block (columns)")
     scheme.add_argument("--targets", nargs="+", default=["Linear"], help="module classes, names or re: patterns")
     scheme.add_argument("--ignore", nargs="*", default=["lm_head"], help="modules left unquantized")
@@ -133,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=["cuda", "cpu"], default="cuda", help="where the run computes (Hessian block layout)"
     )
     plan.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    plan.add_argument("--group-size", type=int, default=128, help="columns per scale; 0 = one scale per channel")
+    plan.add_argument(
+        "--group-size", type=_positive(int, zero=True), default=128, help="columns per scale; 0 = one scale per channel"
+    )
     plan.add_argument(
         "--actorder",
         default="static",
@@ -162,16 +178,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # every rank has the same to say; one says it
+        print(f"gptq-fsdp: {message}", file=sys.stderr)
+
+
 def _fail(message: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:  # every rank fails the same check; one says it
-        print(f"gptq-fsdp: error: {message}", file=sys.stderr)
+    _say(f"error: {message}")
     raise SystemExit(2)
+
+
+def _check_weight_files(model_dir: Path) -> None:
+    """Every safetensors file's header reads and its tensors lie inside the file (a truncated or
+    garbled file is named here, before any weight is read)."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        _fail(f"{model_dir} holds no .safetensors weight files")
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as weights:
+                weights.keys()
+        except Exception as error:  # safetensors raises its own SafetensorError
+            _fail(f"{file} is not a readable safetensors file ({error})")
 
 
 def quantize_command(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gptq_fsdp.checkpoint import check_output_dir, save_quantized
+    from gptq_fsdp.checkpoint import OutputLock, check_output_dir, save_quantized
     from gptq_fsdp.config import GPTQConfig
     from gptq_fsdp.data import build_calibration, load_texts
     from gptq_fsdp.gptq import GPTQError
@@ -186,14 +222,28 @@ def quantize_command(args: argparse.Namespace) -> None:
     # Everything cheap is checked before the model is loaded.
     if not (args.model / "config.json").is_file():
         _fail(f"{args.model} is not a HF model folder (no config.json)")
+    inputs = {"model folder": args.model}
+    if Path(args.dataset).exists():
+        inputs["calibration data"] = Path(args.dataset)
+    problem = None
     try:
-        check_output_dir(args.output, args.overwrite)
-    except (FileExistsError, FileNotFoundError) as error:
-        _fail(str(error))
+        args.output = check_output_dir(args.output, args.overwrite, inputs)
+        if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, released when main() returns
+            lock = OutputLock(args.output)
+            lock.acquire()
+            _held_locks.append(lock)
+    except (FileExistsError, FileNotFoundError, PermissionError) as error:
+        problem = str(error)
+    if world > 1:  # rank 0's lock decides for all
+        shared = [problem]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem is not None:
+        _fail(problem)
     bits, symmetric = args.scheme
     try:
         config = GPTQConfig.from_options(
-            bits=args.bits or bits,
+            bits=bits if args.bits is None else args.bits,
             group_size=args.group_size or None,
             symmetric=symmetric and not args.asymmetric,
             actorder=args.actorder,
@@ -212,9 +262,16 @@ def quantize_command(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    model_config = AutoConfig.from_pretrained(args.model)
+    try:
+        model_config = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError) as error:  # JSON that does not parse, an unknown model type
+        _fail(f"{args.model / 'config.json'} cannot be read: {error}")
     if model_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         _fail(f"{args.model} is a '{model_config.model_type}' model, not a causal language model")
+    positions = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    if positions is not None and args.max_seq_length > positions:
+        _fail(f"--max-seq-length {args.max_seq_length} is longer than the {positions} positions of {args.model}")
+    _check_weight_files(args.model)
     if args.backend == "fsdp2" and world == 1:
         _fail("--backend fsdp2 needs several processes: launch with torchrun/accelerate (WORLD_SIZE is 1)")
     # Layers, targets and group sizes are checked on a weightless (meta) copy before any weight is read.
@@ -270,20 +327,32 @@ def quantize_command(args: argparse.Namespace) -> None:
         loader = load_sharded if args.load == "sharded" else load_rank0_broadcast
         model = loader(args.model, DTYPES[args.dtype], FSDPSettings.from_env())
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+        from gptq_fsdp.launch import load_pretrained
+
+        try:
+            model = load_pretrained(args.model, DTYPES[args.dtype]).to(args.device)
+        except LaunchError as error:
+            _fail(str(error))
 
     from gptq_fsdp.pipeline import LayerError, quantize_model
+    from gptq_fsdp.resume import ResumeError
 
     start = time.perf_counter()
+    state_dir = None if args.no_state else Path(f"{args.output}.gptq_state")
     try:
-        state_dir = None if args.no_state else Path(f"{args.output}.gptq_state")
         result = quantize_model(model, calibration, config, state_dir=state_dir, resume=args.resume)
         quantize_seconds = time.perf_counter() - start
         save_start = time.perf_counter()
         save_quantized(model, args.output, result, tokenizer=tokenizer, overwrite=args.overwrite)
+    except (GPTQError, ResumeError) as error:  # found before any layer ran: the same on every rank
+        _fail(str(error))
     except (LayerError, OSError) as error:  # a numerical fault, a dead/hung rank, a full disk
         print(f"gptq-fsdp: error: {error}", file=sys.stderr)  # every rank: each may see a different cause
         raise SystemExit(1) from error
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler's preemption, see main)
+        kept = f"the finished layers are kept in {state_dir}: the same command with --resume continues"
+        _say(f"interrupted; {kept if state_dir is not None and state_dir.exists() else 'nothing was saved'}")
+        raise SystemExit(130) from None
     if result.backend.rank == 0:
         print(result.table())
         print(result.memory_report())
@@ -344,9 +413,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
+    if threading.current_thread() is threading.main_thread():  # a preempting scheduler's SIGTERM acts as Ctrl-C
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         {"quantize": quantize_command, "perplexity": perplexity_command, "plan": plan_command}[args.command](args)
+    except KeyboardInterrupt:  # outside the quantize loop (which says where its state is)
+        _say("interrupted")
+        raise SystemExit(130) from None
     finally:
+        while _held_locks:
+            _held_locks.pop().release()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -42,8 +42,11 @@ class GPTQConfig:
             raise GPTQError("the quantization scheme has no weight quantization")
         if self.scheme.input_activations is not None or self.scheme.output_activations is not None:
             raise GPTQError("only weight-only schemes (WxA16) are supported")
-        if not 0 <= self.dampening_frac:
-            raise GPTQError(f"dampening_frac must be >= 0, got {self.dampening_frac}")
+        if not 0 <= self.dampening_frac <= 1:  # also refuses nan and inf
+            raise GPTQError(
+                f"dampening_frac is the fraction of mean diag(H) added to H's diagonal: it must be in [0, 1] "
+                f"(0.01 is usual), got {self.dampening_frac}"
+            )
         if self.block_size < 1 or self.batch_size < 1:
             raise GPTQError("block_size and batch_size must be positive")
         if self.matmul_precision not in MATMUL_PRECISIONS:

@@ -53,7 +53,10 @@ def load_texts(
     """
     import datasets  # here, not at the top: importing the package (e.g. for `gptq-fsdp plan`) stays light
 
-    path = Path(source)
+    path = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or path.suffix in LOCAL_BUILDERS or source.count("/") > 1
+    if looks_local and not path.exists():  # a hub name is "name" or "org/name": do not ask the hub for a path
+        raise CalibrationDataError(f"{source}: no such file or folder")
     if path.exists():
         files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_BUILDERS) if path.is_dir() else [path]
         builders = {LOCAL_BUILDERS.get(p.suffix) for p in files}
@@ -63,8 +66,23 @@ def load_texts(
                 f"{source}: expected .txt, .json/.jsonl or .parquet files (one kind), found {found}"
             )
         builder = LOCAL_BUILDERS[files[0].suffix]
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
+        if builder == "text":  # read here: datasets' text builder fails on bytes that are not UTF-8 obscurely
+            texts = []
+            for file in files:
+                try:
+                    texts.append(file.read_text(encoding="utf-8"))
+                except UnicodeDecodeError as error:
+                    raise CalibrationDataError(
+                        f"{file}: not UTF-8 text ({error.reason} at byte {error.start})"
+                    ) from None
+            return _usable(texts, source)
+        try:
+            dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+        except Exception as error:  # datasets wraps every parse failure in DatasetGenerationError
+            cause = error.__cause__ or error
+            raise CalibrationDataError(
+                f"{source}: cannot be read as {builder} ({type(cause).__name__}: {cause})"
+            ) from None
     else:
         dataset = datasets.load_dataset(source, config_name, split=split)
 
@@ -76,7 +94,19 @@ def load_texts(
         raise CalibrationDataError(
             f"{source}: no '{text_column}' or '{messages_column}' column (columns: {dataset.column_names})"
         )
-    return [t for t in dataset[text_column] if t and t.strip()]
+    values = dataset[text_column]
+    if not all(isinstance(t, str) or t is None for t in values):
+        kinds = sorted({type(t).__name__ for t in values if not isinstance(t, str) and t is not None})
+        raise CalibrationDataError(f"{source}: the '{text_column}' column holds {', '.join(kinds)} values, not text")
+    return _usable(values, source)
+
+
+def _usable(texts: list[str | None], source: str) -> list[str]:
+    """The non-blank texts; none at all is an error."""
+    kept = [t for t in texts if t and t.strip()]
+    if not kept:
+        raise CalibrationDataError(f"{source}: holds no text (empty or only whitespace)")
+    return kept
 
 
 def build_calibration(

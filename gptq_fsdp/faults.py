@@ -4,6 +4,8 @@
     GPTQ_FSDP_FAULT="hang:rank=1,layer=2"   rank 1 stops answering at layer 2 (sleeps for an hour)
     GPTQ_FSDP_FAULT="nan:layer=2"           the calibration inputs of layer 2 get a NaN (every rank)
     GPTQ_FSDP_FAULT="disk_full"             writing a checkpoint file fails with ENOSPC
+    GPTQ_FSDP_FAULT="signal:seconds=5"      an --overwrite save pauses 5 s between its two renames
+                                            (the test sends a signal then; the save must not yield to it)
 
 Unset (the normal case) every hook here is a no-op.
 """
@@ -49,3 +51,12 @@ def before_write(path: os.PathLike | str) -> None:
     fault = _fault()
     if fault is not None and fault[0] == "disk_full":
         raise OSError(errno.ENOSPC, "No space left on device (injected)", str(path))
+
+
+def between_renames() -> None:
+    """Called in an --overwrite save after the old checkpoint was moved aside, before the new one
+    takes its place."""
+    fault = _fault()
+    if fault is not None and fault[0] == "signal":
+        print("gptq-fsdp: fault: between the renames", flush=True)
+        time.sleep(fault[1].get("seconds", 5))

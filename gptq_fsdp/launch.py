@@ -93,6 +93,25 @@ def zero3_config(config_file: str | Path | None = None, offload_param: bool | No
     return config
 
 
+def load_pretrained(model_dir: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.Module:
+    """`from_pretrained`, except that tensors missing from the files (which transformers would
+    initialize at random, saying so only in its log) or present but unknown to the model are an error
+    that names them."""
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, output_loading_info=True)
+    problems = [
+        f"{what} {len(names)} tensor(s): {', '.join(sorted(names)[:5])}{', ...' if len(names) > 5 else ''}"
+        for what, names in (
+            ("the files lack", info.get("missing_keys", [])),
+            ("the model has no parameter for", info.get("unexpected_keys", [])),
+            ("the files hold other shapes for", [k for k, *_ in info.get("mismatched_keys", [])]),
+        )
+        if names
+    ]
+    if problems:
+        raise LaunchError(f"{model_dir} does not match its config: {'; '.join(problems)}")
+    return model
+
+
 def load_zero3(model_dir: str | Path, dtype: torch.dtype | str = torch.float32, config: dict | None = None):
     """Load through `deepspeed.zero.Init` (no rank materialises the model) and wrap with `deepspeed.initialize`."""
     import deepspeed
@@ -100,7 +119,7 @@ def load_zero3(model_dir: str | Path, dtype: torch.dtype | str = torch.float32, 
 
     config = config or zero3_config()
     hf_config = HfDeepSpeedConfig(config)  # transformers holds it weakly: while alive, loading uses zero.Init
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = load_pretrained(model_dir, dtype)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.hf_deepspeed_config = hf_config
     return engine
@@ -187,6 +206,12 @@ def parameters_in_files(model: nn.Module, reader: HuggingFaceStorageReader) -> d
     stored = reader.read_metadata().state_dict_metadata
     in_files = in_file_layout(model, dict(model.named_parameters()))
     missing = [name for name in in_files if name not in stored]
+    # Converted, not lost: other tensors of the same module are stored (per-expert weights of fused experts).
+    absent = [name for name in missing if not any(s.startswith(name.rsplit(".", 1)[0] + ".") for s in stored)]
+    if absent:
+        raise LaunchError(
+            f"the model files lack {len(absent)} tensor(s): {', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''}"
+        )
     if missing:
         raise LaunchError(
             f"the model files do not store {len(missing)} parameter(s) under their names "
@@ -204,7 +229,15 @@ def load_rank0_broadcast(
     model_dir = Path(model_dir)
     model = _empty_sharded_model(model_dir, dtype, settings or FSDPSettings())
     backend = FSDP2Backend()
-    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype) if backend.rank == 0 else None
+    full, error = None, None
+    if backend.rank == 0:
+        try:
+            full = load_pretrained(model_dir, dtype)
+        except LaunchError as exc:
+            error = exc
+    error = backend.broadcast_object(error)
+    if error is not None:
+        raise error
     full_params = dict(full.named_parameters()) if full is not None else {}
     for name, param in model.named_parameters():
         source = full_params[name].detach() if full is not None else None

@@ -9,6 +9,7 @@ before it runs, from inputs the Linears before it produced already quantized.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import resource
 import time
@@ -38,7 +39,7 @@ from gptq_fsdp.gptq import (
     validate_args,
 )
 from gptq_fsdp.hessian import HessianGroup, HessianHooks, hessian_from_sum
-from gptq_fsdp.resume import LayerState, fingerprint
+from gptq_fsdp.resume import LayerState, run_identity
 from gptq_fsdp.schedule import assign_owners, packing_cost
 
 logger = logging.getLogger(__name__)
@@ -361,8 +362,14 @@ def quantize_model(
     was_training = model.training
     model.eval()
     backend.prepare(model)
+    weights = check_weights(model, backend)
+    if state_dir is not None:
+        result.state = LayerState(
+            state_dir, backend, run_identity(config, calibration, world, result.quantized, weights)
+        )
+        result.state.check() if resume else result.state.start_over()
     memory = result.memory
-    memory.shard_bytes = sum(backend.local_numel(p) * p.element_size() for p in model.parameters())
+    memory.shard_bytes = sum(backend.local_part(p).numel() * p.element_size() for p in model.parameters())
     with float32_matmul_precision(config.matmul_precision):
         with clock("capture"):
             hidden, layer_calls = capture_layer_inputs(model, layers, batches)
@@ -374,11 +381,9 @@ def quantize_model(
         progress = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", disable=rank != 0)
         units_of: dict[tuple, list[tuple[str, ...]]] = {}  # true-sequential: GPTQ units per kind of layer
         first = 0
-        if state_dir is not None:
-            result.state = LayerState(state_dir, backend, fingerprint(config, calibration, world, result.quantized))
-            if resume:
-                first, hidden = _resume(result, per_layer, layers, hidden, layer_calls, store, clock)
-                progress.update(first)
+        if result.state is not None and resume:
+            first, hidden = _resume(result, per_layer, layers, hidden, layer_calls, store, clock)
+            progress.update(first)
         for index, layer in enumerate(layers):
             if index < first:
                 layer_calls[index] = []
@@ -414,6 +419,29 @@ def quantize_model(
         result.memory_per_rank = [m for _, m in summaries]
         result.modules.update({r.name: r for records, _ in summaries for r in records if r.name not in result.modules})
     return result
+
+
+def check_weights(model: nn.Module, backend: Backend) -> str:
+    """Refuse a model with NaN or inf weights, naming the parameters, before any forward; return a
+    digest of every parameter's float64 sum and absolute sum over all shards, with its dtype, the
+    same on every rank (resume state records it). One pass over the weights, no copy of them; a
+    float64 sum of finite 16/32-bit values cannot overflow, so a non-finite sum means a non-finite value."""
+    names = [name for name, _ in model.named_parameters()]
+    sums = torch.stack(
+        [
+            torch.stack([part.sum(dtype=torch.float64), torch.linalg.vector_norm(part, 1, dtype=torch.float64)]).cpu()
+            for part in (backend.local_part(p) for _, p in model.named_parameters())
+        ]
+    )
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    every_rank = backend.gather_all(sums.tolist())
+    broken = [
+        name for i, name in enumerate(names) if not all(torch.isfinite(torch.tensor(r[i])).all() for r in every_rank)
+    ]
+    if broken:
+        listed = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
+        raise GPTQError(f"the model's weights hold NaN or inf values in {len(broken)} parameter(s): {listed}")
+    return hashlib.sha256(repr((dtypes, every_rank)).encode()).hexdigest()[:16] + f" ({', '.join(dtypes)})"
 
 
 def _resume(

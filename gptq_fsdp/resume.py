@@ -5,11 +5,16 @@ checkpoint tensors: 1/8 of fp32 at 4 bits, and only the owner's). On resume, the
 rank recorded is found, owners unpack their weights and scatter them into every rank's shards
 (exactly as after GPTQ), and the calibration inputs are recomputed by running the finished layers
 forward once: the state stays small, and the result is the uninterrupted run's, bit for bit.
+
+Every file records the identity of its run (`run_identity`: the code version, the model's weights,
+scheme, settings, calibration data and world size). Resuming refuses a state of another run and
+names what differs; a run that does not resume removes any earlier state first.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from pathlib import Path
@@ -18,22 +23,57 @@ import torch
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from torch import nn
 
+from gptq_fsdp import __version__
 from gptq_fsdp.backends import Backend
 
+logger = logging.getLogger("gptq_fsdp")
+STATE_FILE = re.compile(r"rank(\d{5})-layer(\d{5})\.(pt|tmp)$")
 
-def fingerprint(config, calibration, world_size: int, quantized: list[str]) -> str:
-    """What must not change between the crashed run and its resumption."""
+
+class ResumeError(ValueError):
+    """The state cannot be resumed: another run's, or unreadable."""
+
+
+def _digest(*parts: bytes) -> str:
     digest = hashlib.sha256()
-    digest.update(repr((config.scheme.model_dump_json(), config.dampening_frac, config.block_size)).encode())
-    digest.update(repr((config.batch_size, config.matmul_precision, config.true_sequential, world_size)).encode())
-    digest.update(repr(quantized).encode())
-    digest.update(calibration.input_ids.numpy().tobytes() + calibration.attention_mask.numpy().tobytes())
-    return digest.hexdigest()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()[:16]
+
+
+def run_identity(config, calibration, world_size: int, quantized: list[str], weights: str) -> dict[str, str]:
+    """What must not change between a crashed run and its resumption, by what a user would name it.
+    `weights` identifies the model's weights and dtypes (`pipeline.check_weights`)."""
+    return {
+        "gptq_fsdp version": __version__,
+        "model weights": weights,
+        "quantization scheme": config.scheme.model_dump_json(),
+        "GPTQ settings": (
+            f"dampening {config.dampening_frac}, block size {config.block_size}, batch size {config.batch_size}, "
+            f"matmul precision {config.matmul_precision}, true-sequential {config.true_sequential}"
+        ),
+        "quantized modules": _digest(repr(quantized).encode()),
+        "calibration data": _digest(
+            calibration.input_ids.numpy().tobytes(), calibration.attention_mask.numpy().tobytes()
+        ),
+        "world size": str(world_size),
+    }
+
+
+def _differences(found: dict, expected: dict) -> str:
+    """'world size (2 -> 3), model weights' for the fields that differ; short values are shown."""
+    named = []
+    for key in expected:
+        old, new = found.get(key), expected[key]
+        if old != new:
+            shown = f" ({old} -> {new})" if max(len(str(old)), len(new)) <= 40 else ""
+            named.append(f"{key}{shown}")
+    return ", ".join(named)
 
 
 class LayerState:
-    def __init__(self, directory: str | Path, backend: Backend, fingerprint: str) -> None:
-        self.directory, self.backend, self.fingerprint = Path(directory), backend, fingerprint
+    def __init__(self, directory: str | Path, backend: Backend, identity: dict[str, str]) -> None:
+        self.directory, self.backend, self.identity = Path(directory), backend, identity
         self.prefix = f"rank{backend.rank:05d}-layer"
 
     def _file(self, layer: int) -> Path:
@@ -43,8 +83,60 @@ class LayerState:
         """This rank has finished `layer`: record the packed weights it owns there."""
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self._file(layer).with_suffix(".tmp")
-        torch.save({"fingerprint": self.fingerprint, "records": records}, tmp)
+        torch.save({"identity": self.identity, "records": records}, tmp)
         os.replace(tmp, self._file(layer))
+
+    def _read(self, path: Path) -> dict:
+        try:
+            state = torch.load(path, weights_only=False)
+            return {"identity": state["identity"], "records": state["records"]}
+        except Exception as error:  # truncated, garbled, or written by an older version
+            raise ResumeError(
+                f"the resume state {path} is unreadable ({type(error).__name__}: {error}); delete "
+                f"{self.directory} or run without --resume to start over"
+            ) from error
+
+    def start_over(self) -> None:
+        """Before a run that does not resume: remove earlier state files of any rank (collective)."""
+        stale = (
+            sorted(p.name for p in self.directory.iterdir() if STATE_FILE.match(p.name))
+            if self.directory.exists()
+            else []
+        )
+        if self.backend.rank == 0 and stale:
+            logger.warning("%s holds the state of an earlier run: starting from layer 0 and replacing it "
+                           "(--resume continues such a run)", self.directory)  # fmt: skip
+        self.backend.barrier()
+        for name in stale:
+            match = STATE_FILE.match(name)
+            rank = int(match.group(1))
+            if rank == self.backend.rank or (self.backend.rank == 0 and rank >= self.backend.world_size):
+                (self.directory / name).unlink(missing_ok=True)
+        self.backend.barrier()
+
+    def check(self) -> None:
+        """Before any work of a resumed run: every state file here belongs to this run, or a clear
+        error names what differs (collective: every rank raises the same error)."""
+        problem = None
+        if self.backend.rank == 0 and self.directory.exists():
+            for path in sorted(self.directory.iterdir()):
+                match = STATE_FILE.match(path.name)
+                if not match or match.group(3) != "pt":
+                    continue
+                try:
+                    found = self._read(path)["identity"]
+                except ResumeError as error:
+                    problem = str(error)
+                    break
+                if found != self.identity:
+                    problem = (
+                        f"--resume: {self.directory} holds the state of another run (it differs in "
+                        f"{_differences(found, self.identity)}); delete it or run without --resume to start over"
+                    )
+                    break
+        problem = self.backend.broadcast_object(problem)
+        if problem is not None:
+            raise ResumeError(problem)
 
     def load(self) -> tuple[int, dict]:
         """The last layer every rank recorded (-1 if none) and this rank's records up to it."""
@@ -53,9 +145,7 @@ class LayerState:
         if self.directory.exists():
             for path in self.directory.iterdir():
                 if match := pattern.match(path.name):
-                    state = torch.load(path, weights_only=False)
-                    if state["fingerprint"] == self.fingerprint:
-                        states[int(match.group(1))] = state["records"]
+                    states[int(match.group(1))] = self._read(path)["records"]
         newest = -1
         while newest + 1 in states:  # only an unbroken run of layers from the first counts
             newest += 1

@@ -60,7 +60,7 @@ def main() -> None:
     # divide evenly at 3 ranks.
     k_proj = model.get_submodule(f"{find_decoder_layers(model)[0]}.0.self_attn.k_proj").weight
     local_numels = [None] * dist.get_world_size()
-    dist.all_gather_object(local_numels, result.backend.local_numel(k_proj))
+    dist.all_gather_object(local_numels, result.backend.local_part(k_proj).numel())
     if dist.get_rank() == 0:
         report = {
             "k_proj_shape": list(shape(k_proj)),

@@ -66,9 +66,9 @@ class Backend:
         """The whole tensor on `dst`, None elsewhere (for saving parameters GPTQ did not touch)."""
         return tensor.detach()
 
-    def local_numel(self, param: torch.Tensor) -> int:
-        """Elements of `param` this rank stores."""
-        return param.numel()
+    def local_part(self, param: torch.Tensor) -> torch.Tensor:
+        """What this rank stores of `param` (its rows, its flat partition, or all of it), as a tensor."""
+        return param.detach()
 
     def weight_shape(self, param: torch.Tensor) -> torch.Size:
         """The whole parameter's shape (ZeRO-3 shows (0,) while partitioned)."""

@@ -124,8 +124,8 @@ class FSDP2Backend(Backend):
             return tensor.detach() if self.rank == dst else None
         return self.gather_weight(tensor, dst).wait()
 
-    def local_numel(self, param: torch.Tensor) -> int:
-        return self._local(param).numel()
+    def local_part(self, param: torch.Tensor) -> torch.Tensor:
+        return self._local(param)
 
 
 def _param_groups(module: FSDPModule) -> list:

@@ -132,8 +132,8 @@ class ZeRO3Backend(Backend):
             return tensor.detach() if self.rank == dst else None
         return self.gather_weight(tensor, dst).wait()
 
-    def local_numel(self, param: torch.Tensor) -> int:
-        return param.ds_tensor.numel() if is_zero3_param(param) else param.numel()
+    def local_part(self, param: torch.Tensor) -> torch.Tensor:
+        return param.ds_tensor if is_zero3_param(param) else param.detach()
 
     def weight_shape(self, param: torch.Tensor) -> torch.Size:
         return param.ds_shape if is_zero3_param(param) else param.shape
