@@ -286,4 +286,4 @@ def _move_into_place(tmp: Path, target: Path) -> None:
         except OSError:
             old.rename(target)  # keep the previous checkpoint rather than nothing
             raise
-    _remove(old)
+        _remove(old)

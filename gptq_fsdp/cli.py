@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
@@ -227,11 +228,11 @@ def quantize_command(args: argparse.Namespace) -> None:
         inputs["calibration data"] = Path(args.dataset)
     problem = None
     try:
-        args.output = check_output_dir(args.output, args.overwrite, inputs)
         if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, released when main() returns
             lock = OutputLock(args.output)
-            lock.acquire()
             _held_locks.append(lock)
+            lock.acquire()  # first: it may put back a checkpoint that an interrupted save moved aside
+        args.output = check_output_dir(args.output, args.overwrite, inputs)
     except (FileExistsError, FileNotFoundError, PermissionError) as error:
         problem = str(error)
     if world > 1:  # rank 0's lock decides for all
@@ -320,19 +321,22 @@ def quantize_command(args: argparse.Namespace) -> None:
     if zero3:
         from gptq_fsdp.launch import load_zero3, zero3_config
 
-        model = load_zero3(args.model, DTYPES[args.dtype], zero3_config(args.deepspeed_config, args.offload_param))
+        loader = functools.partial(load_zero3, config=zero3_config(args.deepspeed_config, args.offload_param))
     elif world > 1:
         from gptq_fsdp.launch import FSDPSettings, load_rank0_broadcast, load_sharded
 
-        loader = load_sharded if args.load == "sharded" else load_rank0_broadcast
-        model = loader(args.model, DTYPES[args.dtype], FSDPSettings.from_env())
+        settings = FSDPSettings.from_env()
+        loader = functools.partial(load_sharded if args.load == "sharded" else load_rank0_broadcast, settings=settings)
     else:
         from gptq_fsdp.launch import load_pretrained
 
-        try:
-            model = load_pretrained(args.model, DTYPES[args.dtype]).to(args.device)
-        except LaunchError as error:
-            _fail(str(error))
+        def loader(model_dir, dtype):
+            return load_pretrained(model_dir, dtype).to(args.device)
+
+    try:
+        model = loader(args.model, DTYPES[args.dtype])
+    except LaunchError as error:  # the files do not match the config (every rank learns it)
+        _fail(str(error))
 
     from gptq_fsdp.pipeline import LayerError, quantize_model
     from gptq_fsdp.resume import ResumeError
