@@ -207,6 +207,8 @@ def test_beats_round_to_nearest(group_size, actorder):
     rtn = reference_gptq(W, torch.eye(128), 4, True, group_size, None, damp=0.0).weight  # identity H: rounding
     gptq_error = ((W - gptq.weight) @ X.T).square().sum()
     rtn_error = ((W - rtn) @ X.T).square().sum()
+    # Not a rounding tolerance: GPTQ's gain on correlated inputs (about half of RTN's error here)
+    # is far beyond any fp32 effect, which would move these sums by ~1e-6 relative.
     assert gptq_error < 0.8 * rtn_error, (gptq_error, rtn_error)
 
 
@@ -219,7 +221,8 @@ def test_outputs_are_consistent_qparams():
     scale = torch.gather(result.scale, 1, result.g_idx.long().expand(8, -1))
     zero = torch.gather(result.zero_point.float(), 1, result.g_idx.long().expand(8, -1))
     q = result.weight / scale + zero
-    torch.testing.assert_close(q, q.round(), atol=1e-4, rtol=0)
+    # weight = fl((q - z)·s), |q - z| ≤ 15: dividing it back by s and adding z is off by ≤ 3u·16 from q.
+    torch.testing.assert_close(q, q.round(), atol=3 * FP32_U * 16, rtol=0)
     assert q.round().min() >= -8 and q.round().max() <= 7
     assert result.row_losses.shape == (8,) and result.loss > 0
 

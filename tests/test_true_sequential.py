@@ -83,6 +83,8 @@ def test_differs_from_the_standard_order_but_not_by_much(tiny_llama_dir, calibra
         mode: torch.nn.functional.cross_entropy(m(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         for mode, m in models.items()
     }
+    # Not a rounding tolerance: two GPTQ orders of one model land within 2 % of each other's loss
+    # (they differ by quantization steps, not by fp32 rounding).
     assert abs(losses[True] - losses[False]) / losses[False] < 0.02
 
 
