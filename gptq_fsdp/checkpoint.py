@@ -175,6 +175,16 @@ def in_file_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[s
     names: their experts are not quantized here, and transformers 5.24 loads a compressed-tensors
     checkpoint's per-expert weights only when they are quantized.
     """
+    conversions = weight_conversions(model)
+    if any(isinstance(c, WeightConverter) for c in conversions):
+        return dict(tensors)
+    renamings = [c.reverse_transform() for c in reversed(conversions) if isinstance(c, WeightRenaming)]
+    return {apply_renamings(name, renamings): tensor for name, tensor in tensors.items()}
+
+
+def weight_conversions(model: nn.Module) -> list:
+    """What transformers 5 does to this model's tensors while loading: renamings and converters
+    (a converter fuses per-expert MoE weights into 3-D parameters)."""
     conversions = getattr(model, "_weight_conversions", None)
     if conversions is None:
         # The model's class, not FSDP2's subclass of it: transformers takes that for custom code and
@@ -182,10 +192,7 @@ def in_file_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[s
         cls = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers."))
         found = get_checkpoint_conversion_mapping(cls.__name__)
         conversions = found or get_checkpoint_conversion_mapping(model.config.model_type) or []
-    if any(isinstance(c, WeightConverter) for c in conversions):
-        return dict(tensors)
-    renamings = [c.reverse_transform() for c in reversed(conversions) if isinstance(c, WeightRenaming)]
-    return {apply_renamings(name, renamings): tensor for name, tensor in tensors.items()}
+    return list(conversions)
 
 
 def _shared_tmp_dir(target: Path, backend) -> Path:

@@ -22,9 +22,10 @@ from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.core_model_loading import WeightConverter
 
 from gptq_fsdp.backends.fsdp2 import FSDP2Backend
-from gptq_fsdp.checkpoint import in_file_layout
+from gptq_fsdp.checkpoint import in_file_layout, weight_conversions
 from gptq_fsdp.pipeline import find_decoder_layers
 
 logger = logging.getLogger(__name__)
@@ -206,11 +207,10 @@ def parameters_in_files(model: nn.Module, reader: HuggingFaceStorageReader) -> d
     stored = reader.read_metadata().state_dict_metadata
     in_files = in_file_layout(model, dict(model.named_parameters()))
     missing = [name for name in in_files if name not in stored]
-    # Converted, not lost: other tensors of the same module are stored (per-expert weights of fused experts).
-    absent = [name for name in missing if not any(s.startswith(name.rsplit(".", 1)[0] + ".") for s in stored)]
-    if absent:
-        raise LaunchError(
-            f"the model files lack {len(absent)} tensor(s): {', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''}"
+    if missing and not any(isinstance(c, WeightConverter) for c in weight_conversions(model)):
+        raise LaunchError(  # nothing would have made them out of other tensors: they are not there
+            f"the model files lack {len(missing)} tensor(s): {', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}"
         )
     if missing:
         raise LaunchError(

@@ -58,12 +58,13 @@ def main() -> None:
     )
     # Every rank's stored share of one weight whose rows (FSDP2) or flat partition (ZeRO-3) do not
     # divide evenly at 3 ranks.
-    k_proj = model.get_submodule(f"{find_decoder_layers(model)[0]}.0.self_attn.k_proj").weight
+    layer0 = find_decoder_layers(model)[1][0]
+    k_proj = next((m.weight for n, m in layer0.named_modules() if n.endswith("k_proj")), None)
     local_numels = [None] * dist.get_world_size()
-    dist.all_gather_object(local_numels, result.backend.local_part(k_proj).numel())
+    dist.all_gather_object(local_numels, None if k_proj is None else result.backend.local_part(k_proj).numel())
     if dist.get_rank() == 0:
         report = {
-            "k_proj_shape": list(shape(k_proj)),
+            "k_proj_shape": None if k_proj is None else list(shape(k_proj)),
             "k_proj_local_numels": local_numels,
             "world": dist.get_world_size(),
             "backend": result.backend.name,
