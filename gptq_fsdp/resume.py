@@ -14,6 +14,7 @@ names what differs; a run that does not resume removes any earlier state first.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -28,6 +29,7 @@ from gptq_fsdp.backends import Backend
 
 logger = logging.getLogger("gptq_fsdp")
 STATE_FILE = re.compile(r"rank(\d{5})-layer(\d{5})\.(pt|tmp)$")
+IDENTITY_FILE = "run.json"  # the identity of the run the layer files belong to
 
 
 class ResumeError(ValueError):
@@ -93,61 +95,76 @@ class LayerState:
             state = torch.load(path, weights_only=False)
             return {"identity": state["identity"], "records": state["records"]}
         except Exception as error:  # truncated, garbled, or written by an older version
-            raise ResumeError(
-                f"the resume state {path} is unreadable ({type(error).__name__}: {error}); delete "
-                f"{self.directory} or run without --resume to start over"
-            ) from error
+            raise ResumeError(self._unreadable(path, error)) from error
+
+    def _unreadable(self, path: Path, error: Exception) -> str:
+        return (
+            f"the resume state {path} is unreadable ({type(error).__name__}: {error}); delete "
+            f"{self.directory} or run without --resume to start over"
+        )
+
+    def _agree(self, problem: str | None) -> None:
+        """Every rank raises the first rank's problem, if any rank has one (collective)."""
+        problems = [p for p in self.backend.gather_all(problem) if p is not None]
+        if problems:
+            raise ResumeError(problems[0])
 
     def start_over(self) -> None:
-        """Before a run that does not resume: remove earlier state files of any rank (collective)."""
-        stale = (
-            sorted(p.name for p in self.directory.iterdir() if STATE_FILE.match(p.name))
-            if self.directory.exists()
-            else []
-        )
-        if self.backend.rank == 0 and stale:
+        """Before a run that does not resume: remove earlier state files of any rank, record this
+        run's identity (collective)."""
+        stale = sorted(p.name for p in self.directory.iterdir()) if self.directory.exists() else []
+        if self.backend.rank == 0 and any(STATE_FILE.match(name) for name in stale):
             logger.warning("%s holds the state of an earlier run: starting from layer 0 and replacing it "
                            "(--resume continues such a run)", self.directory)  # fmt: skip
         self.backend.barrier()
         for name in stale:
             match = STATE_FILE.match(name)
-            rank = int(match.group(1))
-            if rank == self.backend.rank or (self.backend.rank == 0 and rank >= self.backend.world_size):
+            mine = match is not None and int(match.group(1)) == self.backend.rank
+            if mine or (self.backend.rank == 0 and (match is None or int(match.group(1)) >= self.backend.world_size)):
                 (self.directory / name).unlink(missing_ok=True)
+        if self.backend.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = self.directory / f"{IDENTITY_FILE}.tmp"
+            tmp.write_text(json.dumps(self.identity, indent=1) + "\n")
+            os.replace(tmp, self.directory / IDENTITY_FILE)
         self.backend.barrier()
 
     def check(self) -> None:
-        """Before any work of a resumed run: every state file here belongs to this run, or a clear
-        error names what differs (collective: every rank raises the same error)."""
+        """Before any work of a resumed run: the state here is this run's, or a clear error names
+        what differs (collective: every rank raises the same error). Reads only the small identity
+        file; each rank's layer files are checked against it as they are loaded."""
         problem = None
-        if self.backend.rank == 0 and self.directory.exists():
-            for path in sorted(self.directory.iterdir()):
-                match = STATE_FILE.match(path.name)
-                if not match or match.group(3) != "pt":
-                    continue
-                try:
-                    found = self._read(path)["identity"]
-                except ResumeError as error:
-                    problem = str(error)
-                    break
+        path = self.directory / IDENTITY_FILE
+        if self.backend.rank == 0 and path.exists():
+            try:
+                found = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                problem = self._unreadable(path, error)
+            else:
                 if found != self.identity:
                     problem = (
                         f"--resume: {self.directory} holds the state of another run (it differs in "
                         f"{_differences(found, self.identity)}); delete it or run without --resume to start over"
                     )
-                    break
-        problem = self.backend.broadcast_object(problem)
-        if problem is not None:
-            raise ResumeError(problem)
+        self._agree(problem)
 
     def load(self) -> tuple[int, dict]:
         """The last layer every rank recorded (-1 if none) and this rank's records up to it."""
         pattern = re.compile(re.escape(self.prefix) + r"(\d{5})\.pt$")
-        states = {}
+        states, problem = {}, None
         if self.directory.exists():
-            for path in self.directory.iterdir():
+            for path in sorted(self.directory.iterdir()):
                 if match := pattern.match(path.name):
-                    states[int(match.group(1))] = self._read(path)["records"]
+                    try:
+                        state = self._read(path)
+                    except ResumeError as error:
+                        problem = str(error)
+                        break
+                    if state["identity"] != self.identity:
+                        problem = f"--resume: {path} belongs to another run; delete {self.directory} to start over"
+                        break
+                    states[int(match.group(1))] = state["records"]
+        self._agree(problem)
         newest = -1
         while newest + 1 in states:  # only an unbroken run of layers from the first counts
             newest += 1
@@ -174,5 +191,7 @@ class LayerState:
                 if path.name.startswith(self.prefix):
                     path.unlink()
         self.backend.barrier()
-        if self.backend.rank == 0 and self.directory.exists() and not any(self.directory.iterdir()):
-            self.directory.rmdir()
+        if self.backend.rank == 0 and self.directory.exists():
+            (self.directory / IDENTITY_FILE).unlink(missing_ok=True)
+            if not any(self.directory.iterdir()):
+                self.directory.rmdir()

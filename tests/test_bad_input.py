@@ -65,7 +65,7 @@ class Scene:
         finally:
             del os.environ["GPTQ_FSDP_FAULT"]
         state = Path(f"{self.out}.gptq_state")
-        assert sorted(p.name for p in state.iterdir()) == ["rank00000-layer00000.pt"]
+        assert sorted(p.name for p in state.iterdir()) == ["rank00000-layer00000.pt", "run.json"]
         return state
 
 
@@ -352,7 +352,7 @@ def test_two_rank_cases(scene, capsys):
     interrupted = torchrun_cli(scene.args(), fault="nan:layer=1")
     assert interrupted.returncode != 0
     state = Path(f"{scene.out}.gptq_state")
-    assert sorted(p.name for p in state.iterdir()) == ["rank00000-layer00000.pt", "rank00001-layer00000.pt"]
+    assert sorted(p.name for p in state.iterdir()) == ["rank00000-layer00000.pt", "rank00001-layer00000.pt", "run.json"]
     assert run(scene.args("--resume")) == 2
     err = capsys.readouterr().err
     assert DISTRIBUTED_CASES["resume-on-another-world-size"] in err, err[-2000:]

@@ -73,7 +73,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(mode, tiny_llama_dir, a
     killed = launch(2, "kill:rank=1,layer=1", args(tmp_path / "resumed"))
     assert killed.returncode != 0 and not (tmp_path / "resumed").exists()
     states = sorted(p.name for p in (tmp_path / "resumed.gptq_state").iterdir())
-    assert states == ["rank00000-layer00000.pt", "rank00001-layer00000.pt"], states  # layer 0, both ranks
+    assert states == ["rank00000-layer00000.pt", "rank00001-layer00000.pt", "run.json"], states  # layer 0, both ranks
     # Activation offload does not change results, so the resumed run also exercises its recompute path
     # (in the standard order: true-sequential refuses offload).
     offload = [] if mode else ["--offload-activations"]
