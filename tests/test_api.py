@@ -23,6 +23,7 @@ def assert_same_as_reference(checkpoint, reference):
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
 
 
+@pytest.mark.slow  # builds the one-process reference (two runs)
 def test_plain_model_in_one_call(tiny_llama_dir, austen, tmp_path, reference):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -109,6 +110,7 @@ def test_trainer_callback_checkpoint_reloads_with_the_same_logits(tiny_llama_dir
     assert torch.equal(reloaded(ids).logits, model.eval()(ids).logits)  # same weights, ids and threads
 
 
+@pytest.mark.slow  # builds the one-process reference (two runs)
 def test_cli_run_equals_the_api_reference(tiny_llama_dir, austen, tmp_path, reference):
     """The API forms above are compared with `reference`; this ties `reference` to the direct CLI run."""
     from gptq_fsdp.cli import main
