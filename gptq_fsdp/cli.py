@@ -194,10 +194,7 @@ def _check_weight_files(model_dir: Path) -> None:
     garbled file is named here, before any weight is read)."""
     from safetensors import safe_open
 
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        _fail(f"{model_dir} holds no .safetensors weight files")
-    for file in files:
+    for file in sorted(model_dir.glob("*.safetensors")):  # other formats are transformers' to read
         try:
             with safe_open(str(file), "pt") as weights:
                 weights.keys()
@@ -348,7 +345,7 @@ def quantize_command(args: argparse.Namespace) -> None:
         quantize_seconds = time.perf_counter() - start
         save_start = time.perf_counter()
         save_quantized(model, args.output, result, tokenizer=tokenizer, overwrite=args.overwrite)
-    except (GPTQError, ResumeError) as error:  # found before any layer ran: the same on every rank
+    except (GPTQError, ResumeError) as error:  # bad weights, another run's state, a refused save: every rank alike
         _fail(str(error))
     except (LayerError, OSError) as error:  # a numerical fault, a dead/hung rank, a full disk
         print(f"gptq-fsdp: error: {error}", file=sys.stderr)  # every rank: each may see a different cause
@@ -417,8 +414,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
-    if threading.current_thread() is threading.main_thread():  # a preempting scheduler's SIGTERM acts as Ctrl-C
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # a preempting scheduler's SIGTERM acts as Ctrl-C
+        previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         {"quantize": quantize_command, "perplexity": perplexity_command, "plan": plan_command}[args.command](args)
     except KeyboardInterrupt:  # outside the quantize loop (which says where its state is)
@@ -427,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         while _held_locks:
             _held_locks.pop().release()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
