@@ -136,15 +136,15 @@ def _garbled_header(s: Scene) -> list[str]:
     return s.args()
 
 
+_locks: list[OutputLock] = []  # taken by a case's preparation, released once the case has run
+
+
 def _locked(s: Scene) -> list[str]:
     """Another run holds the output's lock (released once the case has run)."""
     lock = OutputLock(s.out)
     lock.acquire()
     _locks.append(lock)
     return s.args()
-
-
-_locks: list[OutputLock] = []
 
 
 def _corrupt_state(s: Scene) -> list[str]:
@@ -289,7 +289,7 @@ SIGNAL_CASES = {
 
 
 def cli_process(scene: Scene, fault: str, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "gptq_fsdp", *scene.args(*extra)[0:]]
+    command = [sys.executable, "-m", "gptq_fsdp", *scene.args(*extra)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**ENV, "GPTQ_FSDP_FAULT": fault})  # fmt: skip
 
