@@ -427,12 +427,11 @@ def check_weights(model: nn.Module, backend: Backend) -> str:
     same on every rank (resume state records it). One pass over the weights, no copy of them; a
     float64 sum of finite 16/32-bit values cannot overflow, so a non-finite sum means a non-finite value."""
     names = [name for name, _ in model.named_parameters()]
-    sums = torch.stack(
-        [
-            torch.stack([part.sum(dtype=torch.float64), torch.linalg.vector_norm(part, 1, dtype=torch.float64)]).cpu()
-            for part in (backend.local_part(p) for _, p in model.named_parameters())
-        ]
-    )
+    per_param = [
+        torch.stack([part.sum(dtype=torch.float64), torch.linalg.vector_norm(part, 1, dtype=torch.float64)])
+        for part in (backend.local_part(p) for _, p in model.named_parameters())
+    ]
+    sums = torch.stack([s.to(per_param[0].device) for s in per_param]).cpu()  # one host sync
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
     every_rank = backend.gather_all(sums.tolist())
     broken = [
