@@ -159,6 +159,29 @@ def make_tiny_model(family: str, directory: Path, tokenizer_dir: Path, seed: int
 
 
 @pytest.fixture(scope="session")
+def finetuned_smollm2(smollm2_dir, austen, tmp_path_factory) -> tuple[Path, str]:
+    """examples/finetune_then_quantize.py on SmolLM2 under accelerate's FSDP2 CPU config (2 ranks):
+    its W4A16 group-64 checkpoint and its stdout (test_examples checks the run, test_vllm serves it)."""
+    import subprocess
+    import sys
+
+    from sharded_helpers import ENV
+
+    output = tmp_path_factory.mktemp("finetuned") / "ckpt"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "accelerate_configs" / "fsdp2_cpu.yaml"),
+        str(REPO / "examples" / "finetune_then_quantize.py"), "--model", str(smollm2_dir),
+        "--train-text", str(austen / "emma.txt"), "--eval-text", str(austen / "persuasion.txt"),
+        "--output", str(output), "--steps", "2", "--seq-len", "64", "--calibration-samples", "4",
+        "--eval-tokens", "1024",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    return output, done.stdout
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
     return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
 

@@ -64,22 +64,13 @@ def test_quantize_deepspeed_example(tiny_llama_dir, austen, tmp_path):
 
 
 @pytest.mark.distributed
-def test_finetune_then_quantize_example_on_smollm2(smollm2_dir, austen, tmp_path):
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "accelerate_configs" / "fsdp2_cpu.yaml"),
-        str(REPO / "examples" / "finetune_then_quantize.py"), "--model", str(smollm2_dir),
-        "--train-text", str(austen / "emma.txt"), "--eval-text", str(austen / "persuasion.txt"),
-        "--output", str(tmp_path / "ckpt"), "--steps", "2", "--seq-len", "64", "--calibration-samples", "4",
-        "--eval-tokens", "1024",
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, env=ENV)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
-    match = re.search(r"perplexity before fine-tuning ([\d.]+); .*: ([\d.]+)", done.stdout)
-    assert match, done.stdout[-2000:]
+def test_finetune_then_quantize_example_on_smollm2(finetuned_smollm2):
+    checkpoint, stdout = finetuned_smollm2
+    match = re.search(r"perplexity before fine-tuning ([\d.]+); .*: ([\d.]+)", stdout)
+    assert match, stdout[-2000:]
     before, after = map(float, match.groups())
     # SmolLM2's perplexity on Persuasion is ~34 and W4A16 g64 adds ~15 % (README): a broken model or
     # checkpoint lands far outside these (a random one near the 49k vocabulary).
     assert 5 < before < 200 and before < after < 2 * before
-    assert "on 2 rank(s)" in done.stdout
-    packed_w4(tmp_path / "ckpt", 64)
+    assert "on 2 rank(s)" in stdout
+    packed_w4(checkpoint, 64)
