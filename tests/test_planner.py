@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from gptq_fsdp import planner
 from gptq_fsdp.cli import main
@@ -399,7 +399,9 @@ def test_cli_rejects_a_missing_config(tmp_path, capsys):
 @pytest.mark.parametrize("true_sequential", [False, True], ids=["standard", "true-sequential"])
 def test_memory_model_equals_a_measured_two_rank_run(true_sequential, smollm2_dir, austen, tmp_path):
     """The planner's per-rank shards, unsharded layer, Hessians and activations against the
-    MemoryStats that a real 2-rank FSDP2 run of SmolLM2 measured from its own tensors.
+    MemoryStats that a real 2-rank FSDP2 run of SmolLM2's shapes (its config, 2 of its 30 layers,
+    random weights: the figures are per layer, and the shards follow the config) measured from its
+    own tensors.
 
     Margin 0: for these four the planner counts the very tensors the run allocates (FSDP2's dim-0
     chunks, the whole layer, HessianGroup's float64 upper blocks and fp32 block of XᵀX in the CPU
@@ -407,14 +409,18 @@ def test_memory_model_equals_a_measured_two_rank_run(true_sequential, smollm2_di
     nothing estimated."""
     from sharded_helpers import REPO, torchrun
 
-    report_path = tmp_path / "report.json"
+    model_dir, report_path = tmp_path / "smollm2-2-layers", tmp_path / "report.json"
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(smollm2_dir, num_hidden_layers=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(model_dir)
     torchrun(
-        2, str(REPO / "tests" / "fsdp_worker.py"), str(smollm2_dir), str(tmp_path / "ckpt"), str(report_path),
+        2, str(REPO / "tests" / "fsdp_worker.py"), str(model_dir), str(tmp_path / "ckpt"), str(report_path),
         "--text", str(austen / "emma.txt"), "--samples", "6", "--batch-size", "2",
         *(["--true-sequential"] if true_sequential else []),
     )  # fmt: skip
     measured = json.loads(report_path.read_text())["memory_per_rank"]
-    shape = load_model_shape(smollm2_dir / "config.json", dtype=torch.float32, group_size=32)
+    shape = load_model_shape(model_dir / "config.json", dtype=torch.float32, group_size=32)
     options = PlanOptions(
         world_size=2, gpu_memory=MEM80, samples=6, seq_len=32, batch_size=2, device_type="cpu",
         true_sequential=true_sequential,

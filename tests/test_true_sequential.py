@@ -89,9 +89,11 @@ def test_differs_from_the_standard_order_but_not_by_much(tiny_llama_dir, calibra
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world,load", [(2, "sharded"), (3, "sharded"), (2, "zero3"), (3, "zero3")])
+@pytest.mark.parametrize("world,load", [(3, "sharded"), (3, "zero3")])
 def test_sharded_equals_single_process(world, load, tiny_llama_dir, austen, tmp_path):
-    """Against one process that runs the ranks' batches and row shares (sharded_helpers): the same bits."""
+    """Against one process that runs the ranks' batches and row shares (sharded_helpers): the same bits.
+    At 3 ranks the row shares are uneven (32 k_proj rows: 11, 11, 10); 2 ranks' even shares run in
+    test_faults (resume) and test_vllm (served)."""
     output, report_path = tmp_path / "ckpt", tmp_path / "report.json"
     torchrun(
         world, str(REPO / "tests" / "fsdp_worker.py"), str(tiny_llama_dir), str(output), str(report_path),
