@@ -6,6 +6,7 @@ times: GPTQ's levels follow the CPU kernels' last bits, so digests from another 
 
     .venv/bin/python scripts/same_bits.py record before.json     # on the old commit (~17 min)
     .venv/bin/python scripts/same_bits.py check before.json      # on the new one: exit 1 on any difference
+    .venv/bin/python scripts/same_bits.py record part.json llama demo   # only these (families, "demo")
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def demo(root: Path, smollm2: Path) -> dict[str, str]:
     return digests(output)
 
 
-def families(root: Path, tokenizer_dir: Path) -> dict[str, dict[str, str]]:
+def families(names: list[str], root: Path, tokenizer_dir: Path) -> dict[str, dict[str, str]]:
     results = {}
-    for family in FAMILIES:
+    for family in names:
         TINY_FAMILIES.setdefault(family, FAMILIES[family])
         model_dir = make_tiny_model(family, root / family / "model", tokenizer_dir)
         for name, (launcher, extra, _) in RUNS.items():
@@ -65,19 +66,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["record", "check"])
     parser.add_argument("file", type=Path)
+    parser.add_argument("only", nargs="*", help="'demo' and family names (default: all of them)")
     args = parser.parse_args()
+    names = args.only or ["demo", *FAMILIES]
+    if unknown := set(names) - {"demo", *FAMILIES}:
+        parser.error(f"unknown {sorted(unknown)}: choose from demo, {', '.join(FAMILIES)}")
     from prepare_smollm2 import prepare
 
     smollm2 = prepare()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        found = {"demo": demo(root, smollm2), **families(root, smollm2)}
+        found = {"demo": demo(root, smollm2)} if "demo" in names else {}
+        found |= families([n for n in names if n != "demo"], root, smollm2)
     if args.mode == "record":
         args.file.write_text(json.dumps(found, indent=1, sort_keys=True))
         print(f"recorded {len(found)} checkpoints to {args.file}")
         return 0
     expected = json.loads(args.file.read_text())
-    differ = [name for name in sorted(expected.keys() | found.keys()) if expected.get(name) != found.get(name)]
+    compared = found.keys() if args.only else expected.keys() | found.keys()
+    differ = [name for name in sorted(compared) if expected.get(name) != found.get(name)]
     for name in differ:
         old, new = expected.get(name, {}), found.get(name, {})
         tensors = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
