@@ -18,4 +18,3 @@ fi
 if "${py}" -c "import importlib.util as u, sys; sys.exit(not any(u.find_spec(m) for m in ('torchvision', 'torchaudio', 'torchcodec')))"; then
     "${py}" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 fi
-"${py}" -c "import vllm" 2>/dev/null || { echo "vLLM does not import in ${venv}" >&2; exit 1; }

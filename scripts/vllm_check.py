@@ -74,14 +74,7 @@ def transformers_reload(checkpoint: Path, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, **options).eval()
 
 
-def transformers_logprobs(checkpoint: Path, ids: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:
-    from gptq_fsdp.evaluate import token_logprobs
-
-    return token_logprobs(transformers_reload(checkpoint, dtype), ids, window)
-
-
-def transformers_greedy(checkpoint: Path, prompt: list[int], generate: int) -> list[int]:
-    model = transformers_reload(checkpoint, torch.float32)
+def transformers_greedy(model, prompt: list[int], generate: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=generate, min_new_tokens=generate, do_sample=False)
     return out[0, len(prompt) :].tolist()
@@ -102,12 +95,15 @@ def serve_with_vllm(checkpoints: list[Path], ids: list[int], window: int, genera
 
 
 def compare(checkpoint: Path, served: dict, ids: torch.Tensor, window: int) -> Comparison:
-    fp32 = transformers_logprobs(checkpoint, ids, window, torch.float32)
-    bf16 = transformers_logprobs(checkpoint, ids, window, torch.bfloat16)
+    from gptq_fsdp.evaluate import token_logprobs
+
+    model = transformers_reload(checkpoint, torch.float32)
+    fp32 = token_logprobs(model, ids, window)
+    bf16 = token_logprobs(transformers_reload(checkpoint, torch.bfloat16), ids, window)
     vllm = torch.tensor(served["token_logprobs"], dtype=torch.float64)
     if vllm.shape != fp32.shape:
         raise ValueError(f"vLLM scored {vllm.numel()} tokens of {checkpoint}, transformers {fp32.numel()}")
-    greedy = transformers_greedy(checkpoint, ids[0, : served["greedy_prompt"]].tolist(), len(served["greedy_ids"]))
+    greedy = transformers_greedy(model, ids[0, : served["greedy_prompt"]].tolist(), len(served["greedy_ids"]))
     agree = next((i for i, (a, b) in enumerate(zip(greedy, served["greedy_ids"], strict=True)) if a != b), len(greedy))
     return Comparison(
         checkpoint=str(checkpoint),

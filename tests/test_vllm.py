@@ -38,15 +38,15 @@ FAMILIES = {
         hidden_size=128, ffn_dim=256, num_attention_heads=2, word_embed_proj_dim=128, max_position_embeddings=1024
     ),
 }
-SAMPLES, TOKENS, WINDOW = 8, 1024, 512
+SAMPLES, TOKENS, WINDOW = 8, 512, 512  # one window: 511 tokens scored per folder
 # checkpoint name: (model, how it is written, quantize options). FSDP2 on 2 ranks is the fine-tuned
 # SmolLM2 (examples/finetune_then_quantize.py, group 64); ZeRO-3 on 2 ranks runs true-sequential.
 KINDS = {
     "llama-g64": ("llama", "one process", dict(group_size=64)),
-    "llama-channel": ("llama", "one process", dict(group_size=None)),
-    "llama-asym-g128": ("llama", "one process", dict(group_size=128, symmetric=False)),
+    "llama-asym-channel": ("llama", "one process", dict(group_size=None, symmetric=False)),
     "llama-zero3-true-sequential": ("llama", "zero3", ["--group-size", "64", "--true-sequential"]),
-    **{f"{family}-g64": (family, "one process", dict(group_size=64)) for family in FAMILIES if family != "llama"},
+    "qwen2-g128": ("qwen2", "one process", dict(group_size=128)),
+    **{f"{f}-g64": (f, "one process", dict(group_size=64)) for f in FAMILIES if f not in ("llama", "qwen2")},
 }
 SERVED = [*KINDS, "smollm2-fsdp2-g64"]
 REFUSED = {"llama-w8": ("llama", "one process", dict(group_size=64, bits=8))}
