@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from gptq_fsdp.config import GPTQConfig
-from gptq_fsdp.gptq import gptq_quantize
+from gptq_fsdp.core.gptq import gptq_quantize
 
 
 def main() -> None:

@@ -30,8 +30,10 @@ from pathlib import Path
 import torch
 
 from gptq_fsdp.config import GPTQConfig
-from gptq_fsdp.gptq import float32_matmul_precision, gptq_quantize, qparams
-from gptq_fsdp.hessian import HessianGroup, unpack_symmetric
+from gptq_fsdp.core.gptq import gptq_quantize
+from gptq_fsdp.core.hessian import HessianGroup, unpack_symmetric
+from gptq_fsdp.core.linalg import float32_matmul_precision
+from gptq_fsdp.core.scheme import qparams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUP = 128

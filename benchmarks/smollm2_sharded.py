@@ -73,7 +73,8 @@ def worker(backend: str, precision: str, true_sequential: bool, calibration: Pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gptq_fsdp import CalibrationSet, GPTQConfig, quantize_model, save_quantized
-    from gptq_fsdp.launch import init_distributed, load_sharded, load_zero3
+    from gptq_fsdp.distributed.launch import init_distributed
+    from gptq_fsdp.distributed.loading import load_sharded, load_zero3
 
     torch.set_num_threads(1)
     world = init_distributed(deepspeed_comm=backend == "zero3")

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 import gptq_fsdp
-from gptq_fsdp.launch import init_distributed, load_sharded
+from gptq_fsdp.distributed.launch import init_distributed
+from gptq_fsdp.distributed.loading import load_sharded
 
 
 def main() -> None:

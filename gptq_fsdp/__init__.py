@@ -6,8 +6,9 @@ __version__ = version("gptq_fsdp")  # before the imports below: resume records i
 
 from gptq_fsdp.api import quantize, save_quantized
 from gptq_fsdp.config import GPTQConfig
+from gptq_fsdp.core.gptq import GPTQResult, gptq_quantize
+from gptq_fsdp.core.scheme import GPTQError
 from gptq_fsdp.data import CalibrationSet, build_calibration, load_texts
-from gptq_fsdp.gptq import GPTQError, GPTQResult, gptq_quantize
 from gptq_fsdp.pipeline import QuantizationResult, quantize_model
 
 __all__ = [

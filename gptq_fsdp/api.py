@@ -14,11 +14,11 @@ from pathlib import Path
 import torch.distributed as dist
 from torch import nn
 
-from gptq_fsdp.backends import UnsupportedModelError, unwrap_engine
-from gptq_fsdp.checkpoint import save_quantized as _save
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.data import CalibrationSet, build_calibration, load_texts
-from gptq_fsdp.launch import init_distributed
+from gptq_fsdp.distributed import UnsupportedModelError, is_sharded, unwrap_engine
+from gptq_fsdp.distributed.launch import FSDPSettings, apply_fully_shard, init_distributed
+from gptq_fsdp.io.checkpoint import save_quantized as _save
 from gptq_fsdp.pipeline import QuantizationResult, quantize_model
 
 SUPPORTED = (
@@ -53,12 +53,7 @@ def _accelerate_wants_fsdp() -> bool:
 
 def _shard_if_accelerate_asked(model: nn.Module) -> nn.Module:
     """accelerate on a CPU-only machine exports FSDP settings without applying FSDP: apply them here."""
-    from torch.distributed.tensor import DTensor
-
-    from gptq_fsdp.launch import FSDPSettings, apply_fully_shard
-
-    whole = not any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
-    if whole and dist.is_initialized() and dist.get_world_size() > 1 and _accelerate_wants_fsdp():
+    if not is_sharded(model) and dist.is_initialized() and dist.get_world_size() > 1 and _accelerate_wants_fsdp():
         apply_fully_shard(model, FSDPSettings.from_env())
     return model
 

@@ -205,12 +205,13 @@ def _check_weight_files(model_dir: Path) -> None:
 def quantize_command(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gptq_fsdp.checkpoint import OutputLock, check_output_dir, save_quantized
     from gptq_fsdp.config import GPTQConfig
+    from gptq_fsdp.core.scheme import GPTQError
     from gptq_fsdp.data import build_calibration, load_texts
-    from gptq_fsdp.gptq import GPTQError
-    from gptq_fsdp.launch import LaunchError, init_distributed, use_zero3
-    from gptq_fsdp.pipeline import target_modules
+    from gptq_fsdp.distributed.launch import LaunchError, init_distributed, use_zero3
+    from gptq_fsdp.io.checkpoint import save_quantized
+    from gptq_fsdp.io.output import OutputLock, check_output_dir
+    from gptq_fsdp.model.layers import target_modules
 
     zero3 = args.backend == "zero3" or args.deepspeed_config is not None or (args.backend == "auto" and use_zero3())
     try:
@@ -282,7 +283,7 @@ def quantize_command(args: argparse.Namespace) -> None:
         if world > 1 and not zero3 and args.load == "sharded":
             from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-            from gptq_fsdp.launch import parameters_in_files
+            from gptq_fsdp.distributed.loading import parameters_in_files
 
             skeleton.tie_weights()  # as the sharded loader does: a tied lm_head is not in the files
             parameters_in_files(skeleton, HuggingFaceStorageReader(str(args.model)))
@@ -316,16 +317,18 @@ def quantize_command(args: argparse.Namespace) -> None:
         _fail(str(error))
 
     if zero3:
-        from gptq_fsdp.launch import load_zero3, zero3_config
+        from gptq_fsdp.distributed.launch import zero3_config
+        from gptq_fsdp.distributed.loading import load_zero3
 
         loader = functools.partial(load_zero3, config=zero3_config(args.deepspeed_config, args.offload_param))
     elif world > 1:
-        from gptq_fsdp.launch import FSDPSettings, load_rank0_broadcast, load_sharded
+        from gptq_fsdp.distributed.launch import FSDPSettings
+        from gptq_fsdp.distributed.loading import load_rank0_broadcast, load_sharded
 
         settings = FSDPSettings.from_env()
         loader = functools.partial(load_sharded if args.load == "sharded" else load_rank0_broadcast, settings=settings)
     else:
-        from gptq_fsdp.launch import load_pretrained
+        from gptq_fsdp.distributed.loading import load_pretrained
 
         def loader(model_dir, dtype):
             return load_pretrained(model_dir, dtype).to(args.device)
@@ -335,8 +338,8 @@ def quantize_command(args: argparse.Namespace) -> None:
     except LaunchError as error:  # the files do not match the config (every rank learns it)
         _fail(str(error))
 
+    from gptq_fsdp.io.resume import ResumeError
     from gptq_fsdp.pipeline import LayerError, quantize_model
-    from gptq_fsdp.resume import ResumeError
 
     start = time.perf_counter()
     state_dir = None if args.no_state else Path(f"{args.output}.gptq_state")
@@ -376,7 +379,7 @@ def perplexity_command(args: argparse.Namespace) -> None:
 
 def plan_command(args: argparse.Namespace) -> None:
     """Print the plan; "DOES NOT FIT" and what would fit are part of the output, not an error."""
-    from gptq_fsdp.gptq import GPTQError
+    from gptq_fsdp.core.scheme import GPTQError
     from gptq_fsdp.planner import DTYPES as PLAN_DTYPES
     from gptq_fsdp.planner import PlanOptions, format_plan, load_model_shape, parse_size, plan
 

@@ -1,8 +1,10 @@
-"""What to quantize and how: a compressed-tensors QuantizationScheme plus GPTQ's own knobs."""
+"""One run configuration: what to quantize and how (a compressed-tensors QuantizationScheme plus
+GPTQ's own knobs) and how calibration text becomes samples. The Python API, the CLI, `GPTQCallback`
+and the planner all take it; `GPTQConfig.from_options` spells it with the CLI's option names."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from compressed_tensors.quantization import (
     QuantizationArgs,
@@ -11,9 +13,35 @@ from compressed_tensors.quantization import (
     QuantizationType,
 )
 
-from gptq_fsdp.gptq import MATMUL_PRECISIONS, GPTQError, validate_args
+from gptq_fsdp.core.linalg import MATMUL_PRECISIONS
+from gptq_fsdp.core.scheme import GPTQError, validate_args
 
 ACTORDER_CHOICES = ("none", "static", "weight")
+
+
+@dataclass
+class CalibrationConfig:
+    """How calibration text becomes samples (`data.build_calibration`): `num_samples` of
+    `max_seq_length` tokens, packed (documents joined and cut) or one padded sample per document,
+    chosen with `seed`."""
+
+    num_samples: int = 128
+    max_seq_length: int = 2048
+    seed: int = 0
+    pack: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_seq_length < 1 or self.seed < 0:
+            raise GPTQError(
+                f"num_samples and max_seq_length must be positive and seed >= 0, got {self.num_samples}, "
+                f"{self.max_seq_length}, {self.seed}"
+            )
+
+    def build(self, texts: list[str], tokenizer):
+        """The `CalibrationSet` of these settings from `texts`."""
+        from gptq_fsdp.data import build_calibration
+
+        return build_calibration(texts, tokenizer, **asdict(self))
 
 
 @dataclass
@@ -36,6 +64,7 @@ class GPTQConfig:
     # per layer instead of two. Every batch's forward is paused there, so all batches' activations are
     # held until the layer's forwards end (hence not with offload_activations).
     true_sequential: bool = False
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
         if self.scheme.weights is None:
@@ -70,6 +99,11 @@ class GPTQConfig:
     def targets(self) -> list[str]:
         return list(self.scheme.targets)
 
+    @property
+    def static_scales(self) -> bool:
+        """Scales fixed before GPTQ (one per channel, or act-order static): GPTQ's one-Cholesky form."""
+        return self.weights.strategy == QuantizationStrategy.CHANNEL or self.weights.actorder is not None
+
     @classmethod
     def from_options(
         cls,
@@ -86,6 +120,10 @@ class GPTQConfig:
         matmul_precision: str = "highest",
         offload_activations: bool = False,
         true_sequential: bool = False,
+        num_samples: int = 128,
+        max_seq_length: int = 2048,
+        seed: int = 0,
+        pack: bool = True,
     ) -> GPTQConfig:
         """W{bits}A16: group strategy when `group_size` is given, else one scale per output channel."""
         if actorder == "group":
@@ -116,4 +154,5 @@ class GPTQConfig:
             matmul_precision=matmul_precision,
             offload_activations=offload_activations,
             true_sequential=true_sequential,
+            calibration=CalibrationConfig(num_samples, max_seq_length, seed, pack),
         )

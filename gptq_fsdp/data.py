@@ -163,19 +163,23 @@ def rank_batches(num_samples: int, rank: int, world_size: int, batch_size: int) 
     """
     if num_samples < world_size:
         raise CalibrationDataError(f"{num_samples} calibration samples cannot be split across {world_size} ranks")
-    base, extra = divmod(num_samples, world_size)
-    start = rank * base + min(rank, extra)
-    mine = list(range(start, start + base + (rank < extra)))
-    num_batches = math.ceil((base + (extra > 0)) / batch_size)
+    per_rank = near_equal_shares(num_samples, world_size)
+    start = sum(per_rank[:rank])
+    mine = list(range(start, start + per_rank[rank]))
+    num_batches = math.ceil(max(per_rank) / batch_size)
     if len(mine) < num_batches:
         raise CalibrationDataError(
             f"rank {rank} has {len(mine)} samples for {num_batches} forward calls; use a batch size >= 2 "
             f"or a sample count that {world_size} ranks divide"
         )
-    size, bigger = divmod(len(mine), num_batches)
     batches, pos = [], 0
-    for b in range(num_batches):
-        n = size + (b < bigger)
+    for n in near_equal_shares(len(mine), num_batches):
         batches.append(mine[pos : pos + n])
         pos += n
     return batches
+
+
+def near_equal_shares(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` counts that differ by at most one, the larger ones first."""
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]

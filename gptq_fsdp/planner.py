@@ -100,11 +100,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gptq_fsdp.backends.fsdp2 import row_counts
 from gptq_fsdp.config import GPTQConfig
-from gptq_fsdp.hessian import HessianHooks, column_blocks, packed_size, upper_blocks
-from gptq_fsdp.pipeline import find_decoder_layers, ignored_modules, target_modules, uncovered_matrices
-from gptq_fsdp.schedule import assign_owners, gptq_cost, packing_cost
+from gptq_fsdp.core.hessian import column_blocks, packed_size, upper_blocks
+from gptq_fsdp.distributed.compat import storage_key
+from gptq_fsdp.distributed.fsdp2 import row_counts
+from gptq_fsdp.distributed.schedule import assign_owners, gptq_cost, packing_cost
+from gptq_fsdp.model.capture import StopForward
+from gptq_fsdp.model.hooks import HessianHooks
+from gptq_fsdp.model.layers import find_decoder_layers, ignored_modules, target_modules, uncovered_matrices
 
 GiB = 2**30
 REDUCE_BYTES = 8  # per element: the float64 sum is what gets reduced
@@ -199,10 +202,6 @@ class ModelShape:
         return counts
 
 
-class _Stop(Exception):
-    """Stops a meta-device forward once what it was run for has been seen."""
-
-
 def load_model_shape(
     config_path: str | Path,
     dtype: torch.dtype = torch.bfloat16,
@@ -271,7 +270,7 @@ def _probe_layer_calls(model: nn.Module, layers: nn.ModuleList) -> list[tuple[tu
         hidden = args[0] if args else kwargs.get("hidden_states")
         if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and tuple(hidden.shape[:2]) == (1, PROBE_TOKENS):
             calls.append((args, kwargs))
-        raise _Stop
+        raise StopForward
 
     handle = layers[0].register_forward_pre_hook(record, with_kwargs=True)
     ids = torch.zeros(1, PROBE_TOKENS, dtype=torch.long, device="meta")
@@ -280,7 +279,7 @@ def _probe_layer_calls(model: nn.Module, layers: nn.ModuleList) -> list[tuple[tu
         for kwargs in ({"attention_mask": mask}, {}):
             try:
                 model(input_ids=ids, use_cache=False, **kwargs)
-            except _Stop:
+            except StopForward:
                 pass
             except Exception:  # any failure means: try the next way, then fall back to the rule
                 continue
@@ -351,7 +350,7 @@ def _groups_by_forward(
         paused = max(paused, bytes_made_since(before, hooks, "meta"))
         seen.add(name)
         if len(seen) == len(modules):
-            raise _Stop
+            raise StopForward
 
     args, kwargs = call
     with hooks.attached():
@@ -360,7 +359,7 @@ def _groups_by_forward(
         try:
             hooks.start_forward(None)
             layer(*args, **kwargs)
-        except _Stop:
+        except StopForward:
             pass
         except Exception:  # data-dependent code on meta tensors: use the rule instead
             return None
@@ -375,7 +374,7 @@ def _groups_by_forward(
 def bytes_made_since(before: dict[int, int], hooks: HessianHooks, device_type: str) -> int:
     """Bytes of the storages alive now that were not in `before` (a `live_storages` result), the
     hooks' own Hessian buffers aside: what a forward paused here holds."""
-    own = {t.untyped_storage()._cdata for g in hooks.groups for t in g.buffers}
+    own = {storage_key(t) for g in hooks.groups for t in g.buffers}
     return sum(n for k, n in live_storages(device_type).items() if k not in before and k not in own)
 
 
@@ -386,7 +385,7 @@ def live_storages(device_type: str) -> dict[int, int]:
         # type(), not isinstance(): the latter reads __class__, which deprecated torch objects warn on.
         if issubclass(type(obj), torch.Tensor) and obj.device.type == device_type:
             storage = obj.untyped_storage()
-            storages[storage._cdata] = storage.nbytes()
+            storages[storage_key(obj)] = storage.nbytes()
     return storages
 
 

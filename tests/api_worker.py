@@ -22,7 +22,7 @@ def main() -> None:
     if form == "fully_shard":  # what an FSDP2 training script has
         from torch.distributed.fsdp import fully_shard
 
-        from gptq_fsdp.launch import init_distributed
+        from gptq_fsdp.distributed.launch import init_distributed
 
         init_distributed()
         model = AutoModelForCausalLM.from_pretrained(model_dir)

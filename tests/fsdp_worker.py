@@ -15,8 +15,9 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from gptq_fsdp import GPTQConfig, build_calibration, load_texts, quantize_model, save_quantized
-from gptq_fsdp.launch import init_distributed, load_rank0_broadcast, load_sharded, load_zero3, zero3_config
-from gptq_fsdp.pipeline import find_decoder_layers
+from gptq_fsdp.distributed.launch import init_distributed, zero3_config
+from gptq_fsdp.distributed.loading import load_rank0_broadcast, load_sharded, load_zero3
+from gptq_fsdp.model.layers import find_decoder_layers
 
 
 def main() -> None:

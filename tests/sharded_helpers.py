@@ -22,9 +22,10 @@ from unittest import mock
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gptq_fsdp import GPTQConfig, build_calibration, load_texts, pipeline, quantize_model, save_quantized
-from gptq_fsdp.data import rank_batches
-from gptq_fsdp.gptq import GPTQResult
+from gptq_fsdp import GPTQConfig, build_calibration, load_texts, quantize_model, save_quantized
+from gptq_fsdp.core.gptq import GPTQResult
+from gptq_fsdp.data import near_equal_shares, rank_batches
+from gptq_fsdp.pipeline import loop, owners
 
 REPO = Path(__file__).resolve().parents[1]
 RANK_THREADS = 1
@@ -53,7 +54,7 @@ def rank_threads() -> Iterator[None]:
 def as_if_on_ranks(world: int, row_shares: bool) -> Iterator[None]:
     """One process runs the batches of all `world` ranks (rank 0's, then rank 1's, ...) and, with
     `row_shares` (true-sequential order), quantizes each unit's rows in the shares the ranks would."""
-    quantize_rows = pipeline.gptq_quantize
+    quantize_rows = owners.gptq_quantize
 
     def batches(num_samples: int, rank: int, _world: int, batch_size: int) -> list[list[int]]:
         return [b for r in range(world) for b in rank_batches(num_samples, r, world, batch_size)]
@@ -61,17 +62,17 @@ def as_if_on_ranks(world: int, row_shares: bool) -> Iterator[None]:
     def in_row_shares(weight: torch.Tensor, hessian: torch.Tensor, args, **options) -> GPTQResult:
         if weight.shape[0] < world:  # as on the ranks: too few rows to split, each rank does all
             return quantize_rows(weight, hessian, args, **options)
-        shares = weight.split(pipeline._shares(weight.shape[0], world))
+        shares = weight.split(near_equal_shares(weight.shape[0], world))
         parts = [quantize_rows(rows, hessian.clone(), args, **options) for rows in shares]  # a Hessian each
         cat = lambda field: torch.cat([getattr(p, field) for p in parts])  # noqa: E731
         return GPTQResult(cat("weight"), cat("levels"), cat("scale"), cat("zero_point"), parts[0].g_idx,
                           cat("row_losses"), parts[0].damping)  # fmt: skip
 
-    with mock.patch.object(pipeline, "rank_batches", batches):
+    with mock.patch.object(loop, "rank_batches", batches):
         if not row_shares:
             yield
             return
-        with mock.patch.object(pipeline, "gptq_quantize", in_row_shares):
+        with mock.patch.object(owners, "gptq_quantize", in_row_shares):
             yield
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import gptq_fsdp
-from gptq_fsdp.backends import UnsupportedModelError
+from gptq_fsdp.distributed import UnsupportedModelError
 
 
 def assert_same_as_reference(checkpoint, reference):

@@ -26,8 +26,8 @@ from conftest import make_tiny_model
 from safetensors.torch import load_file, save_file
 from sharded_helpers import ENV, REPO
 
-from gptq_fsdp.checkpoint import OutputLock
 from gptq_fsdp.cli import main
+from gptq_fsdp.io.output import OutputLock
 
 DOCS = REPO / "docs" / "troubleshooting.md"
 

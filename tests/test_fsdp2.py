@@ -13,7 +13,7 @@ from conftest import make_tiny_model
 from sharded_helpers import ENV, REPO, dequantized, logits_at_rank_threads, single_process, torchrun
 from transformers import AutoModelForCausalLM
 
-from gptq_fsdp.schedule import assign_owners, gptq_cost, packing_cost
+from gptq_fsdp.distributed.schedule import assign_owners, gptq_cost, packing_cost
 
 
 @pytest.mark.distributed
@@ -188,18 +188,3 @@ def test_packing_owners_balance_elements():
     by_elements = assign_owners(SMOLLM2_LAYER, 2, packing_cost)
     assert by_elements.loads == [1_769_472.0, 1_769_472.0]
     assert by_elements.owners[2] not in {by_elements.owners[i] for i in (0, 1, 3)}
-
-
-def test_layer_param_groups_in_older_and_newer_torch():
-    """torch 2.13's FSDP state keeps a list of parameter groups, 2.11's one optional group (seen on a GPU
-    machine); layer_unsharded needs both."""
-    from types import SimpleNamespace
-
-    from gptq_fsdp.backends.fsdp2 import _param_groups
-
-    def module(**state):
-        return SimpleNamespace(_get_fsdp_state=lambda: SimpleNamespace(**state))
-
-    assert _param_groups(module(_fsdp_param_groups=("a", "b"))) == ["a", "b"]
-    assert _param_groups(module(_fsdp_param_group="a")) == ["a"]
-    assert _param_groups(module(_fsdp_param_group=None)) == []

@@ -11,17 +11,10 @@ from bounds import FP32_U, assert_within, cholesky_backward_bound
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
 
-from gptq_fsdp.gptq import (
-    BLOCKED_CHOLESKY_FROM,
-    CHOLESKY_BLOCK,
-    GPTQError,
-    cholesky,
-    float32_matmul_precision,
-    gptq_quantize,
-)
-from gptq_fsdp.gptq import (
-    dequantize as gptq_dequantize,
-)
+from gptq_fsdp.core.gptq import gptq_quantize
+from gptq_fsdp.core.linalg import BLOCKED_CHOLESKY_FROM, CHOLESKY_BLOCK, cholesky, float32_matmul_precision
+from gptq_fsdp.core.scheme import GPTQError
+from gptq_fsdp.core.scheme import dequantize as gptq_dequantize
 
 
 def args_for(bits: int, symmetric: bool, group_size: int | None) -> QuantizationArgs:

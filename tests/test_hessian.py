@@ -9,8 +9,9 @@ import torch
 from bounds import FP32_U, assert_within, xtx_bound
 from torch import nn
 
-from gptq_fsdp.gptq import float32_matmul_precision
-from gptq_fsdp.hessian import HessianGroup, HessianHooks, packed_size, unpack_symmetric, upper_blocks
+from gptq_fsdp.core.hessian import HessianGroup, packed_size, unpack_symmetric, upper_blocks
+from gptq_fsdp.core.linalg import float32_matmul_precision
+from gptq_fsdp.model.hooks import HessianHooks
 
 
 def full(group: HessianGroup) -> torch.Tensor:

@@ -14,11 +14,14 @@ from conftest import TINY_FAMILIES, make_tiny_model
 from safetensors.torch import load_file
 from torch import nn
 
-from gptq_fsdp.checkpoint import OutputDirError, save_quantized
 from gptq_fsdp.config import GPTQConfig
+from gptq_fsdp.core.gptq import gptq_quantize
+from gptq_fsdp.core.linalg import float32_matmul_precision
+from gptq_fsdp.core.scheme import GPTQError
 from gptq_fsdp.data import build_calibration, load_texts
-from gptq_fsdp.gptq import GPTQError, float32_matmul_precision, gptq_quantize
-from gptq_fsdp.pipeline import QuantizationResult, _record, quantize_model
+from gptq_fsdp.io.checkpoint import save_quantized
+from gptq_fsdp.io.output import OutputDirError
+from gptq_fsdp.pipeline import QuantizationResult, quantize_model
 
 GROUP = 32
 QMIN, QMAX = -8, 7  # signed 4-bit
@@ -250,7 +253,7 @@ def test_checkpoint_tensors(quantized):
 def test_unquantized_matrices_are_warned_about(model_dirs, calibration, caplog):
     # Mixtral's experts (fused 3-D parameters) and router are in no target: a warning names them,
     # with their share of the layers' parameters, before any forward.
-    with caplog.at_level("WARNING", logger="gptq_fsdp.pipeline"):
+    with caplog.at_level("WARNING", logger="gptq_fsdp.model.layers"):
         model, _, _ = quantize(model_dirs("mixtral"), calibration, group_size=GROUP)
     (warning,) = [r.getMessage() for r in caplog.records if "stay unquantized" in r.getMessage()]
     layer = model.model.layers[0]
@@ -267,7 +270,7 @@ def test_unquantized_matrices_are_warned_about(model_dirs, calibration, caplog):
     assert "fused 3-D parameters" in warning
     # Ignoring their modules silences it; a dense model has nothing to warn about.
     caplog.clear()
-    with caplog.at_level("WARNING", logger="gptq_fsdp.pipeline"):
+    with caplog.at_level("WARNING", logger="gptq_fsdp.model.layers"):
         quantize(model_dirs("mixtral"), calibration, group_size=GROUP, ignore=["lm_head", "re:.*mlp$"])
         quantize(model_dirs("llama"), calibration, group_size=GROUP)
     assert not [r for r in caplog.records if "stay unquantized" in r.getMessage()]
@@ -524,7 +527,7 @@ def test_packed_checkpoint_holds_gptqs_own_levels(bits, symmetric, dtype):
     W, X = torch.randn(64, 128, generator=g).to(dtype), torch.randn(512, 128, generator=g)
     gptq = gptq_quantize(W, X.T @ X, config.weights)
     result = QuantizationResult(config, SimpleNamespace(rank=0, world_size=1))
-    _record(0, ["layer.proj"], [64], gptq, 0.0, config, 0, result)
+    result.record(0, ["layer.proj"], [64], gptq, 0.0)
     packed = dict(result.modules["layer.proj"].packed)
     unpacked = PackedQuantizationCompressor.decompress(packed, config.scheme)["weight"]
     assert torch.equal(unpacked.to(dtype), gptq.weight)

@@ -18,10 +18,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from gptq_fsdp import planner
 from gptq_fsdp.cli import main
 from gptq_fsdp.config import GPTQConfig
-from gptq_fsdp.hessian import HessianHooks
-from gptq_fsdp.pipeline import capture_layer_inputs, find_decoder_layers, target_modules
+from gptq_fsdp.distributed.schedule import assign_owners
+from gptq_fsdp.model.capture import capture_layer_inputs
+from gptq_fsdp.model.hooks import HessianHooks
+from gptq_fsdp.model.layers import find_decoder_layers, target_modules
 from gptq_fsdp.planner import PlanOptions, load_model_shape, parse_size, plan
-from gptq_fsdp.schedule import assign_owners
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 GiB = 2**30

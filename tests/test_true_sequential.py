@@ -10,10 +10,12 @@ from sharded_helpers import REPO, dequantized, logits_at_rank_threads, single_pr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gptq_fsdp import GPTQConfig, build_calibration, load_texts, quantize_model
+from gptq_fsdp.core.gptq import gptq_quantize
+from gptq_fsdp.core.hessian import hessian_from_sum
 from gptq_fsdp.data import rank_batches
-from gptq_fsdp.gptq import gptq_quantize
-from gptq_fsdp.hessian import HessianHooks, hessian_from_sum
-from gptq_fsdp.pipeline import capture_layer_inputs, find_decoder_layers, target_modules
+from gptq_fsdp.model.capture import capture_layer_inputs
+from gptq_fsdp.model.hooks import HessianHooks
+from gptq_fsdp.model.layers import find_decoder_layers, target_modules
 
 
 def straightforward_true_sequential(model, calibration, config) -> None:
@@ -145,14 +147,15 @@ def test_a_failure_inside_the_paused_forwards_is_raised_and_leaves_no_thread(tin
     import threading
 
     from gptq_fsdp import pipeline
-    from gptq_fsdp.gptq import GPTQError
+    from gptq_fsdp.core.scheme import GPTQError
+    from gptq_fsdp.pipeline import owners
 
     def fail_on_o_proj(weight, hessian, args, *, name, **options):
         if "o_proj" in name:
             raise GPTQError(f"{name}: refused by the test")
         return gptq_quantize(weight, hessian, args, name=name, **options)
 
-    monkeypatch.setattr(pipeline, "gptq_quantize", fail_on_o_proj)
+    monkeypatch.setattr(owners, "gptq_quantize", fail_on_o_proj)
     before = threading.active_count()
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     config = GPTQConfig.from_options(group_size=32, batch_size=4, true_sequential=True)  # 3 paused forwards

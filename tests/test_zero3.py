@@ -83,8 +83,8 @@ def test_accelerate_launch_with_the_zero3_cpu_config(tiny_llama_dir, austen, tmp
     assert len(list(output.glob("model-*-of-00002.safetensors"))) == 2
 
 
-def test_zero_hooks_set_aside_and_put_back_in_place():
-    from gptq_fsdp.backends.zero3 import _zero_hooks_set_aside
+def testzero_hooks_set_aside_and_put_back_in_place():
+    from gptq_fsdp.distributed.compat import zero_hooks_set_aside
 
     calls = []
 
@@ -101,7 +101,7 @@ def test_zero_hooks_set_aside_and_put_back_in_place():
     ours = linear.register_forward_pre_hook(lambda m, a: calls.append("ours"))
     linear.register_forward_hook(zero_post)
     x = torch.randn(2, 4)
-    with _zero_hooks_set_aside(layer):
+    with zero_hooks_set_aside(layer):
         layer(x)
         assert calls == ["ours"], "ZeRO's hooks must not run inside"
         late = linear.register_forward_pre_hook(lambda m, a: calls.append("late"))

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from gptq_fsdp import GPTQConfig, build_calibration, quantize_model, save_quantized
-from gptq_fsdp.launch import load_sharded
+from gptq_fsdp.distributed.loading import load_sharded
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from gptq_fsdp import GPTQConfig, build_calibration, quantize_model, save_quantized
-from gptq_fsdp.gptq import gptq_quantize
-from gptq_fsdp.hessian import HessianGroup, unpack_symmetric
+from gptq_fsdp.core.gptq import gptq_quantize
+from gptq_fsdp.core.hessian import HessianGroup, unpack_symmetric
 
 REPO = Path(__file__).resolve().parents[2]
 CUDA = torch.device("cuda")

@@ -14,11 +14,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
 from torch.distributed.tensor import DTensor, Shard
 
-from gptq_fsdp.backends.base import Backend
-from gptq_fsdp.comm import Pending, gather_pieces, scatter_pieces
+from gptq_fsdp.distributed import compat
+from gptq_fsdp.distributed.backend import Backend
+from gptq_fsdp.distributed.collectives import Pending, comm_device, gather_pieces, scatter_pieces
 
 
 def row_counts(rows: int, world: int) -> list[int]:
@@ -32,10 +32,7 @@ class FSDP2Backend(Backend):
     copies_weights = True
 
     def prepare(self, model: nn.Module) -> None:
-        # Lazy init normally happens in the root's first forward; our layer-by-layer calls need it first.
-        state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
-        if state is not None:
-            state._lazy_init()
+        compat.fsdp_lazy_init(model)  # our layer-by-layer calls need it before any forward
         self.reshard(model)
 
     def reshard(self, model: nn.Module) -> None:
@@ -49,17 +46,14 @@ class FSDP2Backend(Backend):
         if not isinstance(layer, FSDPModule):
             yield
             return
-        groups = _param_groups(layer)
-        reshards = any(g.post_forward_mesh_info is not None for g in groups)
+        groups = compat.fsdp_param_groups(layer)
+        reshards = compat.fsdp_reshards_after_forward(groups)
         layer.set_reshard_after_forward(False, recurse=False)
         layer.unshard()
         try:
             yield
         finally:
-            # A forward stopped early by an exception (HessianHooks) skips FSDP's post-forward, which
-            # would have set the group back to IDLE; reshard() is a no-op while it looks mid-forward.
-            for group in groups:
-                group._training_state = TrainingState.IDLE
+            compat.fsdp_mark_idle(groups)  # a forward stopped early (HessianHooks) skipped FSDP's post-forward
             layer.reshard()  # writes go to the local shards, so the whole copy must not outlive this
             layer.set_reshard_after_forward(reshards, recurse=False)
 
@@ -71,24 +65,17 @@ class FSDP2Backend(Backend):
             raise NotImplementedError(f"only Shard(0) FSDP2 parameters are supported, got {param.placements}")
         return param.to_local()
 
-    def _padded_local(self, param: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        counts = row_counts(param.shape[0], self.world_size)
-        local = self._local(param).detach()
-        assert local.shape[0] == counts[self.rank], (local.shape, counts)
-        padded = torch.zeros((max(counts), *param.shape[1:]), dtype=local.dtype, device=self.comm_device)
-        padded[: local.shape[0]] = local
-        return padded, counts
-
     def gather_weight(self, param: torch.Tensor, owner: int) -> Pending:
         if not isinstance(param, DTensor):
             return super().gather_weight(param, owner)
-        padded, counts = self._padded_local(param)
-        pending = gather_pieces(padded, owner)
-        finish = pending._finish
-        pending._finish = lambda: (
-            None if (p := finish()) is None else torch.cat([p[r, :n] for r, n in enumerate(counts)])
+        counts = row_counts(param.shape[0], self.world_size)
+        local = self._local(param).detach()
+        assert local.shape[0] == counts[self.rank], (local.shape, counts)
+        padded = torch.zeros((max(counts), *param.shape[1:]), dtype=local.dtype, device=comm_device())
+        padded[: local.shape[0]] = local
+        return gather_pieces(padded, owner).then(
+            lambda pieces: None if pieces is None else torch.cat([pieces[r, :n] for r, n in enumerate(counts)])
         )
-        return pending
 
     def scatter_weight(self, param: torch.Tensor, full: torch.Tensor | None, owner: int) -> Pending:
         if not isinstance(param, DTensor):
@@ -98,11 +85,11 @@ class FSDP2Backend(Backend):
         pieces = None
         if self.rank == owner:
             pieces = torch.zeros(
-                (self.world_size, max(counts), *full.shape[1:]), dtype=local.dtype, device=self.comm_device
+                (self.world_size, max(counts), *full.shape[1:]), dtype=local.dtype, device=comm_device()
             )
             for r, piece in enumerate(full.to(local.dtype).split(counts)):
                 pieces[r, : piece.shape[0]] = piece
-        out = torch.empty((max(counts), *local.shape[1:]), dtype=local.dtype, device=self.comm_device)
+        out = torch.empty((max(counts), *local.shape[1:]), dtype=local.dtype, device=comm_device())
 
         def write(received: torch.Tensor) -> None:
             with torch.no_grad():
@@ -119,18 +106,5 @@ class FSDP2Backend(Backend):
             with torch.no_grad():
                 self._local(param).copy_(piece)
 
-    def full_tensor(self, tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
-        if not isinstance(tensor, DTensor):
-            return tensor.detach() if self.rank == dst else None
-        return self.gather_weight(tensor, dst).wait()
-
     def local_part(self, param: torch.Tensor) -> torch.Tensor:
         return self._local(param)
-
-
-def _param_groups(module: FSDPModule) -> list:
-    """The module's FSDP parameter groups: a list in newer torch (2.13), one optional group in older (2.11)."""
-    state = module._get_fsdp_state()
-    if hasattr(state, "_fsdp_param_groups"):
-        return list(state._fsdp_param_groups)
-    return [state._fsdp_param_group] if state._fsdp_param_group is not None else []

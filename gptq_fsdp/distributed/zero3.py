@@ -16,51 +16,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gptq_fsdp.backends.base import Backend
-from gptq_fsdp.comm import Pending, done, gather_pieces, scatter_pieces
-
-
-def is_zero3_param(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id")
-
-
-def _is_zero_hook(hook) -> bool:
-    """ZeRO-3's per-module fetch/release hooks (DeepSpeedZeRoOffload's, some wrapped by its NVTX helper)."""
-    return getattr(hook, "__module__", "").startswith("deepspeed.")
-
-
-@contextmanager
-def _zero_hooks_set_aside(layer: nn.Module) -> Iterator[None]:
-    """Take ZeRO's forward hooks off `layer`'s modules; put them back in their places afterwards.
-
-    They would all-gather each submodule again on every forward call, and a forward cut short by an
-    exception would leave their fetch bookkeeping behind. Other hooks (ours) stay and keep working.
-    """
-    saved = []
-    for module in layer.modules():
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            snapshot = list(hooks.items())
-            removed = {key for key, hook in snapshot if _is_zero_hook(hook)}
-            for key in removed:
-                del hooks[key]
-            saved.append((hooks, snapshot, removed))
-    try:
-        yield
-    finally:
-        for hooks, snapshot, removed in saved:
-            current = dict(hooks)
-            hooks.clear()
-            for key, hook in snapshot:
-                if key in removed:
-                    hooks[key] = hook
-                elif key in current:
-                    hooks[key] = current.pop(key)
-            hooks.update(current)  # registered meanwhile
+from gptq_fsdp.distributed import compat
+from gptq_fsdp.distributed.backend import Backend
+from gptq_fsdp.distributed.collectives import Pending, comm_device, done, gather_pieces, scatter_pieces
+from gptq_fsdp.distributed.compat import is_zero3_param
 
 
 class ZeRO3Backend(Backend):
     name = "zero3"
     copies_weights = True
+
+    def __init__(self) -> None:
+        compat.require("deepspeed")
 
     @contextmanager
     def layer_unsharded(self, layer: nn.Module) -> Iterator[None]:
@@ -71,7 +38,7 @@ class ZeRO3Backend(Backend):
         with ExitStack() as stack:
             if params:
                 stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=None))
-            stack.enter_context(_zero_hooks_set_aside(layer))
+            stack.enter_context(compat.zero_hooks_set_aside(layer))
             yield
 
     def gather_weight(self, param: torch.Tensor, owner: int) -> Pending:
@@ -82,7 +49,7 @@ class ZeRO3Backend(Backend):
         def assemble(pieces: torch.Tensor | None) -> torch.Tensor | None:
             return None if pieces is None else pieces.reshape(-1)[:numel].view(shape)
 
-        return gather_pieces(param.ds_tensor.detach().to(self.comm_device), owner).then(assemble)
+        return gather_pieces(param.ds_tensor.detach().to(comm_device()), owner).then(assemble)
 
     def scatter_weight(self, param: torch.Tensor, full: torch.Tensor | None, owner: int) -> Pending:
         if not is_zero3_param(param):
@@ -91,10 +58,10 @@ class ZeRO3Backend(Backend):
         size = partition.numel()
         pieces = None
         if self.rank == owner:
-            flat = torch.zeros(size * self.world_size, dtype=partition.dtype, device=self.comm_device)
+            flat = torch.zeros(size * self.world_size, dtype=partition.dtype, device=comm_device())
             flat[: param.ds_numel] = full.reshape(-1).to(flat)
             pieces = flat.view(self.world_size, size)
-        out = torch.empty(size, dtype=partition.dtype, device=self.comm_device)
+        out = torch.empty(size, dtype=partition.dtype, device=comm_device())
 
         def write(received: torch.Tensor) -> None:
             with torch.no_grad():
@@ -105,9 +72,9 @@ class ZeRO3Backend(Backend):
             return pending
         pending.wait()  # gathered and kept (ZeRO's persistent small parameters): update the whole copy too
         whole = (
-            full.to(self.comm_device, param.dtype)
+            full.to(comm_device(), param.dtype)
             if self.rank == owner
-            else torch.empty(param.ds_shape, dtype=param.dtype, device=self.comm_device)
+            else torch.empty(param.ds_shape, dtype=param.dtype, device=comm_device())
         )
         dist.broadcast(whole, src=owner)
         with torch.no_grad():
@@ -127,22 +94,8 @@ class ZeRO3Backend(Backend):
             with torch.no_grad():
                 param.ds_tensor.copy_(piece)
 
-    def full_tensor(self, tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
-        if not is_zero3_param(tensor):
-            return tensor.detach() if self.rank == dst else None
-        return self.gather_weight(tensor, dst).wait()
-
     def local_part(self, param: torch.Tensor) -> torch.Tensor:
         return param.ds_tensor if is_zero3_param(param) else param.detach()
 
     def weight_shape(self, param: torch.Tensor) -> torch.Size:
         return param.ds_shape if is_zero3_param(param) else param.shape
-
-
-def unwrap_engine(model: nn.Module) -> nn.Module:
-    """The model inside a `deepspeed.initialize` engine (or the model itself)."""
-    try:
-        from deepspeed import DeepSpeedEngine
-    except ImportError:
-        return model
-    return model.module if isinstance(model, DeepSpeedEngine) else model

@@ -18,14 +18,14 @@ import json
 import logging
 import os
 import re
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from torch import nn
 
-from gptq_fsdp import __version__
-from gptq_fsdp.backends import Backend
+from gptq_fsdp.distributed import Backend, collectives
+from gptq_fsdp.io.packing import unpack_weight
 
 logger = logging.getLogger("gptq_fsdp")
 STATE_FILE = re.compile(r"rank(\d{5})-layer(\d{5})\.(pt|tmp)$")
@@ -45,9 +45,9 @@ def _digest(*parts: bytes) -> str:
 
 def run_identity(config, calibration, world_size: int, quantized: list[str], weights: str) -> dict[str, str]:
     """What must not change between a crashed run and its resumption, by what a user would name it.
-    `weights` identifies the model's weights and dtypes (`pipeline.check_weights`)."""
+    `weights` identifies the model's weights and dtypes (`pipeline.loop.check_weights`)."""
     return {
-        "gptq_fsdp version": __version__,
+        "gptq_fsdp version": version("gptq_fsdp"),
         "model weights": weights,
         "quantization scheme": config.scheme.model_dump_json(),
         "GPTQ settings": (
@@ -105,7 +105,7 @@ class LayerState:
 
     def _agree(self, problem: str | None) -> None:
         """Every rank raises the first rank's problem, if any rank has one (collective)."""
-        problems = [p for p in self.backend.gather_all(problem) if p is not None]
+        problems = [p for p in collectives.gather_all(problem) if p is not None]
         if problems:
             raise ResumeError(problems[0])
 
@@ -116,7 +116,7 @@ class LayerState:
         if self.backend.rank == 0 and any(STATE_FILE.match(name) for name in stale):
             logger.warning("%s holds the state of an earlier run: starting from layer 0 and replacing it "
                            "(--resume continues such a run)", self.directory)  # fmt: skip
-        self.backend.barrier()
+        collectives.barrier()
         for name in stale:
             match = STATE_FILE.match(name)
             mine = match is not None and int(match.group(1)) == self.backend.rank
@@ -127,7 +127,7 @@ class LayerState:
             tmp = self.directory / f"{IDENTITY_FILE}.tmp"
             tmp.write_text(json.dumps(self.identity, indent=1) + "\n")
             os.replace(tmp, self.directory / IDENTITY_FILE)
-        self.backend.barrier()
+        collectives.barrier()
 
     def check(self) -> None:
         """Before any work of a resumed run: the state here is this run's, or a clear error names
@@ -168,7 +168,7 @@ class LayerState:
         newest = -1
         while newest + 1 in states:  # only an unbroken run of layers from the first counts
             newest += 1
-        common = min(self.backend.gather_all(newest))
+        common = min(collectives.gather_all(newest))
         records = {}
         for layer in range(common + 1):
             records.update(states[layer])
@@ -177,12 +177,12 @@ class LayerState:
     def restore_weights(self, records: dict, modules: dict[str, nn.Linear], scheme) -> None:
         """Owners unpack their weights; every rank's shards receive them (collective, global order)."""
         owners = {}
-        for rank, names in enumerate(self.backend.gather_all(sorted(records))):
+        for rank, names in enumerate(collectives.gather_all(sorted(records))):
             owners.update(dict.fromkeys(names, rank))
         for name in sorted(owners):
             full = None
             if owners[name] == self.backend.rank:
-                full = PackedQuantizationCompressor.decompress(dict(records[name].packed), scheme)["weight"]
+                full = unpack_weight(records[name].packed, scheme)
             self.backend.scatter_weight(modules[name].weight, full, owners[name]).wait()
 
     def clear(self) -> None:
@@ -190,7 +190,7 @@ class LayerState:
             for path in self.directory.iterdir():
                 if path.name.startswith(self.prefix):
                     path.unlink()
-        self.backend.barrier()
+        collectives.barrier()
         if self.backend.rank == 0 and self.directory.exists():
             (self.directory / IDENTITY_FILE).unlink(missing_ok=True)
             if not any(self.directory.iterdir()):

@@ -1,0 +1,178 @@
+"""Every private API of torch, DeepSpeed and transformers that gptq_fsdp calls, in one place.
+
+Each was checked on the versions in CHECKED (the ones the test suite runs on). A different version
+stops with a clear error at the first private call, rather than an AttributeError deep inside a
+run; GPTQ_FSDP_UNCHECKED_VERSIONS=1 turns that error into a warning (at your own risk).
+
+- torch FSDP2: the module state's lazy init, its parameter groups and their training state
+  (`torch.distributed.fsdp._fully_shard`); tensor storages' identity (`UntypedStorage._cdata`).
+- DeepSpeed ZeRO-3: its per-module fetch/release hooks, taken off a layer by editing torch's
+  `Module._forward_pre_hooks` / `_forward_hooks`; the partition attributes of its parameters
+  (`ds_id`, `ds_tensor`, `ds_numel`, `ds_shape`, used by distributed/zero3.py).
+- transformers 5: the renamings and converters applied while loading (`core_model_loading`,
+  `conversion_mapping`, `PreTrainedModel._weight_conversions`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+from torch import nn
+
+# package: the release lines checked (major.minor), newest last.
+CHECKED = {"torch": ("2.13",), "deepspeed": ("0.19",), "transformers": ("5.24",)}
+UNCHECKED_ENV = "GPTQ_FSDP_UNCHECKED_VERSIONS"
+
+
+class CompatError(RuntimeError):
+    """An installed torch / DeepSpeed / transformers is not one whose private APIs were checked."""
+
+
+@functools.cache
+def require(package: str) -> None:
+    """Stop (or warn, with GPTQ_FSDP_UNCHECKED_VERSIONS=1) unless `package` is a checked version."""
+    try:
+        found = version(package)
+    except PackageNotFoundError:
+        raise CompatError(f"{package} is not installed") from None
+    line = ".".join(found.split("+")[0].split(".")[:2])
+    if line in CHECKED[package]:
+        return
+    message = (
+        f"gptq_fsdp relies on private APIs of {package} that were checked on {package} "
+        f"{', '.join(CHECKED[package])}.x; {found} is installed. Install a checked version "
+        f"(pip install 'gptq_fsdp' pins them), or set {UNCHECKED_ENV}=1 to try anyway"
+    )
+    if os.environ.get(UNCHECKED_ENV) == "1":
+        warnings.warn(message, stacklevel=3)
+        return
+    raise CompatError(message)
+
+
+# ------------------------------------------------------------------------------------- torch FSDP2
+
+
+def fsdp_lazy_init(model: nn.Module) -> None:
+    """FSDP2's lazy init, which normally runs in the root's first forward."""
+    require("torch")
+    state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
+    if state is not None:
+        state._lazy_init()
+
+
+def fsdp_param_groups(module: nn.Module) -> list:
+    """The FSDP2 module's parameter groups."""
+    require("torch")
+    return list(module._get_fsdp_state()._fsdp_param_groups)
+
+
+def fsdp_reshards_after_forward(groups: list) -> bool:
+    require("torch")
+    return any(g.post_forward_mesh_info is not None for g in groups)
+
+
+def fsdp_mark_idle(groups: list) -> None:
+    """Set the groups back to IDLE: a forward cut short by an exception skips FSDP2's post-forward,
+    and `reshard()` does nothing while a group looks mid-forward."""
+    require("torch")
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    for group in groups:
+        group._training_state = TrainingState.IDLE
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    """One number per tensor storage (views of one storage share it)."""
+    require("torch")
+    return tensor.untyped_storage()._cdata
+
+
+# --------------------------------------------------------------------------------- DeepSpeed ZeRO-3
+
+
+def is_zero3_param(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def _is_zero_hook(hook) -> bool:
+    """ZeRO-3's per-module fetch/release hooks (DeepSpeedZeRoOffload's, some wrapped by its NVTX helper)."""
+    return getattr(hook, "__module__", "").startswith("deepspeed.")
+
+
+@contextmanager
+def zero_hooks_set_aside(layer: nn.Module) -> Iterator[None]:
+    """Take ZeRO's forward hooks off `layer`'s modules; put them back in their places afterwards.
+
+    They would all-gather each submodule again on every forward call, and a forward cut short by an
+    exception would leave their fetch bookkeeping behind. Other hooks (ours) stay and keep working.
+    """
+    require("deepspeed")
+    saved = []
+    for module in layer.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            snapshot = list(hooks.items())
+            removed = {key for key, hook in snapshot if _is_zero_hook(hook)}
+            for key in removed:
+                del hooks[key]
+            saved.append((hooks, snapshot, removed))
+    try:
+        yield
+    finally:
+        for hooks, snapshot, removed in saved:
+            current = dict(hooks)
+            hooks.clear()
+            for key, hook in snapshot:
+                if key in removed:
+                    hooks[key] = hook
+                elif key in current:
+                    hooks[key] = current.pop(key)
+            hooks.update(current)  # registered meanwhile
+
+
+# ------------------------------------------------------------------------------------ transformers
+
+
+def weight_conversions(model: nn.Module) -> list:
+    """What transformers 5 does to this model's tensors while loading: renamings and converters
+    (a converter fuses per-expert MoE weights into 3-D parameters)."""
+    require("transformers")
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        # The model's class, not FSDP2's subclass of it: transformers takes that for custom code and
+        # finds no conversions for it (so revert_weight_conversion would rename nothing there).
+        cls = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers."))
+        found = get_checkpoint_conversion_mapping(cls.__name__)
+        conversions = found or get_checkpoint_conversion_mapping(model.config.model_type) or []
+    return list(conversions)
+
+
+def fuses_weights_on_load(model: nn.Module) -> bool:
+    """Whether loading builds some parameters out of several stored tensors (fused MoE experts)."""
+    from transformers.core_model_loading import WeightConverter
+
+    return any(isinstance(c, WeightConverter) for c in weight_conversions(model))
+
+
+def in_file_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors under the names the model's own files give them, as save_pretrained writes
+    them: transformers 5 renames some while loading (gpt_neox's `embed_out` is `lm_head` in memory).
+
+    Models whose loading also fuses per-expert MoE weights into 3-D parameters keep the in-memory
+    names: their experts are not quantized here, and transformers 5.24 loads a compressed-tensors
+    checkpoint's per-expert weights only when they are quantized.
+    """
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    if fuses_weights_on_load(model):
+        return dict(tensors)
+    conversions = weight_conversions(model)
+    renamings = [c.reverse_transform() for c in reversed(conversions) if isinstance(c, WeightRenaming)]
+    return {apply_renamings(name, renamings): tensor for name, tensor in tensors.items()}

@@ -1,0 +1,115 @@
+"""What to quantize in a model: its decoder layers, the target Linears in each, and the matrices
+that no target covers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from compressed_tensors.utils import match_named_modules
+from torch import nn
+
+from gptq_fsdp.config import GPTQConfig
+from gptq_fsdp.core.scheme import GPTQError, validate_args
+
+logger = logging.getLogger(__name__)
+
+
+def _class_names(module: nn.Module) -> set[str]:
+    """Names of the module's classes, so FSDP2's `FSDPLlamaDecoderLayer` still counts as a `LlamaDecoderLayer`."""
+    return {cls.__name__ for cls in type(module).__mro__}
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of decoder layers: the longest ModuleList of a `_no_split_modules` class."""
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and _class_names(module[0]) & no_split
+    ]
+    if not candidates:
+        raise GPTQError(
+            f"no decoder layers found in {type(model).__name__}: "
+            f"no ModuleList holds a class of its _no_split_modules {sorted(no_split)}"
+        )
+    return max(candidates, key=lambda c: len(c[1]))
+
+
+def target_modules(model: nn.Module, config: GPTQConfig) -> list[dict[str, nn.Linear]]:
+    """Target Linears per decoder layer (full module names), validated before any expensive work."""
+    layers_name, layers = find_decoder_layers(model)
+    per_layer: list[dict[str, nn.Linear]] = [{} for _ in layers]
+    prefix = f"{layers_name}."
+    matched = list(match_named_modules(model, config.targets, config.ignore))
+    if not matched:
+        raise GPTQError(
+            f"targets {config.targets} (ignoring {config.ignore}) match no module of {type(model).__name__}"
+        )
+    for name, module in matched:
+        if not isinstance(module, nn.Linear):
+            raise GPTQError(
+                f"{name}: only nn.Linear can be quantized, the targets also match a {type(module).__name__}"
+            )
+        index = name[len(prefix) :].split(".", 1)[0] if name.startswith(prefix) else ""
+        if not index.isdigit():
+            raise GPTQError(f"{name}: target outside the decoder layers ({layers_name}); add it to ignore")
+        validate_args(config.weights, module.in_features, name)
+        per_layer[int(index)][name] = module
+    return per_layer
+
+
+def uncovered_matrices(
+    layer: nn.Module, covered: set[str], shape_of: Callable[[torch.Tensor], torch.Size] = lambda p: p.shape
+) -> list[tuple[str, torch.Size]]:
+    """The layer's matrix parameters (2-D and up; whole shapes by `shape_of`) inside none of the
+    `covered` modules (layer-relative names: the targets and the ignored): they stay as they are.
+    In transformers 5.x, MoE experts are such 3-D parameters, and routers such 2-D ones."""
+
+    def inside_covered(name: str) -> bool:
+        parts = name.split(".")[:-1]
+        return any(".".join(parts[:i]) in covered for i in range(1, len(parts) + 1))
+
+    return [
+        (name, shape_of(p))
+        for name, p in layer.named_parameters()
+        if len(shape_of(p)) >= 2 and not inside_covered(name)
+    ]
+
+
+def ignored_modules(model: nn.Module, config: GPTQConfig) -> set[str]:
+    """Full names of the modules `config.ignore` matches (of any class)."""
+    return {name for name, _ in match_named_modules(model, config.ignore)} if config.ignore else set()
+
+
+def warn_uncovered(
+    model: nn.Module,
+    per_layer: list[dict[str, nn.Linear]],
+    config: GPTQConfig,
+    shape_of: Callable[[torch.Tensor], torch.Size],
+) -> None:
+    """Warn when matrices inside the decoder layers would silently stay in full precision (whole
+    shapes by `shape_of`: a sharded parameter's own shape may be its local piece)."""
+    layers_name, layers = find_decoder_layers(model)
+    ignored = ignored_modules(model, config)
+    uncovered: dict[str, torch.Size] = {}  # layer-relative name: shape in the first layer that has it
+    total = left = 0
+    for index, layer in enumerate(layers):
+        prefix = f"{layers_name}.{index}."
+        covered = {n[len(prefix) :] for n in (*per_layer[index], *ignored) if n.startswith(prefix)}
+        total += sum(shape_of(p).numel() for p in layer.parameters())
+        for name, shape in uncovered_matrices(layer, covered, shape_of):
+            uncovered.setdefault(name, shape)
+            left += shape.numel()
+    if uncovered:
+        listed = ", ".join(f"{name} {list(shape)}" for name, shape in uncovered.items())
+        logger.warning(
+            "%.0f%% of the decoder layers' parameters stay unquantized: no nn.Linear target covers %s.%s "
+            "Add their modules to the ignored ones to silence this.",
+            100 * left / total,
+            listed,
+            " In transformers 5.x MoE experts are fused 3-D parameters, not nn.Linear."
+            if any(len(shape) > 2 for shape in uncovered.values())
+            else "",
+        )

@@ -1,0 +1,111 @@
+"""What a run produced: per-module records (with the packed checkpoint tensors on their owners),
+time per phase, memory per rank, and the tables printed at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from gptq_fsdp.config import GPTQConfig
+from gptq_fsdp.core.gptq import GPTQResult
+from gptq_fsdp.distributed import Backend
+from gptq_fsdp.io.packing import pack_modules
+from gptq_fsdp.io.resume import LayerState
+
+PHASES = ("capture", "forward", "hessian", "wait", "gptq", "propagate")
+
+
+@dataclass
+class ModuleRecord:
+    """What GPTQ produced for one Linear. `packed` (the checkpoint tensors) lives on its owner only."""
+
+    name: str
+    layer: int
+    owner: int
+    loss: float
+    seconds: float  # GPTQ time of its Hessian group (shared by the group's members)
+    damping: float
+    group: list[str]
+    packed: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class MemoryStats:
+    """Bytes this rank held, measured from the tensors themselves (parameters and GPTQ inputs)."""
+
+    shard_bytes: int = 0  # this rank's parameter storage at rest
+    layer_unsharded_bytes: int = 0  # largest whole-layer copy made for a forward (0 when nothing is copied)
+    owned_weight_bytes: int = 0  # most bytes of gathered weight copies held at once for GPTQ
+    hessian_bytes: int = 0  # most bytes of Hessian sums held at once
+    activation_bytes: int = 0  # calibration hidden states on the compute device while a layer runs
+    peak_rss_bytes: int = 0  # process peak resident set size
+
+    @property
+    def parameter_peak_bytes(self) -> int:
+        return self.shard_bytes + self.layer_unsharded_bytes + self.owned_weight_bytes
+
+
+@dataclass
+class QuantizationResult:
+    config: GPTQConfig
+    backend: Backend
+    quantized: list[str] = field(default_factory=list)  # every quantized Linear, on every rank
+    modules: dict[str, ModuleRecord] = field(default_factory=dict)  # this rank's; all of them on rank 0 at the end
+    seconds: float = 0.0
+    # Wall time per phase: capture, calibration forward, XᵀX (inside the forward), waiting for
+    # collectives, GPTQ, propagation forward.
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    timeline: list[dict] = field(default_factory=list)  # this rank's (layer, group, event, start, end)
+    memory: MemoryStats = field(default_factory=MemoryStats)
+    memory_per_rank: list[MemoryStats] = field(default_factory=list)  # on rank 0
+    state: LayerState | None = None  # per-layer resume state, cleared once the checkpoint is saved
+
+    def record(
+        self, layer: int, names: list[str], rows: list[int], gptq: GPTQResult, seconds: float
+    ) -> list[torch.Tensor]:
+        """Keep a group's GPTQ result as this rank's records of its members (packed for the
+        checkpoint); their dequantized weights, in `names` order."""
+        packed = pack_modules(gptq, names, rows, self.config.scheme)
+        for module in packed:
+            self.modules[module.name] = ModuleRecord(
+                name=module.name,
+                layer=layer,
+                owner=self.backend.rank,
+                loss=module.loss,
+                seconds=seconds,
+                damping=gptq.damping,
+                group=list(names),
+                packed=module.packed,
+            )
+        return [module.weight for module in packed]
+
+    def memory_report(self) -> str:
+        mib = 2**20
+        lines = [
+            "rank  shards MiB  +layer MiB  +owned W MiB  = params peak MiB  Hessians MiB  activations MiB  peak RSS MiB"
+        ]
+        for rank, m in enumerate(self.memory_per_rank or [self.memory]):
+            lines.append(
+                f"{rank:>4}  {m.shard_bytes / mib:>10.1f}  {m.layer_unsharded_bytes / mib:>10.1f}  "
+                f"{m.owned_weight_bytes / mib:>12.1f}  {m.parameter_peak_bytes / mib:>16.1f}  "
+                f"{m.hessian_bytes / mib:>12.1f}  {m.activation_bytes / mib:>15.1f}  {m.peak_rss_bytes / mib:>12.1f}"
+            )
+        return "\n".join(lines)
+
+    def table(self) -> str:
+        """Per-module loss and time, one line each."""
+        width = max([len(n) for n in self.modules] + [6])
+        lines = [f"{'module':<{width}}  {'layer':>5}  {'owner':>5}  {'loss':>12}  {'damp':>6}  {'gptq s':>7}"]
+        for r in sorted(self.modules.values(), key=lambda r: self.quantized.index(r.name)):
+            lines.append(
+                f"{r.name:<{width}}  {r.layer:>5}  {r.owner:>5}  {r.loss:>12.5g}  {r.damping:>6.3g}  {r.seconds:>7.3f}"
+            )
+        lines.append(
+            f"total wall time {self.seconds:.1f} s; " + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
+        )
+        return "\n".join(lines)
+
+
+class LayerError(RuntimeError):
+    """Quantizing a decoder layer failed; the message names the rank and the layer."""

@@ -1,0 +1,26 @@
+"""The standard order: per layer, forward every batch (accumulating Hessians), GPTQ every Hessian
+group on its owner, then forward again with the quantized weights to make the next layer's inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from gptq_fsdp.model.hooks import HessianHooks
+from gptq_fsdp.pipeline.job import LayerJob
+from gptq_fsdp.pipeline.owners import quantize_on_owners
+
+
+def run_layer(job: LayerJob, propagate: bool = True) -> list[torch.Tensor]:
+    """Calibrate, quantize and propagate one decoder layer; returns the next layer's inputs ([] when
+    not `propagate`: the last layer's outputs are not needed)."""
+    run = job.run
+    hooks = HessianHooks(job.modules)
+    with job.measured(), run.clock("forward"), hooks.attached(), run.backend.layer_unsharded(job.layer):
+        for b, (x, (args, kwargs)) in enumerate(zip(job.hidden, job.calls, strict=True)):
+            with hooks.forward(run.masks[b]):
+                job.layer(run.store.fetch(x), *args, **kwargs)
+    job.account(hooks)
+    quantize_on_owners(job, hooks.groups)
+    if not propagate:
+        return []
+    return job.propagate()
