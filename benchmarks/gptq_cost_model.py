@@ -1,4 +1,4 @@
-"""Fit the GPTQ cost model of gptq_fsdp/schedule.py to this machine: time GPTQ on a grid of shapes.
+"""Fit the GPTQ cost model of gptq_fsdp/distributed/schedule.py to this machine: time GPTQ on a grid of shapes.
 
     python benchmarks/gptq_cost_model.py [--threads 1]
 

@@ -54,11 +54,11 @@ def main() -> None:
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
     )
-    config = gptq_fsdp.GPTQConfig.from_options(bits=4, group_size=args.group_size)
-    callback = GPTQCallback(  # <- the integration: quantize + save when training ends
-        texts, args.output, config, tokenizer=tokenizer,
-        num_samples=args.calibration_samples, max_seq_length=args.seq_len, overwrite=True,
-    )  # fmt: skip
+    config = gptq_fsdp.GPTQConfig.from_options(
+        bits=4, group_size=args.group_size, num_samples=args.calibration_samples, max_seq_length=args.seq_len
+    )
+    # The integration: quantize and save when training ends.
+    callback = GPTQCallback(texts, args.output, config, tokenizer=tokenizer, overwrite=True)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=[callback])
     trainer.train()
 

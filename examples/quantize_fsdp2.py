@@ -28,10 +28,10 @@ def main() -> None:
     init_distributed()  # gloo on CPU, NCCL on GPU
     model = load_sharded(args.model)  # meta device + fully_shard per layer; each rank reads its own rows
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    config = gptq_fsdp.GPTQConfig.from_options(bits=4, group_size=args.group_size)
-    gptq_fsdp.quantize(
-        model, args.text, config, tokenizer=tokenizer, num_samples=args.num_samples, max_seq_length=args.max_seq_length
+    config = gptq_fsdp.GPTQConfig.from_options(
+        bits=4, group_size=args.group_size, num_samples=args.num_samples, max_seq_length=args.max_seq_length
     )
+    gptq_fsdp.quantize(model, args.text, config, tokenizer=tokenizer)
     gptq_fsdp.save_quantized(model, args.output, tokenizer=tokenizer)
     if dist.get_rank() == 0:
         print(f"saved {args.output}")

@@ -9,17 +9,21 @@ quantized-dequantized weights.
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import torch.distributed as dist
 from torch import nn
 
 from gptq_fsdp.config import GPTQConfig
-from gptq_fsdp.data import CalibrationSet, build_calibration, load_texts
+from gptq_fsdp.data import CalibrationSet, load_texts
 from gptq_fsdp.distributed import UnsupportedModelError, is_sharded, unwrap_engine
 from gptq_fsdp.distributed.launch import FSDPSettings, apply_fully_shard, init_distributed
 from gptq_fsdp.io.checkpoint import save_quantized as _save
 from gptq_fsdp.pipeline import QuantizationResult, quantize_model
+
+# The result of each model `quantize` quantized, until the model is gone (save_quantized reads it).
+_results: weakref.WeakKeyDictionary[nn.Module, QuantizationResult] = weakref.WeakKeyDictionary()
 
 SUPPORTED = (
     "a plain model (one process), an FSDP2 fully_shard model, Accelerator.prepare output (FSDP2 or "
@@ -64,27 +68,23 @@ def quantize(
     config: GPTQConfig | None = None,
     *,
     tokenizer=None,
-    num_samples: int = 128,
-    max_seq_length: int = 2048,
-    seed: int = 0,
 ) -> QuantizationResult:
     """GPTQ-quantize `model` in place (collective: every rank calls it with the same arguments).
 
     `calibration` is a ready `CalibrationSet`, or texts / a dataset path or name that `tokenizer`
-    turns into `num_samples` packed samples of `max_seq_length` tokens. `config` defaults to W4A16,
-    group 128, symmetric, act-order static.
+    turns into samples as `config.calibration` says (default 128 packed samples of 2048 tokens).
+    `config` defaults to W4A16, group 128, symmetric, act-order static.
     """
+    config = config or GPTQConfig.from_options()
     init_distributed()  # a no-op unless launched on several ranks with no process group yet
     module = _shard_if_accelerate_asked(unwrap(model))
     if not isinstance(calibration, CalibrationSet):
         if tokenizer is None:
             raise ValueError("calibration text needs a tokenizer (pass tokenizer=...)")
         texts = load_texts(calibration, tokenizer=tokenizer) if isinstance(calibration, str) else calibration
-        calibration = build_calibration(
-            texts, tokenizer, num_samples=num_samples, max_seq_length=max_seq_length, seed=seed
-        )
-    result = quantize_model(module, calibration, config or GPTQConfig.from_options())
-    module.gptq_fsdp_result = result  # for save_quantized(model, ...) without passing the result
+        calibration = config.calibration.build(texts, tokenizer)
+    result = quantize_model(module, calibration, config)
+    _results[module] = result  # for save_quantized(model, ...) without passing the result
     return result
 
 
@@ -98,7 +98,7 @@ def save_quantized(
 ) -> Path:
     """Write the model `quantize` just quantized as a compressed-tensors checkpoint (collective)."""
     module = unwrap(model)
-    result = result or getattr(module, "gptq_fsdp_result", None)
+    result = result or _results.get(module)
     if result is None:
         raise ValueError("this model has not been quantized: call gptq_fsdp.quantize(model, ...) first")
     return _save(module, output_dir, result, tokenizer=tokenizer, overwrite=overwrite)

@@ -52,8 +52,8 @@ def main() -> None:
         model = accelerator.prepare(AutoModelForCausalLM.from_pretrained(model_dir))
     else:
         raise SystemExit(f"unknown form {form}")
-    config = gptq_fsdp.GPTQConfig.from_options(group_size=32, batch_size=2)
-    result = gptq_fsdp.quantize(model, text, config, tokenizer=tokenizer, num_samples=12, max_seq_length=32)
+    config = gptq_fsdp.GPTQConfig.from_options(group_size=32, batch_size=2, num_samples=12, max_seq_length=32)
+    result = gptq_fsdp.quantize(model, text, config, tokenizer=tokenizer)
     gptq_fsdp.save_quantized(model, output, tokenizer=tokenizer)
     if result.backend.rank == 0:
         print(f"backend={result.backend.name} world={result.backend.world_size}")

@@ -27,11 +27,9 @@ def assert_same_as_reference(checkpoint, reference):
 def test_plain_model_in_one_call(tiny_llama_dir, austen, tmp_path, reference):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    config = gptq_fsdp.GPTQConfig.from_options(group_size=32, batch_size=2)
+    config = gptq_fsdp.GPTQConfig.from_options(group_size=32, batch_size=2, num_samples=12, max_seq_length=32)
     with rank_threads():
-        result = gptq_fsdp.quantize(
-            model, str(austen / "emma.txt"), config, tokenizer=tokenizer, num_samples=12, max_seq_length=32
-        )
+        result = gptq_fsdp.quantize(model, str(austen / "emma.txt"), config, tokenizer=tokenizer)
     assert result.backend.name == "single" and len(result.modules) == 14
     gptq_fsdp.save_quantized(model, tmp_path / "ckpt", tokenizer=tokenizer)
     assert_same_as_reference(tmp_path / "ckpt", reference)
@@ -100,8 +98,8 @@ def test_trainer_callback_checkpoint_reloads_with_the_same_logits(tiny_llama_dir
     args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=2, per_device_train_batch_size=2,
                              save_strategy="no", report_to=[], use_cpu=True)  # fmt: skip
     before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
-    callback = GPTQCallback(texts, tmp_path / "ckpt", gptq_fsdp.GPTQConfig.from_options(group_size=32),
-                            tokenizer=tokenizer, num_samples=4, max_seq_length=32)  # fmt: skip
+    config = gptq_fsdp.GPTQConfig.from_options(group_size=32, num_samples=4, max_seq_length=32)
+    callback = GPTQCallback(texts, tmp_path / "ckpt", config, tokenizer=tokenizer)
     Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
     assert callback.result is not None and len(callback.result.modules) == 14
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before)

@@ -12,7 +12,7 @@ import torch
 # "medium" also allows bf16 products with fp32 accumulation (GPU, and CPUs with AMX/AVX512-BF16).
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
-# Columns per run inside a block (quantize_columns): on this project's CPU 16 was fastest for 288..3072
+# Columns per run inside a block (quantize_columns): on the development machine's CPU 16 was fastest for 288..3072
 # rows (3072 rows: 34 instead of 48 µs per column).
 SUB_BLOCK = 16
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 # Seconds of GPTQ on a [rows, cols] weight ~ a·cols³ (the factorization) + b·rows·cols² (block
-# updates) + c·cols (per-column launch overhead) + d·rows·cols (column work). Fitted on this project's
+# updates) + c·cols (per-column launch overhead) + d·rows·cols (column work). Fitted on the development machine's
 # 2-core CPU, one thread, by benchmarks/gptq_cost_model.py (act-order static; within 20 % on
 # 192..3072 x 576..2304); only the ratios matter for the packing.
 CHOLESKY_COST = 5.7e-12
