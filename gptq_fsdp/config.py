@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
 from compressed_tensors.quantization import (
     QuantizationArgs,
     QuantizationScheme,
@@ -17,6 +18,8 @@ from gptq_fsdp.core.linalg import MATMUL_PRECISIONS
 from gptq_fsdp.core.scheme import GPTQError, validate_args
 
 ACTORDER_CHOICES = ("none", "static", "weight")
+# Model dtypes by the names the CLI takes.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

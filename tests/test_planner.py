@@ -18,11 +18,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from gptq_fsdp import planner
 from gptq_fsdp.cli import main
 from gptq_fsdp.config import GPTQConfig
+from gptq_fsdp.core.scheme import GPTQError
+from gptq_fsdp.data import rank_batches
 from gptq_fsdp.distributed.schedule import assign_owners
 from gptq_fsdp.model.capture import capture_layer_inputs
 from gptq_fsdp.model.hooks import HessianHooks
 from gptq_fsdp.model.layers import find_decoder_layers, target_modules
-from gptq_fsdp.planner import PlanOptions, load_model_shape, parse_size, plan
+from gptq_fsdp.planner import PlanOptions, load_model_shape, parse_size, plan, split_samples
+from gptq_fsdp.planner import shapes as planner_shapes
+from gptq_fsdp.planner.report import _seconds
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 GiB = 2**30
@@ -138,14 +142,14 @@ def test_time_model_by_hand(shapes):
     assert result.time.gptq == pytest.approx(32 * down)  # GPTQ outlasts the transfers here
     assert result.time.total == pytest.approx(forward + xtx + gathers + 32 * down)
     # Dynamic scales (act-order none/group) also invert the factor: 4/3 instead of 1/3 cols³.
-    dynamic = plan(shapes["llama-3.1-8b"], replace(options, static_scales=False))
+    dynamic = plan(shapes["llama-3.1-8b"], replace(options, config=GPTQConfig.from_options(actorder="none")))
     assert dynamic.time.gptq == pytest.approx(32 * (down + 14336**3 / chol))
 
 
 def test_true_sequential_llama_8b_world_8_by_hand(shapes):
     options = PlanOptions(
         world_size=8, gpu_memory=MEM80, matmul_tflops=400, cholesky_tflops=20, bandwidth_gbps=200,
-        column_latency_us=30, true_sequential=True,
+        column_latency_us=30, config=GPTQConfig.from_options(true_sequential=True),
     )  # fmt: skip
     result = plan(shapes["llama-3.1-8b"], options)
     bf16 = 2
@@ -183,13 +187,38 @@ def test_true_sequential_llama_8b_world_8_by_hand(shapes):
     collectives = (2 * 7 / 8 * traffic.hessian_reduce + rows_received) / bw
     assert result.time.forward == pytest.approx(forward)
     assert result.time.gptq == pytest.approx(32 * (gptq + collectives))
-    standard = plan(shapes["llama-3.1-8b"], replace(options, true_sequential=False))
+    standard = plan(shapes["llama-3.1-8b"], options.with_(true_sequential=False))
     assert result.time.forward == pytest.approx(standard.time.forward / 2)
 
 
 def test_true_sequential_refuses_offload():
-    with pytest.raises(ValueError, match="exclude each other"):
-        PlanOptions(world_size=8, gpu_memory=MEM80, true_sequential=True, offload_activations=True)
+    with pytest.raises(GPTQError, match="use one of the two"):  # the run configuration's own check
+        PlanOptions(world_size=8, gpu_memory=MEM80).with_(true_sequential=True, offload_activations=True)
+
+
+def test_options_read_and_vary_the_run_configuration():
+    options = PlanOptions(world_size=8, gpu_memory=MEM80)
+    assert options.config == GPTQConfig.from_options()
+    varied = options.with_(world_size=4, num_samples=64, max_seq_length=512, batch_size=2, true_sequential=True)
+    assert (varied.world_size, varied.num_samples, varied.max_seq_length, varied.batch_size) == (4, 64, 512, 2)
+    assert varied.true_sequential and varied.config.calibration.seed == 0 and varied.static_scales
+    assert (options.num_samples, options.true_sequential) == (128, False)  # the original is unchanged
+    assert not options.with_(config=GPTQConfig.from_options(actorder="none")).static_scales
+    assert options.with_(config=GPTQConfig.from_options(actorder="none", group_size=None)).static_scales
+
+
+@pytest.mark.parametrize("samples,world,batch_size", [(128, 8, 8), (128, 3, 8), (10, 4, 2), (7, 3, 1), (4, 8, 8)])
+def test_split_samples_matches_rank_batches(samples, world, batch_size):
+    per_rank, batches, largest, problems = split_samples(samples, world, batch_size)
+    try:
+        split = [rank_batches(samples, r, world, batch_size) for r in range(world)]
+    except ValueError:  # CalibrationDataError: the planner reports the same refusal
+        assert problems
+        return
+    assert not problems
+    assert per_rank == [sum(map(len, b)) for b in split]
+    assert [batches] * world == [len(b) for b in split]
+    assert largest == [max(map(len, b)) for b in split]
 
 
 def test_zero3_flat_partitions_and_fsdp2_uneven_rows(shapes):
@@ -216,7 +245,8 @@ def test_zero3_flat_partitions_and_fsdp2_uneven_rows(shapes):
 
 
 def test_offload_keeps_one_batch(shapes):
-    result = plan(shapes["llama-3.1-8b"], PlanOptions(world_size=8, gpu_memory=MEM80, offload_activations=True))
+    options = PlanOptions(world_size=8, gpu_memory=MEM80, config=GPTQConfig.from_options(offload_activations=True))
+    result = plan(shapes["llama-3.1-8b"], options)
     assert all(r.activations == 8 * 2048 * 4096 * 2 for r in result.ranks)
 
 
@@ -233,7 +263,7 @@ def test_405b_does_not_fit_on_8_gpus_and_says_why(shapes):
     assert result.ranks[0].hessians_owned == 8 * 91 * 4096**2 + 4 * 4096**2  # 13 blocks a side, 91 kept
     w, h = 16384 * 53248 * 4, 53248**2 * 4
     assert result.ranks[0].workspace == 16384 * 53248 * 2 + 2 * w + 2 * h
-    dynamic = plan(shape, PlanOptions(world_size=8, gpu_memory=MEM80, static_scales=False))
+    dynamic = plan(shape, PlanOptions(world_size=8, gpu_memory=MEM80, config=GPTQConfig.from_options(actorder="none")))
     assert dynamic.ranks[0].workspace == 16384 * 53248 * 2 + max(w + 3 * h, 2 * w + 2 * h)
     # What does not shrink with more ranks leaves room for the shards only from 25 ranks on (32 when
     # GPTQ also inverts the factor, with dynamic scales).
@@ -259,14 +289,14 @@ def test_suggested_world_size_fits_when_replanned(shapes, name, world, memory):
 
 def test_fewer_samples_suggestion_fits_when_replanned(shapes):
     # 70B on 2 GPUs of 100 GiB with 1024 samples: activations (8 GiB per 64 samples) are what overflows.
-    options = PlanOptions(world_size=2, gpu_memory=100 * GiB, samples=1024)
+    options = PlanOptions(world_size=2, gpu_memory=100 * GiB, config=GPTQConfig.from_options(num_samples=1024))
     result = plan(shapes["llama-3.1-70b"], options)
     assert not result.fits
     samples = planner.most_samples(shapes["llama-3.1-70b"], options)
-    assert samples is not None and any(f"--samples {samples} " in s for s in result.suggestions)
-    assert plan(shapes["llama-3.1-70b"], replace(options, samples=samples)).fits
-    assert not plan(shapes["llama-3.1-70b"], replace(options, samples=samples + 2)).fits
-    offloaded = plan(shapes["llama-3.1-70b"], replace(options, offload_activations=True))
+    assert samples is not None and any(f"--num-samples {samples} " in s for s in result.suggestions)
+    assert plan(shapes["llama-3.1-70b"], options.with_(num_samples=samples)).fits
+    assert not plan(shapes["llama-3.1-70b"], options.with_(num_samples=samples + 2)).fits
+    offloaded = plan(shapes["llama-3.1-70b"], options.with_(offload_activations=True))
     assert offloaded.fits and any("--offload-activations fits" in s for s in result.suggestions)
 
 
@@ -279,7 +309,8 @@ def test_moe_fused_experts_are_not_targets(shapes):
         assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= set(structure.unquantized)
         assert structure.unquantized_params >= experts
     # Ignored modules are not reported as left out by accident.
-    ignoring = load_model_shape(CONFIGS / "mixtral-8x7b.json", ignore=["lm_head", "re:.*mlp.experts$"])
+    ignore = GPTQConfig.from_options(ignore=["lm_head", "re:.*mlp.experts$"])
+    ignoring = load_model_shape(CONFIGS / "mixtral-8x7b.json", config=ignore)
     assert ignoring.structures[0].unquantized == ("mlp.gate.weight",)
     # Forward FLOPs count top-k of the experts: Mixtral 2 of 8.
     mixtral = shapes["mixtral-8x7b"].structures[0]
@@ -288,7 +319,7 @@ def test_moe_fused_experts_are_not_targets(shapes):
 
 
 def test_invalid_sample_split_is_reported(shapes):
-    result = plan(shapes["llama-3.1-8b"], PlanOptions(world_size=8, gpu_memory=MEM80, samples=4))
+    result = plan(shapes["llama-3.1-8b"], PlanOptions(world_size=8, gpu_memory=MEM80).with_(num_samples=4))
     assert not result.fits and "cannot be split across 8 ranks" in result.problems[0]
 
 
@@ -314,7 +345,7 @@ def test_meta_groups_equal_a_real_forward(family, tmp_path):
     and so do the bytes per token that a forward holds while paused before a target (true-sequential)."""
     config = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
     (tmp_path / "config.json").write_text(json.dumps({**config, **TINY[family]}))
-    shape = load_model_shape(tmp_path / "config.json", torch.float32, group_size=None)
+    shape = load_model_shape(tmp_path / "config.json", torch.float32, GPTQConfig.from_options(group_size=None))
     assert shape.structures[0].grouping == "forward"
 
     torch.manual_seed(0)
@@ -327,9 +358,9 @@ def test_meta_groups_equal_a_real_forward(family, tmp_path):
     paused = []
 
     def at_pause(_module, _args) -> None:
-        paused.append(planner.bytes_made_since(before, hooks, "cpu"))
+        paused.append(planner_shapes.bytes_made_since(before, hooks, "cpu"))
 
-    before = planner.live_storages("cpu")
+    before = planner_shapes.live_storages("cpu")
     with torch.no_grad(), hooks.attached(), hooks.forward(None):
         handles = [m.register_forward_pre_hook(at_pause) for m in modules.values()]
         args, kwargs = calls[0][0]
@@ -345,7 +376,7 @@ def test_meta_groups_equal_a_real_forward(family, tmp_path):
 @pytest.mark.parametrize("name", ["llama-3.1-8b", "mixtral-8x7b"])
 def test_rule_fallback_gives_the_same_groups(shapes, name, monkeypatch):
     """Without a meta forward (data-dependent layers), the sibling-name rule finds the same groups here."""
-    monkeypatch.setattr(planner, "_probe_layer_calls", lambda model, layers: [])
+    monkeypatch.setattr(planner_shapes, "_probe_layer_calls", lambda model, layers: [])
     ruled = load_model_shape(CONFIGS / f"{name}.json").structures[0]
     assert ruled.grouping == "rule"
     assert sorted(g.names for g in ruled.groups) == sorted(g.names for g in shapes[name].structures[0].groups)
@@ -365,10 +396,10 @@ def test_cli_plans_a_true_sequential_run(capsys):
     assert ", true-sequential" in out and "rows all-gather" in out and "forward = 1 pass x" in out
     assert "true-sequential GPTQ, layer 0" in out and "FITS" in out
     standard = plan(load_model_shape(CONFIGS / "llama-3.1-8b.json"), PlanOptions(world_size=8, gpu_memory=MEM80))
-    assert f"standard order: estimated time {planner._seconds(standard.time.total)}, peak" in out
+    assert f"standard order: estimated time {_seconds(standard.time.total)}, peak" in out
     assert (
         standard.other_order is not None
-        and standard.other_order[1] == plan(standard.shape, replace(standard.options, true_sequential=True)).peak
+        and standard.other_order[1] == plan(standard.shape, standard.options.with_(true_sequential=True)).peak
     )
 
 
@@ -388,6 +419,28 @@ def test_cli_prints_the_per_rank_table(tmp_path, capsys):
     main(["plan", "--model-config", str(folder), "--world-size", "8", "--gpu-memory", "80GiB", "--backend", "zero3"])
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "what would make it fit" in out and "--offload-activations" in out
+
+
+def test_cli_sample_and_length_options_have_their_quantize_names(tmp_path, capsys):
+    """--num-samples/--max-seq-length as for quantize; --samples/--seq-len are aliases that plan the same."""
+    config = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+    (tmp_path / "config.json").write_text(json.dumps({**config, **TINY["llama"]}))
+    outputs = []
+    for names in (("--num-samples", "--max-seq-length"), ("--samples", "--seq-len")):
+        flags = [names[0], "40", names[1], "512", "--group-size", "32"]
+        main(["plan", "--model-config", str(tmp_path), "--world-size", "4", *flags])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and "40 samples x 512 tokens (10 on rank 0" in outputs[0]
+
+
+def test_cli_refuses_what_quantize_refuses(tmp_path, capsys):
+    for flags, message in [
+        (["--true-sequential", "--offload-activations"], "use one of the two"),
+        (["--actorder", "group"], "act-order 'group'"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["plan", "--model-config", str(CONFIGS / "llama-3.1-8b.json"), "--world-size", "2", *flags])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_rejects_a_missing_config(tmp_path, capsys):
@@ -421,11 +474,11 @@ def test_memory_model_equals_a_measured_two_rank_run(true_sequential, smollm2_di
         *(["--true-sequential"] if true_sequential else []),
     )  # fmt: skip
     measured = json.loads(report_path.read_text())["memory_per_rank"]
-    shape = load_model_shape(model_dir / "config.json", dtype=torch.float32, group_size=32)
-    options = PlanOptions(
-        world_size=2, gpu_memory=MEM80, samples=6, seq_len=32, batch_size=2, device_type="cpu",
-        true_sequential=true_sequential,
-    )  # fmt: skip
+    config = GPTQConfig.from_options(
+        group_size=32, num_samples=6, max_seq_length=32, batch_size=2, true_sequential=true_sequential
+    )
+    shape = load_model_shape(model_dir / "config.json", dtype=torch.float32, config=config)
+    options = PlanOptions(world_size=2, gpu_memory=MEM80, config=config, device_type="cpu")
     planned = plan(shape, options, advise=False).ranks
     assert len(measured) == len(planned) == 2
     for rank, (m, p) in enumerate(zip(measured, planned, strict=True)):

@@ -49,8 +49,9 @@ def load_zero3(model_dir: str | Path, dtype: torch.dtype | str = torch.float32, 
     return engine
 
 
-def _empty_sharded_model(model_dir: Path, dtype: torch.dtype | str, settings: FSDPSettings) -> nn.Module:
+def _empty_sharded_model(model_dir: str | Path, dtype: torch.dtype | str, settings: FSDPSettings | None) -> nn.Module:
     """The model's FSDP2 skeleton with uninitialised local shards; buffers (rotary tables) real."""
+    settings = settings or FSDPSettings()
     config = AutoConfig.from_pretrained(model_dir)
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
@@ -70,8 +71,7 @@ def load_sharded(
     model_dir: str | Path, dtype: torch.dtype | str = torch.float32, settings: FSDPSettings | None = None
 ) -> nn.Module:
     """Build the model on the meta device, `fully_shard` it, and read only this rank's rows from disk."""
-    model_dir = Path(model_dir)
-    model = _empty_sharded_model(model_dir, dtype, settings or FSDPSettings())
+    model = _empty_sharded_model(model_dir, dtype, settings)
     # torch.distributed.checkpoint reads each rank's DTensor slices straight from the HF safetensors;
     # tied parameters appear once (named_parameters dedups them), as in the files.
     reader = HuggingFaceStorageReader(str(model_dir))
@@ -108,8 +108,7 @@ def load_rank0_broadcast(
     model_dir: str | Path, dtype: torch.dtype | str = torch.float32, settings: FSDPSettings | None = None
 ) -> nn.Module:
     """Simpler path: rank 0 reads the whole checkpoint and sends each rank its rows."""
-    model_dir = Path(model_dir)
-    model = _empty_sharded_model(model_dir, dtype, settings or FSDPSettings())
+    model = _empty_sharded_model(model_dir, dtype, settings)
     backend = FSDP2Backend()
     full, error = None, None
     if backend.rank == 0:

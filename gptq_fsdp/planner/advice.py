@@ -1,0 +1,92 @@
+"""What would make a run fit: the smallest world size, the most samples, activation offload, and
+what does not shrink with more ranks. Each suggestion is a re-plan that fits (docs/planner.md)."""
+
+from __future__ import annotations
+
+import math
+
+from gptq_fsdp.planner.memory import _gib, _hessian_bytes, _unit_workspace, peak_bytes
+from gptq_fsdp.planner.options import Plan, PlanOptions
+from gptq_fsdp.planner.shapes import ModelShape
+
+
+def _fits(shape: ModelShape, options: PlanOptions) -> bool:
+    peak, problems = peak_bytes(shape, options)
+    return not problems and peak <= options.gpu_memory
+
+
+def smallest_world_size(shape: ModelShape, options: PlanOptions, limit: int | None = None) -> int | None:
+    """The smallest world size above `options.world_size` that fits (at most the sample count)."""
+    limit = limit or options.num_samples
+    for world in range(options.world_size + 1, limit + 1):
+        if _fits(shape, options.with_(world_size=world)):
+            return world
+    return None
+
+
+def most_samples(shape: ModelShape, options: PlanOptions) -> int | None:
+    """The largest sample count below `options.num_samples` that fits at this world size."""
+    low, high = options.world_size, options.num_samples - 1  # at least one sample per rank
+    if high < low or peak_bytes(shape, options.with_(num_samples=low))[0] > options.gpu_memory:
+        return None
+    while low < high:  # peak grows with the samples: the largest count whose peak fits
+        mid = (low + high + 1) // 2
+        if peak_bytes(shape, options.with_(num_samples=mid))[0] <= options.gpu_memory:
+            low = mid
+        else:
+            high = mid - 1
+    for samples in range(low, options.world_size - 1, -1):  # and that rank_batches accepts
+        if _fits(shape, options.with_(num_samples=samples)):
+            return samples
+    return None
+
+
+def _advice(result: Plan) -> list[str]:
+    shape, options = result.shape, result.options
+    advice = []
+    world = smallest_world_size(shape, options)
+    if world is not None:
+        peak = peak_bytes(shape, options.with_(world_size=world))[0]
+        advice.append(f"more ranks: --world-size {world} fits (peak {_gib(peak)})")
+    else:
+        floor = _floor(result)
+        advice.append(
+            f"more ranks: no world size up to {options.num_samples} (one sample per rank) fits; what does not shrink "
+            f"with more ranks already needs {_gib(floor)} on one rank"
+        )
+        structure = shape.structures[result.largest]
+        if structure.groups:
+            workspace = {g: _unit_workspace(g, shape.element_size, options) for g in structure.groups}
+            group = max(structure.groups, key=workspace.__getitem__)
+            hessians = sum(_hessian_bytes(g.columns, options.device_type) for g in structure.groups)
+            who = "every rank, for" if options.true_sequential else "the owner of"
+            advice.append(
+                f"{who} {group.label} [{group.total_rows} x {group.columns}] alone needs the layer's Hessians "
+                f"({_gib(hessians)}) + GPTQ workspace ({_gib(workspace[group])}): a GPU with "
+                "more memory, or fewer live fp32 copies in gptq.py, is what would make this fit"
+            )
+    if not options.offload_activations and not options.true_sequential:
+        offload = options.with_(offload_activations=True)
+        peak, problems = peak_bytes(shape, offload)
+        if not problems and peak <= options.gpu_memory:
+            advice.append(f"--offload-activations fits at --world-size {options.world_size} (peak {_gib(peak)})")
+        else:
+            both = smallest_world_size(shape, offload)
+            tail = f"; with it, --world-size {both} fits" if both is not None else ""
+            advice.append(f"--offload-activations alone does not fit (peak {_gib(peak)}){tail}")
+    samples = most_samples(shape, options)
+    if samples is not None:
+        per_rank = math.ceil(samples / options.world_size)
+        advice.append(f"fewer samples per rank: --num-samples {samples} ({per_rank} per rank) fits")
+    else:
+        advice.append("fewer samples per rank: does not fit even with one sample per rank")
+    return advice
+
+
+def _floor(result: Plan) -> int:
+    """Bytes that do not shrink with more ranks: the largest peak with shards and activations taken out."""
+    floor = 0
+    for rank in result.ranks:
+        parts = {k: v for k, v in rank.peak_parts.items() if k not in ("shards",) and not k.startswith("activations")}
+        floor = max(floor, sum(parts.values()))
+    return floor

@@ -1,0 +1,224 @@
+"""The per-rank memory model: what each rank holds in each phase of a layer (shards, the unsharded
+layer, activations, the forward's working set, Hessians, owned weights, GPTQ's workspace) and the
+largest sum over the phases. Every term and its assumptions: docs/planner.md."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from gptq_fsdp.core.hessian import column_blocks, packed_size, upper_blocks
+from gptq_fsdp.data import near_equal_shares
+from gptq_fsdp.distributed.fsdp2 import row_counts
+from gptq_fsdp.distributed.schedule import assign_owners, gptq_cost, packing_cost
+from gptq_fsdp.planner.options import PlanOptions, RankMemory, split_samples
+from gptq_fsdp.planner.shapes import GroupShape, LayerShape, ModelShape
+
+GiB = 2**30
+REDUCE_BYTES = 8  # per element: the float64 sum is what gets reduced
+FP32 = 4
+
+
+def _gib(value: float) -> str:
+    return f"{value / GiB:.2f} GiB"
+
+
+@functools.lru_cache(maxsize=65536)
+def _rows(rows: int, world: int) -> tuple[int, ...]:
+    return tuple(row_counts(rows, world))
+
+
+def _piece(shape: tuple[int, ...], world: int, backend: str) -> int:
+    """Elements of one rank's padded piece of a parameter (what a collective moves per rank)."""
+    if backend == "fsdp2" and len(shape) > 0:
+        return max(_rows(shape[0], world)) * math.prod(shape[1:])
+    return math.ceil(math.prod(shape) / world)
+
+
+def _local(shape: tuple[int, ...], world: int, rank: int, backend: str) -> int:
+    """Elements of a parameter that `rank` stores at rest."""
+    if world == 1:
+        return math.prod(shape)
+    if backend == "fsdp2" and len(shape) > 0:
+        return _rows(shape[0], world)[rank] * math.prod(shape[1:])
+    return math.ceil(math.prod(shape) / world)
+
+
+def _workspace(rows: int, cols: int, element_size: int, static_scales: bool) -> int:
+    """GPTQ's own memory for a [rows, cols] weight (docs/planner.md: gptq.py's live fp32 copies)."""
+    w = rows * cols * FP32
+    h = cols**2 * FP32
+    inverse = 0 if static_scales else w + 3 * h
+    return rows * cols * element_size + max(inverse, 2 * w + 2 * h)
+
+
+def _row_share(group: GroupShape, world: int) -> int:
+    """True-sequential: the most rows of a unit one rank quantizes (the first of the near-equal shares
+    that `pipeline.owners.quantize_rows_everywhere` splits it into)."""
+    return near_equal_shares(group.total_rows, world)[0]
+
+
+def _unit_workspace(group: GroupShape, element_size: int, options: PlanOptions) -> int:
+    """GPTQ memory for one group on a rank that runs it. True-sequential: GPTQ on the rank's share of
+    the rows, beside the unit's stacked weight (several members are concatenated) and its whole result
+    (weight in the model's dtype + int8 levels, all-gathered)."""
+    if not options.true_sequential:
+        return _workspace(group.total_rows, group.columns, element_size, options.static_scales)
+    share = _row_share(group, options.world_size)
+    stacked = group.total_rows * group.columns * element_size if len(group.rows) > 1 else 0
+    whole = group.total_rows * group.columns * (element_size + 1)
+    return _workspace(share, group.columns, element_size, options.static_scales) + stacked + whole
+
+
+class _Context:
+    """What does not depend on the rank: splits, owners, per-structure sizes."""
+
+    def __init__(self, shape: ModelShape, options: PlanOptions) -> None:
+        self.shape, self.options = shape, options
+        world, b = options.world_size, shape.element_size
+        self.per_rank, self.batches, self.batch, self.problems = split_samples(
+            options.num_samples, world, options.batch_size
+        )
+        self.param_counts = shape.all_params()
+        self.sharded = world > 1
+        self.outer_bytes = sum(math.prod(s) for s in shape.outer_params) * b if self.sharded else 0
+        # True-sequential owners only pack (every rank runs GPTQ on a share of each unit's rows).
+        cost = packing_cost if options.true_sequential else gptq_cost
+        self.assignments = [
+            assign_owners([(g.total_rows, g.columns) for g in s.groups], world, cost) if s.groups else None
+            for s in shape.structures
+        ]
+        self.owner_sets = [set(a.owners) if a else set() for a in self.assignments]
+
+    def owners(self, structure: int) -> list[int]:
+        a = self.assignments[structure]
+        return a.owners if a else []
+
+    def target_piece_bytes(self, structure: LayerShape) -> list[tuple[GroupShape, int]]:
+        """(group, Σ piece bytes of its members) for every group."""
+        world, backend, b = self.options.world_size, self.options.backend, self.shape.element_size
+        return [(g, sum(_piece((r, g.columns), world, backend) for r in g.rows) * b) for g in structure.groups]
+
+
+def _block_width(columns: int, device_type: str) -> int:
+    """Widest column block of the symmetric XᵀX on the device (hessian.column_blocks)."""
+    return max(b - a for a, b in column_blocks(columns, device_type))
+
+
+def _hessian_bytes(columns: int, device_type: str) -> int:
+    """hessian.HessianGroup: the float64 running sum of the upper blocks and one fp32 block of XᵀX."""
+    return _upper(columns, device_type) * REDUCE_BYTES + _block_width(columns, device_type) ** 2 * FP32
+
+
+@functools.lru_cache(maxsize=1024)
+def _upper(columns: int, device_type: str) -> int:
+    """Elements of a Hessian sum (hessian.upper_blocks)."""
+    return packed_size(upper_blocks(columns, device_type))
+
+
+def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
+    shape, options = ctx.shape, ctx.options
+    world, backend, b = options.world_size, options.backend, shape.element_size
+    shards = sum(count * _local(s, world, rank, backend) for s, count in ctx.param_counts.items()) * b
+    token_bytes = options.max_seq_length * shape.hidden * b
+    act_samples = ctx.batch[rank] if options.offload_activations else ctx.per_rank[rank]
+    activations = act_samples * token_bytes
+    batch_tokens = ctx.batch[rank] * options.max_seq_length
+
+    best = RankMemory(rank, shards, 0, activations, 0, 0, 0, 0, 0, 0, "", {})
+    capture = {"shards": shards, "outer params": ctx.outer_bytes, "activations": activations}
+    phases: list[tuple[str, dict[str, int]]] = [("capture", capture)]
+    for s, structure in enumerate(shape.structures):
+        layer = structure.numel * b if ctx.sharded else 0
+        working = batch_tokens * structure.widest_output * b
+        hessians = sum(_hessian_bytes(g.columns, options.device_type) for g in structure.groups)
+        owners = ctx.owners(s)
+        mine = [g for g, o in zip(structure.groups, owners, strict=True) if o == rank]
+        owned_h = sum(_hessian_bytes(g.columns, options.device_type) for g in mine)
+        layers = [i for i, x in enumerate(shape.layer_structure) if x == s]
+        where = f"layer {layers[0]}" + (f" (and {len(layers) - 1} like it)" if len(layers) > 1 else "")
+        if options.true_sequential:
+            # Every batch's forward waits inside the layer, holding what the meta forward measured per
+            # token at its worst pause; the owners keep their units' results till the layer ends.
+            working = math.ceil(ctx.per_rank[rank] * options.max_seq_length * structure.paused_bytes_per_token)
+            owned_h = hessians  # every rank sums and keeps every group
+            buffers = sum(g.total_rows * g.columns * (b + 1) for g in mine)
+            workspace = max((_unit_workspace(g, b, options) for g in structure.groups), default=0)
+            phases += [
+                (
+                    f"true-sequential GPTQ, {where}",
+                    {
+                        "shards": shards,
+                        "layer": layer,
+                        "activations": activations,
+                        "paused forwards": working,
+                        "Hessians": hessians,
+                        "owned weights": buffers,
+                        "GPTQ workspace": workspace,
+                    },
+                ),
+                (
+                    f"true-sequential layer end, {where}",
+                    {"shards": shards, "layer": layer, "activations x2": 2 * activations, "Hessians": hessians,
+                     "owned weights": buffers},
+                ),
+            ]  # fmt: skip
+        else:
+            buffers = 0
+            if ctx.sharded:
+                for (_, piece_bytes), owner in zip(ctx.target_piece_bytes(structure), owners, strict=True):
+                    buffers += 2 * piece_bytes + (2 * world * piece_bytes if owner == rank else 0)
+            workspace = max((_unit_workspace(g, b, options) for g in mine), default=0)
+            phases += [
+                (
+                    f"Hessian forward, {where}",
+                    {
+                        "shards": shards,
+                        "layer": layer,
+                        "activations": activations,
+                        "working set": working,
+                        "Hessians": hessians,
+                    },
+                ),
+                (
+                    f"GPTQ, {where}",
+                    {
+                        "shards": shards,
+                        "activations": activations,
+                        "Hessians": hessians,
+                        "owned weights": buffers,
+                        "GPTQ workspace": workspace,
+                    },
+                ),
+                (
+                    f"propagate, {where}",
+                    {"shards": shards, "layer": layer, "activations x2": 2 * activations, "working set": working},
+                ),
+            ]
+        best.layer = max(best.layer, layer)
+        best.working = max(best.working, working)
+        best.hessians = max(best.hessians, hessians)
+        best.hessians_owned = max(best.hessians_owned, owned_h)
+        best.owned_weights = max(best.owned_weights, buffers)
+        best.workspace = max(best.workspace, workspace)
+    name, parts = max(phases, key=lambda p: sum(p[1].values()))
+    best.peak, best.peak_phase, best.peak_parts = sum(parts.values()), name, parts
+    return best
+
+
+def _candidate_ranks(ctx: _Context) -> list[int]:
+    """Ranks whose peak can be the largest: owners, and the first rank that owns nothing.
+
+    Ranks that own nothing differ only in shards and samples, which never grow with the rank index
+    (both layouts give the first ranks the most), so the first of them stands for all.
+    """
+    world = ctx.options.world_size
+    owners = set().union(*ctx.owner_sets) if ctx.owner_sets else set()
+    idle = next((r for r in range(world) if r not in owners), None)
+    return sorted(owners | {0} | ({idle} if idle is not None else set()))
+
+
+def peak_bytes(shape: ModelShape, options: PlanOptions) -> tuple[int, list[str]]:
+    """The largest per-rank peak (and the problems that would stop the run), without a full plan."""
+    ctx = _Context(shape, options)
+    return max(_rank_memory(ctx, r).peak for r in _candidate_ranks(ctx)), ctx.problems

@@ -1,0 +1,173 @@
+"""What the planner takes and gives: `PlanOptions` (the run's `GPTQConfig` plus the planner's own
+settings), the result types (`RankMemory`, `LayerTraffic`, `TimeEstimate`, `Plan`) and the split of
+calibration samples over ranks. The model behind the numbers: docs/planner.md."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+from gptq_fsdp.config import CalibrationConfig, GPTQConfig
+from gptq_fsdp.data import near_equal_shares
+from gptq_fsdp.planner.shapes import ModelShape
+
+BACKENDS = ("fsdp2", "zero3")
+DEVICE_TYPES = ("cuda", "cpu")
+_CONFIG_FIELDS = frozenset(f.name for f in fields(GPTQConfig))
+_CALIBRATION_FIELDS = frozenset(f.name for f in fields(CalibrationConfig))
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """The run being planned: its `config` (samples, sequence length, batch size, order, activation
+    offload, scale form; `GPTQConfig` checks them) and what only the planner needs: ranks, memory per
+    GPU, backend, where the run computes (the Hessian's block layout depends on it) and the rates of
+    the time model. `bandwidth_gbps` is in GB/s (10⁹ bytes per second per rank)."""
+
+    world_size: int
+    gpu_memory: int  # bytes
+    config: GPTQConfig = field(default_factory=GPTQConfig.from_options)
+    backend: str = "fsdp2"
+    device_type: str = "cuda"
+    matmul_tflops: float = 400.0
+    cholesky_tflops: float = 20.0
+    bandwidth_gbps: float = 200.0
+    column_latency_us: float = 25.0
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.device_type not in DEVICE_TYPES:
+            raise ValueError(f"device_type must be one of {DEVICE_TYPES}, got {self.device_type!r}")
+        for name in ("world_size", "gpu_memory"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("matmul_tflops", "cholesky_tflops", "bandwidth_gbps", "column_latency_us"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def num_samples(self) -> int:
+        return self.config.calibration.num_samples
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.config.calibration.max_seq_length
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
+
+    @property
+    def offload_activations(self) -> bool:
+        return self.config.offload_activations
+
+    @property
+    def true_sequential(self) -> bool:
+        return self.config.true_sequential
+
+    @property
+    def static_scales(self) -> bool:
+        """Act-order static or one scale per channel (else act-order none: GPTQ also inverts its factor)."""
+        return self.config.static_scales
+
+    def with_(self, **changes) -> PlanOptions:
+        """A copy with some values changed, each by its own name: a field of these options, of the
+        `GPTQConfig` (`true_sequential=`, `offload_activations=`) or of its calibration (`num_samples=`)."""
+        calibration = {k: changes.pop(k) for k in list(changes) if k in _CALIBRATION_FIELDS}
+        config = {k: changes.pop(k) for k in list(changes) if k in _CONFIG_FIELDS}
+        if calibration:
+            config["calibration"] = replace(config.get("calibration", self.config.calibration), **calibration)
+        if config:
+            changes["config"] = replace(changes.get("config", self.config), **config)
+        return replace(self, **changes)
+
+
+@dataclass
+class RankMemory:
+    """Bytes one rank holds; per-layer items are the largest over the layers."""
+
+    rank: int
+    shards: int
+    layer: int
+    activations: int  # at rest (x2 while propagating)
+    working: int  # forward working set of one batch
+    hessians: int  # all groups of the layer, every rank
+    hessians_owned: int
+    owned_weights: int  # gather + scatter buffers
+    workspace: int  # GPTQ of its largest owned group
+    peak: int
+    peak_phase: str
+    peak_parts: dict[str, int]
+
+
+@dataclass
+class LayerTraffic:
+    """Bytes moved for one decoder layer (one structure)."""
+
+    hessian_reduce: int  # float64 sums reduced to owners
+    weight_transfer: int  # gathered to owners + scattered back
+    layer_gather: int  # received by every rank per all-gather of the layer
+    gathers: int  # all-gathers of the layer per layer
+
+
+@dataclass
+class TimeEstimate:
+    """Seconds for the whole model, by component (docs/planner.md)."""
+
+    forward: float
+    xtx: float
+    gathers: float
+    gptq: float  # GPTQ phases, transfers overlapped
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.xtx + self.gathers + self.gptq
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    options: PlanOptions
+    ranks: list[RankMemory]
+    samples_per_rank: list[int]
+    batches: int  # forward calls per rank per pass
+    owners: list[list[int]]  # per structure: owner of each group
+    balance: list[float]  # per structure: max/mean predicted load from assign_owners
+    traffic: list[LayerTraffic]  # per structure
+    time: TimeEstimate
+    problems: list[str] = field(default_factory=list)  # the package would refuse this run
+    suggestions: list[str] = field(default_factory=list)
+    # The same run in the other order (true-sequential or standard): estimated seconds and peak bytes;
+    # None where that order is refused (activation offload with true-sequential).
+    other_order: tuple[float, int] | None = None
+
+    @property
+    def peak(self) -> int:
+        return max(r.peak for r in self.ranks)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems and self.peak <= self.options.gpu_memory
+
+    @property
+    def largest(self) -> int:
+        """Index of the largest layer structure (by parameter count)."""
+        return max(range(len(self.shape.structures)), key=lambda s: self.shape.structures[s].numel)
+
+
+def split_samples(samples: int, world: int, batch_size: int) -> tuple[list[int], int, list[int], list[str]]:
+    """Samples, forward calls and largest batch of each rank, as `data.rank_batches` splits them (and
+    the reason it would refuse the split, if any)."""
+    per_rank = near_equal_shares(samples, world)
+    batches = math.ceil(max(per_rank) / batch_size)
+    largest = [near_equal_shares(n, batches)[0] if batches else 0 for n in per_rank]
+    problems = []
+    if samples < world:
+        problems.append(f"{samples} calibration samples cannot be split across {world} ranks")
+    elif min(per_rank) < batches:
+        problems.append(
+            f"rank {per_rank.index(min(per_rank))} has {min(per_rank)} samples for {batches} forward calls "
+            "(data.rank_batches refuses this): use a larger --batch-size or a sample count the ranks divide"
+        )
+    return per_rank, batches, largest, problems

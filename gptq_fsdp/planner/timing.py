@@ -1,0 +1,83 @@
+"""Traffic and time per layer (Hessian reduces, weight transfers, layer all-gathers; forward, XᵀX
+and GPTQ seconds at given rates), and `plan`, which puts them together with the memory model and,
+where the run does not fit, the advice. The formulas: docs/planner.md."""
+
+from __future__ import annotations
+
+from gptq_fsdp.planner.advice import _advice
+from gptq_fsdp.planner.memory import REDUCE_BYTES, _Context, _piece, _rank_memory, _row_share, _upper
+from gptq_fsdp.planner.options import LayerTraffic, Plan, PlanOptions, TimeEstimate
+from gptq_fsdp.planner.shapes import ModelShape
+
+
+def _gptq_seconds(rows: int, cols: int, options: PlanOptions) -> float:
+    """The package's cost model with its FLOP terms at the given rates (docs/planner.md)."""
+    factorization = 1 / 3 if options.static_scales else 4 / 3
+    return (
+        factorization * cols**3 / (options.cholesky_tflops * 1e12)
+        + rows * cols**2 / (options.matmul_tflops * 1e12)
+        + options.column_latency_us * 1e-6 * cols
+    )
+
+
+def plan(shape: ModelShape, options: PlanOptions, advise: bool = True) -> Plan:
+    """Memory per rank, traffic, balance and time for `options`; with `advise`, what would make it fit."""
+    ctx = _Context(shape, options)
+    world, backend, b = options.world_size, options.backend, shape.element_size
+    ranks = [_rank_memory(ctx, r) for r in range(world)]
+    traffic, balance = [], []
+    forward = xtx = gathers = gptq = 0.0
+    mm, bw = options.matmul_tflops * 1e12, options.bandwidth_gbps * 1e9
+    samples0 = ctx.per_rank[0]
+    tokens = samples0 * options.max_seq_length
+    passes = 1 if options.true_sequential else 2  # forwards per layer
+    for s, structure in enumerate(shape.structures):
+        count = shape.layer_structure.count(s)
+        owners = ctx.owners(s)
+        pieces = ctx.target_piece_bytes(structure)
+        hessian_reduce = sum(_upper(g.columns, options.device_type) for g in structure.groups) * REDUCE_BYTES
+        if options.true_sequential:  # every rank receives the other ranks' rows, as int8 levels
+            shares = [_row_share(g, world) for g in structure.groups]
+            weight_transfer = sum((world - 1) * n * g.columns for g, n in zip(structure.groups, shares, strict=True))
+        else:
+            weight_transfer = sum(2 * (world - 1) * p for _, p in pieces)
+        layer_gather = (world - 1) * sum(_piece(p, world, backend) for p in structure.params) * b
+        n_gathers = 0 if world == 1 else (passes if backend == "fsdp2" else passes * ctx.batches)
+        traffic.append(LayerTraffic(hessian_reduce, weight_transfer, layer_gather, n_gathers))
+        balance.append(ctx.assignments[s].balance if ctx.assignments[s] else 1.0)
+
+        attention = samples0 * 2 * options.max_seq_length**2 * shape.attention_width
+        forward += count * passes * (2 * structure.active_params * tokens + attention) / mm
+        xtx += count * sum(2 * tokens * _upper(g.columns, options.device_type) for g in structure.groups) / mm
+        gathers += count * n_gathers * layer_gather / bw
+        if options.true_sequential:  # unit after unit, each on every rank between its two collectives
+            compute = sum(_gptq_seconds(n, g.columns, options) for g, n in zip(structure.groups, shares, strict=True))
+            all_reduce = 2 * (world - 1) / world * hessian_reduce
+            gptq += count * (compute + (all_reduce + weight_transfer) / bw)
+        else:  # owners run their groups while the transfers are in flight
+            compute_of = [0.0] * world
+            owner_bytes = [0] * world
+            for (group, piece_bytes), owner in zip(pieces, owners, strict=True):
+                compute_of[owner] += _gptq_seconds(group.total_rows, group.columns, options)
+                owner_bytes[owner] += 2 * (world - 1) * piece_bytes
+            transfers = ((world - 1) / world * hessian_reduce + max(owner_bytes)) / bw
+            gptq += count * max(max(compute_of), transfers)
+    result = Plan(
+        shape=shape,
+        options=options,
+        ranks=ranks,
+        samples_per_rank=ctx.per_rank,
+        batches=ctx.batches,
+        owners=[ctx.owners(s) for s in range(len(shape.structures))],
+        balance=balance,
+        traffic=traffic,
+        time=TimeEstimate(forward, xtx, gathers, gptq),
+        problems=list(ctx.problems),
+    )
+    if advise:
+        if not result.fits:
+            result.suggestions = _advice(result)
+        if not options.offload_activations:
+            other = plan(shape, options.with_(true_sequential=not options.true_sequential), advise=False)
+            result.other_order = (other.time.total, other.peak)
+    return result
