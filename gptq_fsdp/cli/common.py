@@ -88,26 +88,18 @@ def add_config_options(parser: argparse.ArgumentParser, *, quantizing: bool) -> 
 
 def config_from_args(args: argparse.Namespace) -> GPTQConfig:
     """The run configuration the options of `add_config_options` describe (GPTQError if invalid)."""
-    options = dict(
-        group_size=args.group_size or None,
-        actorder=args.actorder,
-        batch_size=args.batch_size,
-        offload_activations=args.offload_activations,
-        true_sequential=args.true_sequential,
-        num_samples=args.num_samples,
-        max_seq_length=args.max_seq_length,
-    )
+    # Options named as GPTQConfig.from_options names its keywords.
+    same = ["actorder", "batch_size", "offload_activations", "true_sequential", "num_samples", "max_seq_length"]
     if hasattr(args, "scheme"):  # quantize
+        same += ["targets", "ignore", "block_size", "matmul_precision", "seed"]
+    options = {name: getattr(args, name) for name in same}
+    options["group_size"] = args.group_size or None
+    if hasattr(args, "scheme"):
         bits, symmetric = args.scheme
         options.update(
             bits=bits if args.bits is None else args.bits,
             symmetric=symmetric and not args.asymmetric,
-            targets=args.targets,
-            ignore=args.ignore,
             dampening_frac=args.dampening,
-            block_size=args.block_size,
-            matmul_precision=args.matmul_precision,
-            seed=args.seed,
             pack=not args.no_pack,
         )
     return GPTQConfig.from_options(**options)

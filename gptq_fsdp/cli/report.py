@@ -65,16 +65,19 @@ def plan_command(args: argparse.Namespace) -> None:
     if not (model_config.is_file() or (model_config / "config.json").is_file()):
         fail(f"{model_config} is neither a config.json nor a folder holding one")
     try:
+        planner_own = (
+            "world_size",
+            "backend",
+            "matmul_tflops",
+            "cholesky_tflops",
+            "bandwidth_gbps",
+            "column_latency_us",
+        )
         options = PlanOptions(
-            world_size=args.world_size,
             gpu_memory=parse_size(args.gpu_memory),
             config=config_from_args(args),
-            backend=args.backend,
             device_type=args.device,
-            matmul_tflops=args.matmul_tflops,
-            cholesky_tflops=args.cholesky_tflops,
-            bandwidth_gbps=args.bandwidth_gbps,
-            column_latency_us=args.column_latency_us,
+            **{name: getattr(args, name) for name in planner_own},
         )
         result = plan_from_config(model_config, options, args.dtype)
     except (ValueError, GPTQError) as error:

@@ -4,6 +4,7 @@ calibration samples over ranks. The model behind the numbers: docs/planner.md.""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields, replace
 
@@ -15,6 +16,11 @@ BACKENDS = ("fsdp2", "zero3")
 DEVICE_TYPES = ("cuda", "cpu")
 _CONFIG_FIELDS = frozenset(f.name for f in fields(GPTQConfig))
 _CALIBRATION_FIELDS = frozenset(f.name for f in fields(CalibrationConfig))
+
+
+def _read(*path: str) -> property:
+    """A read-only attribute that follows `path` from the options (`_read("config", "batch_size")`)."""
+    return property(lambda self: functools.reduce(getattr, path, self))
 
 
 @dataclass(frozen=True)
@@ -46,30 +52,14 @@ class PlanOptions:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
-    @property
-    def num_samples(self) -> int:
-        return self.config.calibration.num_samples
-
-    @property
-    def max_seq_length(self) -> int:
-        return self.config.calibration.max_seq_length
-
-    @property
-    def batch_size(self) -> int:
-        return self.config.batch_size
-
-    @property
-    def offload_activations(self) -> bool:
-        return self.config.offload_activations
-
-    @property
-    def true_sequential(self) -> bool:
-        return self.config.true_sequential
-
-    @property
-    def static_scales(self) -> bool:
-        """Act-order static or one scale per channel (else act-order none: GPTQ also inverts its factor)."""
-        return self.config.static_scales
+    # The run configuration's values the models read, by the config's own names.
+    num_samples = _read("config", "calibration", "num_samples")
+    max_seq_length = _read("config", "calibration", "max_seq_length")
+    batch_size = _read("config", "batch_size")
+    offload_activations = _read("config", "offload_activations")
+    true_sequential = _read("config", "true_sequential")
+    # Act-order static or one scale per channel (else act-order none: GPTQ also inverts its factor).
+    static_scales = _read("config", "static_scales")
 
     def with_(self, **changes) -> PlanOptions:
         """A copy with some values changed, each by its own name: a field of these options, of the
