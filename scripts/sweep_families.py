@@ -1,8 +1,8 @@
 """Quantize a tiny random model of many transformers families through the CLI, in one process and
 sharded, and check that every run reloads and that the sharded runs equal the one-process ones.
 
-Slower than the test suite (13.5 min for the 21 families on 2 CPU cores), so not part of CI; the
-README's family list under "Known limits" comes from it. Each family is quantized five ways: one
+Slower than the test suite (13.5 min for 21 families on 2 CPU cores), so not part of CI; the
+README's support matrix and its Falcon limit come from it. Each family is quantized five ways: one
 process, FSDP2, ZeRO-3 and FSDP2 true-sequential on 2 ranks (gloo), and true-sequential in one
 process; each checkpoint is reloaded through transformers + compressed-tensors and its tensors are
 compared with the one-process run of the same order. Files whose layout transformers converts while
