@@ -100,7 +100,8 @@ def single_process(
 def dequantized(checkpoint: Path) -> tuple[AutoModelForCausalLM, dict[str, torch.Tensor]]:
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     model(torch.zeros(1, 1, dtype=torch.long))  # the first forward decompresses
-    return model, {k: v for k, v in model.state_dict().items() if k.endswith("proj.weight")}
+    quantized = ("proj.weight", "experts.gate_up_proj", "experts.down_proj")  # Linears, fused MoE experts
+    return model, {k: v for k, v in model.state_dict().items() if k.endswith(quantized)}
 
 
 def logits_at_rank_threads(model, ids: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Private torch/DeepSpeed/transformers APIs: all in distributed/compat.py, and refused on versions
+"""Private torch/DeepSpeed/transformers APIs: all in compat.py, and refused on versions
 they were not checked on."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gptq_fsdp.distributed import compat
+from gptq_fsdp import compat
 
-PACKAGE = Path(compat.__file__).parents[1]
+PACKAGE = Path(compat.__file__).parent
 PRIVATE = re.compile(
     r"\._fully_shard|_fsdp_common|core_model_loading|conversion_mapping|\._get_fsdp_state|\._lazy_init|"
     r"_training_state|_forward_pre_hooks|_forward_hooks|_weight_conversions|_cdata"

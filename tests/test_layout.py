@@ -11,6 +11,7 @@ PACKAGE = Path(gptq_fsdp.__file__).parent
 
 # Lowest first; a module may import modules of its own or a lower rank (the longest prefix decides).
 RANKS = {
+    "gptq_fsdp.compat": 0,  # every private torch/DeepSpeed/transformers call
     "gptq_fsdp.core": 0,
     "gptq_fsdp.faults": 0,
     "gptq_fsdp.data": 0,

@@ -68,6 +68,31 @@ def layer_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
 
 
+# The per-expert names the families' own files give the fused experts' [gate; up] and down rows.
+EXPERT_LEAVES = {"mixtral": ("w1", "w3", "w2"), "deepseek_v3": ("gate_proj", "up_proj", "down_proj")}
+
+
+def expert_slices(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
+    """Each expert's projections, as views of the fused MoE parameters, under their checkpoint names."""
+    if family not in EXPERT_LEAVES:
+        return {}
+    gate, up, down = EXPERT_LEAVES[family]
+    found = {}
+    for name, module in model.named_modules():
+        fused = getattr(module, "gate_up_proj", None)
+        if isinstance(fused, nn.Parameter) and fused.dim() == 3:
+            half = fused.shape[1] // 2
+            for e in range(fused.shape[0]):
+                found |= {f"{name}.{e}.{gate}": fused[e, :half], f"{name}.{e}.{up}": fused[e, half:]}
+                found[f"{name}.{e}.{down}"] = module.down_proj[e]
+    return found
+
+
+def fused_experts(model: nn.Module) -> set[str]:
+    """The fused MoE parameters (what the checkpoint replaces by per-expert tensors)."""
+    return {n for n, p in model.named_parameters() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+
+
 def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
     files = sorted(directory.glob("*.safetensors"))
     assert files, f"no safetensors in {directory}"
@@ -152,27 +177,31 @@ def quantized(request, model_dirs, calibration, tokenizer, tmp_path_factory):
     )
 
 
-def test_every_layer_linear_quantized(quantized):
+def test_every_layer_linear_and_expert_quantized(quantized):
     model, result = quantized.model, quantized.result
     linears = layer_linears(model)
+    weights = {name: module.weight for name, module in linears.items()} | expert_slices(model, quantized.family)
     assert len(linears) >= 4 * TINY_FAMILIES[quantized.family]["num_hidden_layers"]
-    assert set(result.modules) == set(linears)
-    assert sorted(result.quantized) == sorted(linears) and len(result.quantized) == len(linears)
+    assert set(result.modules) == set(weights)
+    assert sorted(result.quantized) == sorted(weights) and len(result.quantized) == len(weights)
+    source = load_model(quantized.source)
+    originals = {name: module.weight for name, module in layer_linears(source).items()}
+    originals |= expert_slices(source, quantized.family)
     changed = 0
-    for name, module in linears.items():
+    for name, weight in weights.items():
         record = result.modules[name]
         assert name.split(".layers.")[1].split(".")[0] == str(record.layer)
         assert name in record.group
-        check_dequantized(name, module.weight, record, GROUP)
-        changed += not torch.equal(module.weight, quantized.original[f"{name}.weight"])
+        check_dequantized(name, weight, record, GROUP)
+        changed += not torch.equal(weight, originals[name])
         assert record.loss >= 0 and record.loss == record.loss  # finite, not NaN
-    assert changed == len(linears), "some weights were left as they were"
+    assert changed == len(weights), "some weights were left as they were"
 
 
 def test_everything_else_untouched(quantized):
     model, original = quantized.model, quantized.original
     assert "lm_head" not in quantized.result.modules
-    quantized_weights = {f"{n}.weight" for n in quantized.result.modules}
+    quantized_weights = {f"{n}.weight" for n in quantized.result.modules} | fused_experts(model)
     state = model.state_dict()
     assert set(state) == set(original)
     for key, value in state.items():
@@ -213,8 +242,11 @@ def test_checkpoint_config(quantized):
 
 def test_checkpoint_tensors(quantized):
     tensors = load_tensors(quantized.out)
-    for name, module in layer_linears(quantized.model).items():
-        rows, cols = module.weight.shape
+    weights = {name: module.weight for name, module in layer_linears(quantized.model).items()}
+    weights |= expert_slices(quantized.model, quantized.family)
+    biases = {name: module.bias for name, module in layer_linears(quantized.model).items()}
+    for name, weight in weights.items():
+        rows, cols = weight.shape
         assert f"{name}.weight" not in tensors
         packed = tensors[f"{name}.weight_packed"]
         scale = tensors[f"{name}.weight_scale"]
@@ -228,22 +260,22 @@ def test_checkpoint_tensors(quantized):
         q = unpack_int4(packed, cols)
         assert q.min() >= QMIN and q.max() <= QMAX
         dequantized = q.float() * scale.float().repeat_interleave(GROUP, dim=1)
-        assert torch.equal(dequantized, module.weight.float()), name  # the same fp32 products
-        if module.bias is not None:
+        assert torch.equal(dequantized, weight.float()), name  # the same fp32 products
+        if biases.get(name) is not None:
             torch.testing.assert_close(tensors[f"{name}.bias"], quantized.original[f"{name}.bias"], rtol=0, atol=0)
-    # Only the layer Linears are packed; every other tensor has the name the model's own files give
-    # it (gpt_neox's lm_head is embed_out there), except MoE models whose files transformers fuses
-    # per-expert weights from: their unquantized experts stay fused, as in memory.
+    # Only the layer Linears and the experts are packed (each expert under its own names, none left
+    # fused); every other tensor has the name the model's own files give it (gpt_neox's lm_head is
+    # embed_out there), except in MoE models, whose other tensors keep their in-memory names.
     packed = {k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed")}
-    assert packed == set(layer_linears(quantized.model))
-    weights = {f"{name}.weight" for name in packed}
+    assert packed == set(weights)
     others = {k for k in tensors if not (k.rpartition(".")[0] in packed and k.rpartition(".")[2].startswith("weight"))}
-    if quantized.family in ("mixtral", "deepseek_v3"):
+    assert not fused_experts(quantized.model) & set(tensors)
+    if quantized.family in EXPERT_LEAVES:
         tied = {"lm_head.weight"} if quantized.model.config.tie_word_embeddings else set()
-        assert others == set(quantized.original) - weights - tied
-        assert any(k.endswith("experts.gate_up_proj") for k in others)
+        in_layers = {f"{n}.weight" for n in layer_linears(quantized.model)} | fused_experts(quantized.model)
+        assert others == set(quantized.original) - in_layers - tied
     else:
-        assert others == set(load_tensors(quantized.source)) - weights
+        assert others == set(load_tensors(quantized.source)) - {f"{name}.weight" for name in packed}
     if not quantized.model.config.tie_word_embeddings:
         lm_head = quantized.original["lm_head.weight"]
         stored = [k for k, v in tensors.items() if v.shape == lm_head.shape and torch.equal(v, lm_head)]
@@ -251,29 +283,24 @@ def test_checkpoint_tensors(quantized):
 
 
 def test_unquantized_matrices_are_warned_about(model_dirs, calibration, caplog):
-    # Mixtral's experts (fused 3-D parameters) and router are in no target: a warning names them,
-    # with their share of the layers' parameters, before any forward.
+    # Mixtral's experts are quantized and its router is left in full precision by design: no warning.
+    # With the experts ignored by another pattern than their module's name, a warning names them with
+    # their share of the layers' parameters, before any forward; a dense model has nothing to warn about.
     with caplog.at_level("WARNING", logger="gptq_fsdp.model.layers"):
-        model, _, _ = quantize(model_dirs("mixtral"), calibration, group_size=GROUP)
+        quantize(model_dirs("mixtral"), calibration, group_size=GROUP)
+        quantize(model_dirs("llama"), calibration, group_size=GROUP)
+    assert not [r for r in caplog.records if "stay unquantized" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gptq_fsdp.model.layers"):
+        model, _, _ = quantize(model_dirs("mixtral"), calibration, group_size=GROUP, targets=["re:.*_proj$"])
     (warning,) = [r.getMessage() for r in caplog.records if "stay unquantized" in r.getMessage()]
     layer = model.model.layers[0]
     experts = layer.mlp.experts.gate_up_proj.numel() + layer.mlp.experts.down_proj.numel()
-    router = layer.mlp.gate.weight.numel()
-    share = (experts + router) / sum(p.numel() for p in layer.parameters())
+    share = experts / sum(p.numel() for p in layer.parameters())
     assert warning.startswith(f"{100 * share:.0f}% of the decoder layers' parameters stay unquantized")
-    for name in (
-        "mlp.gate.weight [4, 64]",
-        "mlp.experts.gate_up_proj [4, 256, 64]",
-        "mlp.experts.down_proj [4, 64, 128]",
-    ):
-        assert name in warning
-    assert "fused 3-D parameters" in warning
-    # Ignoring their modules silences it; a dense model has nothing to warn about.
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="gptq_fsdp.model.layers"):
-        quantize(model_dirs("mixtral"), calibration, group_size=GROUP, ignore=["lm_head", "re:.*mlp$"])
-        quantize(model_dirs("llama"), calibration, group_size=GROUP)
-    assert not [r for r in caplog.records if "stay unquantized" in r.getMessage()]
+    assert "mlp.experts.gate_up_proj [4, 256, 64]" in warning and "mlp.experts.down_proj [4, 64, 128]" in warning
+    assert "mlp.gate" not in warning  # the router
+    assert "Fused 3-D MoE experts are quantized when" in warning
 
 
 # ------------------------------------------------------------------------------------ schemes and inputs
@@ -527,7 +554,7 @@ def test_packed_checkpoint_holds_gptqs_own_levels(bits, symmetric, dtype):
     W, X = torch.randn(64, 128, generator=g).to(dtype), torch.randn(512, 128, generator=g)
     gptq = gptq_quantize(W, X.T @ X, config.weights)
     result = QuantizationResult(config, SimpleNamespace(rank=0, world_size=1))
-    result.record(0, ["layer.proj"], [64], gptq, 0.0)
+    result.record(0, ["layer.proj"], [64], gptq, 0.0, tokens=512)
     packed = dict(result.modules["layer.proj"].packed)
     unpacked = PackedQuantizationCompressor.decompress(packed, config.scheme)["weight"]
     assert torch.equal(unpacked.to(dtype), gptq.weight)

@@ -83,8 +83,8 @@ def test_accelerate_launch_with_the_zero3_cpu_config(tiny_llama_dir, austen, tmp
     assert len(list(output.glob("model-*-of-00002.safetensors"))) == 2
 
 
-def testzero_hooks_set_aside_and_put_back_in_place():
-    from gptq_fsdp.distributed.compat import zero_hooks_set_aside
+def test_zero_hooks_set_aside_and_put_back_in_place():
+    from gptq_fsdp.compat import zero_hooks_set_aside
 
     calls = []
 

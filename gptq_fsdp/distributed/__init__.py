@@ -8,8 +8,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from gptq_fsdp.compat import is_zero3_param
 from gptq_fsdp.distributed.backend import Backend
-from gptq_fsdp.distributed.compat import is_zero3_param
 from gptq_fsdp.distributed.fsdp2 import FSDP2Backend
 from gptq_fsdp.distributed.zero3 import ZeRO3Backend
 

@@ -68,6 +68,11 @@ class Backend:
         whole = self.gather_weight(tensor, dst).wait()
         return whole if self.rank == dst else None
 
+    def holder(self, param: torch.Tensor, index: int) -> int | None:
+        """The one rank that stores `param[index]` (a slice of dim 0) at rest; None when several do
+        (a replicated parameter, or a slice spread over partitions)."""
+        return 0 if self.world_size == 1 else None
+
     def local_part(self, param: torch.Tensor) -> torch.Tensor:
         """What this rank stores of `param` (its rows, its flat partition, or all of it), as a tensor."""
         return param.detach()

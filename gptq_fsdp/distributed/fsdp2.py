@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
-from gptq_fsdp.distributed import compat
+from gptq_fsdp import compat
 from gptq_fsdp.distributed.backend import Backend
 from gptq_fsdp.distributed.collectives import Pending, comm_device, gather_pieces, scatter_pieces
 
@@ -105,6 +105,12 @@ class FSDP2Backend(Backend):
         if isinstance(param, DTensor) and piece is not None:  # a plain parameter was written whole
             with torch.no_grad():
                 self._local(param).copy_(piece)
+
+    def holder(self, param: torch.Tensor, index: int) -> int | None:
+        if not isinstance(param, DTensor):
+            return super().holder(param, index)
+        counts = row_counts(param.shape[0], self.world_size)
+        return next(r for r in range(self.world_size) if sum(counts[: r + 1]) > index)
 
     def local_part(self, param: torch.Tensor) -> torch.Tensor:
         return self._local(param)

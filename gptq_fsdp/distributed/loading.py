@@ -12,7 +12,8 @@ from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from gptq_fsdp.distributed import collectives, compat
+from gptq_fsdp import compat
+from gptq_fsdp.distributed import collectives
 from gptq_fsdp.distributed.fsdp2 import FSDP2Backend
 from gptq_fsdp.distributed.launch import FSDPSettings, LaunchError, apply_fully_shard, device_for_rank, zero3_config
 

@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gptq_fsdp.distributed import compat
+from gptq_fsdp import compat
+from gptq_fsdp.compat import is_zero3_param
 from gptq_fsdp.distributed.backend import Backend
 from gptq_fsdp.distributed.collectives import Pending, comm_device, done, gather_pieces, scatter_pieces
-from gptq_fsdp.distributed.compat import is_zero3_param
 
 
 class ZeRO3Backend(Backend):
@@ -93,6 +93,9 @@ class ZeRO3Backend(Backend):
         if piece is not None:  # (a persistent parameter's whole copy was written in the forward already)
             with torch.no_grad():
                 param.ds_tensor.copy_(piece)
+
+    def holder(self, param: torch.Tensor, index: int) -> int | None:
+        return None if is_zero3_param(param) else super().holder(param, index)  # flat partitions cut through slices
 
     def local_part(self, param: torch.Tensor) -> torch.Tensor:
         return param.ds_tensor if is_zero3_param(param) else param.detach()

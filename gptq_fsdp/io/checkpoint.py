@@ -25,10 +25,11 @@ from torch import nn
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from gptq_fsdp import faults
+from gptq_fsdp.compat import in_file_layout
 from gptq_fsdp.core.scheme import GPTQError
 from gptq_fsdp.distributed import collectives, unwrap_engine
-from gptq_fsdp.distributed.compat import in_file_layout
 from gptq_fsdp.io.output import check_output_dir, move_into_place, shared_tmp_dir
+from gptq_fsdp.model.layers import routers
 from gptq_fsdp.pipeline.results import QuantizationResult
 
 LOG_NAME = "gptq_fsdp_log.txt"
@@ -36,11 +37,13 @@ logger = logging.getLogger("gptq_fsdp")
 
 
 def quantization_config(model: nn.Module, result: QuantizationResult) -> QuantizationConfig:
-    """The `quantization_config` block: our scheme, and every target we did not quantize by name."""
+    """The `quantization_config` block: our scheme, and by name every target we did not quantize and
+    every MoE router (a Linear in the checkpoint's layout, left in full precision)."""
     scheme = result.config.scheme.model_copy(deep=True)
     scheme.format = CompressionFormat.pack_quantized.value
     done = set(result.quantized)
     skipped = [name for name, _ in match_named_modules(model, scheme.targets) if name not in done]
+    skipped += [name for name in routers(model) if name not in skipped]
     return QuantizationConfig(
         config_groups={"group_0": scheme},
         format=CompressionFormat.pack_quantized.value,
@@ -52,7 +55,7 @@ def quantization_config(model: nn.Module, result: QuantizationResult) -> Quantiz
 def unquantized_tensors(model: nn.Module, result: QuantizationResult) -> dict[str, torch.Tensor]:
     """Whole copies, on rank 0, of every parameter/buffer GPTQ did not replace (tied ones once)."""
     backend = result.backend
-    quantized = {f"{name}.weight" for name in result.quantized}
+    quantized = {f"{name}.weight" for name in result.quantized} | set(result.fused)
     tensors, seen = {}, set()
     for key, value in model.state_dict(keep_vars=True).items():
         if key in quantized or id(value) in seen:

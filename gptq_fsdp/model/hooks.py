@@ -18,6 +18,7 @@ from torch import nn
 
 from gptq_fsdp.core.hessian import HessianGroup
 from gptq_fsdp.model.capture import StopForward
+from gptq_fsdp.model.experts import ExpertParam, expert_inputs
 
 
 @dataclass
@@ -43,12 +44,28 @@ class HessianHooks:
 
     Only the Linears' inputs matter, not the layer's output: once the first forward has shown that
     every target runs exactly once, later forwards inside `forward()` stop right after the last
-    target's input is taken (e.g. skipping down_proj's matmul).
+    target's input is taken (e.g. skipping down_proj's matmul); not in layers with `experts`.
+
+    Each expert slice of the fused MoE parameters in `experts` gets a Hessian of its own
+    (`expert_groups[param, e]`, all made up front on `device`, so that every rank holds the same
+    ones whichever experts its tokens reach), from the tokens routed to it.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], stop_early: bool = True) -> None:
+    def __init__(
+        self,
+        modules: dict[str, nn.Linear],
+        stop_early: bool = True,
+        experts: list[ExpertParam] = (),
+        device: torch.device | None = None,
+    ) -> None:
         self.modules = modules
-        self.stop_early = stop_early
+        self.experts = list(experts)
+        self.stop_early = stop_early and not self.experts
+        self.expert_groups = {
+            (param, e): HessianGroup(param.names(e), param.columns, device)
+            for param in self.experts
+            for e in range(param.num_experts)
+        }
         self.groups: list[HessianGroup] = []
         self._group_of: dict[str, HessianGroup] = {}
         # Per forward: true-sequential interleaves the batches' forwards, each in a greenlet (which has
@@ -128,12 +145,22 @@ class HessianHooks:
         group.add(rows)
         self.seconds += time.perf_counter() - start
 
+    def _expert_input(self, param: ExpertParam, expert: int, rows: torch.Tensor) -> None:
+        start = time.perf_counter()
+        self.expert_groups[param, expert].add(rows)
+        self.seconds += time.perf_counter() - start
+
+    def _kept_tokens(self) -> torch.Tensor | None:
+        mask = self._forward.mask
+        return None if mask is None else mask.reshape(-1)
+
     @contextmanager
     def attached(self) -> Iterator[HessianHooks]:
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(lambda m, a, n=name: self._hook(n, m, a)))
         try:
-            yield self
+            with expert_inputs(self.experts, self._expert_input, self._kept_tokens):
+                yield self
         finally:
             for handle in self._handles:
                 handle.remove()

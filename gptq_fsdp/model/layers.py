@@ -8,10 +8,12 @@ from collections.abc import Callable
 
 import torch
 from compressed_tensors.utils import match_named_modules
+from compressed_tensors.utils.match import match_name
 from torch import nn
 
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.core.scheme import GPTQError, validate_args
+from gptq_fsdp.model.experts import ExpertParam, expert_params
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +62,41 @@ def target_modules(model: nn.Module, config: GPTQConfig) -> list[dict[str, nn.Li
     return per_layer
 
 
+def target_experts(model: nn.Module, config: GPTQConfig) -> list[list[ExpertParam]]:
+    """The fused MoE expert projections GPTQ quantizes, per decoder layer: every one `expert_params`
+    finds, unless `config.ignore` names its experts module. They are targets under the "Linear"
+    target (each expert is Linears in the checkpoint's layout, as compressed-tensors matches it) or a
+    "re:" target matching the names their slices are saved under."""
+    layers_name, layers = find_decoder_layers(model)
+    per_layer = []
+    for index, layer in enumerate(layers):
+        kept = []
+        for param in expert_params(model, layer, f"{layers_name}.{index}."):
+            names = param.names(0)
+            if any(match_name(param.module_name, ignored) for ignored in config.ignore):
+                continue
+            if not any(t == "Linear" or (t.startswith("re:") and match_name(names[0], t)) for t in config.targets):
+                continue
+            validate_args(config.weights, param.columns, param.label(0))
+            kept.append(param)
+        per_layer.append(kept)
+    if config.true_sequential and any(per_layer):
+        raise GPTQError(
+            "--true-sequential does not quantize fused MoE experts yet: use the standard order, or ignore the "
+            f"experts modules (e.g. {per_layer[next(i for i, p in enumerate(per_layer) if p)][0].module_name})"
+        )
+    return per_layer
+
+
 def uncovered_matrices(
     layer: nn.Module, covered: set[str], shape_of: Callable[[torch.Tensor], torch.Size] = lambda p: p.shape
 ) -> list[tuple[str, torch.Size]]:
-    """The layer's matrix parameters (2-D and up; whole shapes by `shape_of`) inside none of the
-    `covered` modules (layer-relative names: the targets and the ignored): they stay as they are.
-    In transformers 5.x, MoE experts are such 3-D parameters, and routers such 2-D ones."""
+    """The layer's matrix parameters (2-D and up; whole shapes by `shape_of`) that are not in
+    `covered` and lie inside none of its modules (layer-relative names: the targets, the quantized
+    fused expert parameters, the ignored modules and the routers): they stay as they are."""
 
     def inside_covered(name: str) -> bool:
-        parts = name.split(".")[:-1]
+        parts = name.split(".")
         return any(".".join(parts[:i]) in covered for i in range(1, len(parts) + 1))
 
     return [
@@ -76,6 +104,11 @@ def uncovered_matrices(
         for name, p in layer.named_parameters()
         if len(shape_of(p)) >= 2 and not inside_covered(name)
     ]
+
+
+def routers(model: nn.Module) -> list[str]:
+    """Full names of the MoE routers (transformers' `...TopKRouter` modules): left in full precision."""
+    return [name for name, module in model.named_modules() if any("Router" in c for c in _class_names(module))]
 
 
 def ignored_modules(model: nn.Module, config: GPTQConfig) -> set[str]:
@@ -86,13 +119,15 @@ def ignored_modules(model: nn.Module, config: GPTQConfig) -> set[str]:
 def warn_uncovered(
     model: nn.Module,
     per_layer: list[dict[str, nn.Linear]],
+    experts: list[list[ExpertParam]],
     config: GPTQConfig,
     shape_of: Callable[[torch.Tensor], torch.Size],
 ) -> None:
     """Warn when matrices inside the decoder layers would silently stay in full precision (whole
     shapes by `shape_of`: a sharded parameter's own shape may be its local piece)."""
     layers_name, layers = find_decoder_layers(model)
-    ignored = ignored_modules(model, config)
+    ignored = {*ignored_modules(model, config), *routers(model)}
+    ignored |= {f"{p.module_name}.{p.param_name}" for layer in experts for p in layer}
     uncovered: dict[str, torch.Size] = {}  # layer-relative name: shape in the first layer that has it
     total = left = 0
     for index, layer in enumerate(layers):
@@ -105,11 +140,13 @@ def warn_uncovered(
     if uncovered:
         listed = ", ".join(f"{name} {list(shape)}" for name, shape in uncovered.items())
         logger.warning(
-            "%.0f%% of the decoder layers' parameters stay unquantized: no nn.Linear target covers %s.%s "
+            "%.0f%% of the decoder layers' parameters stay unquantized: no target covers %s.%s "
             "Add their modules to the ignored ones to silence this.",
             100 * left / total,
             listed,
-            " In transformers 5.x MoE experts are fused 3-D parameters, not nn.Linear."
+            " Fused 3-D MoE experts are quantized when their module gathers [gate; up] rows without a bias "
+            "(transformers' Qwen3-MoE / Mixtral / DeepSeek-V3 layout) and the model's loading conversions name "
+            "their per-expert tensors."
             if any(len(shape) > 2 for shape in uncovered.values())
             else "",
         )

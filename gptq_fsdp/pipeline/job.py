@@ -14,6 +14,7 @@ from torch import nn
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.distributed import Backend
 from gptq_fsdp.model.capture import layer_output
+from gptq_fsdp.model.experts import ExpertParam
 from gptq_fsdp.model.hooks import HessianHooks
 from gptq_fsdp.pipeline.results import MemoryStats, QuantizationResult
 
@@ -99,6 +100,7 @@ class LayerJob:
     modules: dict[str, nn.Linear]  # its targets, by full name
     hidden: list[torch.Tensor]  # its input per batch
     calls: list[tuple[tuple, dict]]  # its other call arguments per batch
+    experts: list[ExpertParam] = field(default_factory=list)  # its fused MoE projections to quantize
 
     @contextmanager
     def measured(self) -> Iterator[None]:
@@ -119,7 +121,8 @@ class LayerJob:
     def account(self, hooks: HessianHooks) -> None:
         """The Hessians' bytes, and their XᵀX time moved from the forward phase to its own."""
         memory, phases = self.run.memory, self.run.result.phases
-        memory.hessian_bytes = max(memory.hessian_bytes, sum(g.nbytes for g in hooks.groups))
+        groups = [*hooks.groups, *hooks.expert_groups.values()]
+        memory.hessian_bytes = max(memory.hessian_bytes, sum(g.nbytes for g in groups))
         phases["forward"] -= hooks.seconds
         phases["hessian"] += hooks.seconds
 

@@ -22,7 +22,7 @@ from gptq_fsdp.data import CalibrationSet, rank_batches
 from gptq_fsdp.distributed import Backend, collectives, detect_backend, unwrap_engine
 from gptq_fsdp.io.resume import LayerState, run_identity
 from gptq_fsdp.model.capture import capture_layer_inputs
-from gptq_fsdp.model.layers import find_decoder_layers, target_modules, warn_uncovered
+from gptq_fsdp.model.layers import find_decoder_layers, target_experts, target_modules, warn_uncovered
 from gptq_fsdp.pipeline import standard, true_sequential
 from gptq_fsdp.pipeline.job import ActivationStore, Clock, LayerJob, Run
 from gptq_fsdp.pipeline.results import LayerError, QuantizationResult
@@ -52,11 +52,18 @@ def quantize_model(
     backend = backend or detect_backend(model)
     rank, world = backend.rank, backend.world_size
     per_layer = target_modules(model, config)
+    experts = target_experts(model, config)
+    if resume and any(experts):
+        raise GPTQError("--resume does not restore quantized MoE experts yet: run without --resume")
     layers_name, layers = find_decoder_layers(model)
     if rank == 0:
-        warn_uncovered(model, per_layer, config, backend.weight_shape)
+        warn_uncovered(model, per_layer, experts, config, backend.weight_shape)
     batches = [calibration.batch(b) for b in rank_batches(len(calibration), rank, world, config.batch_size)]
-    result = QuantizationResult(config, backend, quantized=[n for modules in per_layer for n in modules])
+    quantized = []
+    for modules, params in zip(per_layer, experts, strict=True):
+        quantized += [*modules, *(n for p in params for e in range(p.num_experts) for n in p.names(e))]
+    result = QuantizationResult(config, backend, quantized=quantized)
+    result.fused = [f"{p.module_name}.{p.param_name}" for params in experts for p in params]
     clock = Clock(result, start)
 
     was_training = model.training
@@ -82,7 +89,9 @@ def quantize_model(
 
         def job(index: int, inputs: list[torch.Tensor]) -> LayerJob:
             prefix = f"{layers_name}.{index}."
-            return LayerJob(run, index, layers[index], prefix, per_layer[index], inputs, layer_calls[index])
+            return LayerJob(
+                run, index, layers[index], prefix, per_layer[index], inputs, layer_calls[index], experts[index]
+            )
 
         progress = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", disable=rank != 0)
         first = 0
@@ -102,7 +111,7 @@ def quantize_model(
                 raise LayerError(f"rank {rank} failed at layer {index} ({type(error).__name__}): {error}") from error
             layer_calls[index] = []
             if result.state is not None:
-                owned = {n: result.modules[n] for n in per_layer[index] if n in result.modules}
+                owned = {n: r for n, r in result.modules.items() if r.layer == index}
                 result.state.save(index, {n: r for n, r in owned.items() if r.owner == rank})
             if world == 1:  # with several ranks each one only knows the losses of the groups it owns
                 progress.set_postfix(loss=f"{sum(result.modules[n].loss for n in per_layer[index]):.4g}")

@@ -16,11 +16,13 @@ import torch
 
 from gptq_fsdp.core.gptq import GPTQResult, gptq_quantize
 from gptq_fsdp.core.hessian import HessianGroup, hessian_from_sum
-from gptq_fsdp.core.scheme import dequantize
+from gptq_fsdp.core.scheme import GPTQError, dequantize
 from gptq_fsdp.data import near_equal_shares
 from gptq_fsdp.distributed import collectives
 from gptq_fsdp.distributed.collectives import Pending
 from gptq_fsdp.distributed.schedule import assign_owners
+from gptq_fsdp.model.experts import ExpertParam
+from gptq_fsdp.model.hooks import HessianHooks
 from gptq_fsdp.pipeline.job import LayerJob
 
 logger = logging.getLogger(__name__)
@@ -90,7 +92,7 @@ def quantize_on_owners(job: LayerJob, groups: list[HessianGroup]) -> None:
                 del hessian, parts
                 rows = [rows_of[n] for n in group.names]
                 seconds = time.perf_counter() - begin
-                fulls = result.record(job.index, group.names, rows, gptq, seconds)
+                fulls = result.record(job.index, group.names, rows, gptq, seconds, tokens[gi])
         else:  # this rank's partial sum and its piece of the weight have been sent: free them now
             with clock("wait"):
                 for pending in [hessians[gi], *weights[gi]]:
@@ -149,3 +151,93 @@ def _all_gather_rows(part: GPTQResult, counts: list[int]) -> GPTQResult:
         if others.stop > others.start:
             weight[others] = dequantize(levels[others], scale[others], zero_point[others], part.g_idx, weight.dtype)
     return GPTQResult(weight, levels, scale, zero_point, part.g_idx, row_losses=losses[:, 0], damping=part.damping)
+
+
+def quantize_experts(job: LayerJob, hooks: HessianHooks, holders: dict) -> dict[ExpertParam, torch.Tensor | None]:
+    """GPTQ for every expert slice of the layer's fused MoE parameters, inside its unsharded forwards
+    (every rank holds the whole parameters); returns each parameter's piece for `write_piece`.
+
+    An expert's Hessian is summed on its owner: the rank that stores the slice (`holders`, FSDP2's
+    expert rows), so that nothing but the Hessian travels; where no rank stores it alone (ZeRO-3's
+    flat partitions, replicated parameters) owners are balanced by GPTQ cost and every rank receives
+    the result to write its own piece. Token counts are summed over ranks first, so every rank
+    agrees which slices have fewer tokens than input columns (their H would be singular): those are
+    quantized with the pooled Hessian of the same projection over all the layer's routed tokens
+    (for gate/up: the Hessian of every token the layer's experts see).
+    """
+    result, clock, backend = job.run.result, job.run.clock, job.run.backend
+    rank, world = backend.rank, backend.world_size
+    units = list(hooks.expert_groups.items())
+    tokens = collectives.sum_ints([group.tokens for _, group in units])
+    lpt = assign_owners([(len(p.members) * p.rows, p.columns) for (p, _), _ in units], world)
+    owners = [holders[unit] if holders[unit] is not None else o for (unit, _), o in zip(units, lpt.owners, strict=True)]
+    pooled = _pooled_hessians(units, tokens)
+    pending = [collectives.reduce_to(group.sum, owner) for (_, group), owner in zip(units, owners, strict=True)]
+    for i in lpt.order:
+        (param, expert), group = units[i]
+        owner, names = owners[i], param.names(expert)
+        event = {"layer": job.index, "group": param.label(expert)}
+        with clock("wait", **event):
+            hessian_sum = pending[i].wait()
+        pending[i] = None
+        gptq = None
+        if owner == rank:
+            with clock("gptq", **event):
+                begin = time.perf_counter()
+                own = tokens[i] >= param.columns
+                hessian = hessian_from_sum(hessian_sum, tokens[i], param.columns) if own else pooled[param].clone()
+                gptq = _gptq(job, param.weight[expert].detach(), hessian, names)
+                seconds = time.perf_counter() - begin
+                rows = [param.rows] * len(param.members)
+                result.record(job.index, names, rows, gptq, seconds, tokens[i], "own" if own else "pooled")
+        del hessian_sum
+        group.release()
+        if holders[(param, expert)] is None and world > 1:  # every rank writes its piece of the slice
+            mine = gptq if gptq is not None else _no_rows(param, job.run.config.weights)
+            gptq = _all_gather_rows(mine, _only(owner, param, world))
+        if gptq is not None:
+            param.weight[expert].copy_(gptq.weight)
+    return {param: backend.piece_of(param.weight, param.weight.detach()) for param in hooks.experts}
+
+
+def _pooled_hessians(units: list, tokens: list[int]) -> dict[ExpertParam, torch.Tensor]:
+    """Per fused parameter with an expert short of tokens: H from the sum of all its experts' sums
+    (all-reduced: every rank computes the same), over all their tokens."""
+    short = {p for ((p, _), _), n in zip(units, tokens, strict=True) if n < p.columns}
+    pooled = {}
+    for param in sorted(short, key=lambda p: p.label(0)):  # the same order on every rank
+        members = [(group, n) for ((p, _), group), n in zip(units, tokens, strict=True) if p is param]
+        total = torch.stack([group.sum for group, _ in members]).sum(0)
+        collectives.all_reduce(total)
+        count = sum(n for _, n in members)
+        if count == 0:  # never quantize from nothing (an all-zero H would zero every weight)
+            raise GPTQError(
+                f"no calibration token reached the experts of {param.label(0).replace('.0.', '.*.', 1)}: their "
+                "inputs were not seen (an experts implementation that does not call F.linear on each expert's slice?)"
+            )
+        pooled[param] = hessian_from_sum(total, count, param.columns)
+        logger.info(
+            "%s: %d of %d experts have fewer tokens than its %d columns; they use the pooled Hessian",
+            param.label(0).replace(".0.", ".*.", 1),
+            sum(n < param.columns for _, n in members),
+            len(members),
+            param.columns,
+        )
+    return pooled
+
+
+def _only(owner: int, param: ExpertParam, world: int) -> list[int]:
+    """Row counts of an all-gather in which only `owner` contributes the slice's rows."""
+    return [len(param.members) * param.rows if r == owner else 0 for r in range(world)]
+
+
+def _no_rows(param: ExpertParam, args) -> GPTQResult:
+    """A GPTQ result of no rows, the shape of `param`'s slices (what a non-owner contributes)."""
+    groups = param.columns // args.group_size if args.group_size else 1
+    weight = param.weight
+    empty = lambda *shape, dtype: torch.empty(*shape, dtype=dtype, device=weight.device)  # noqa: E731
+    return GPTQResult(
+        empty(0, param.columns, dtype=weight.dtype), empty(0, param.columns, dtype=torch.int8),
+        empty(0, groups, dtype=weight.dtype), empty(0, groups, dtype=torch.int8), None,
+        empty(0, dtype=torch.float32), 0.0,
+    )  # fmt: skip

@@ -18,7 +18,8 @@ PHASES = ("capture", "forward", "hessian", "wait", "gptq", "propagate")
 
 @dataclass
 class ModuleRecord:
-    """What GPTQ produced for one Linear. `packed` (the checkpoint tensors) lives on its owner only."""
+    """What GPTQ produced for one Linear or one expert's slice of a fused MoE parameter. `packed`
+    (the checkpoint tensors) lives on its owner only."""
 
     name: str
     layer: int
@@ -28,6 +29,10 @@ class ModuleRecord:
     damping: float
     group: list[str]
     packed: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    tokens: int = 0  # calibration tokens its Hessian was summed over (all ranks)
+    # "own": its inputs' Hessian; "pooled": an expert with too few tokens, quantized with the Hessian of
+    # the same projection over all of its layer's routed tokens (pipeline/owners.py)
+    hessian: str = "own"
 
 
 @dataclass
@@ -50,7 +55,8 @@ class MemoryStats:
 class QuantizationResult:
     config: GPTQConfig
     backend: Backend
-    quantized: list[str] = field(default_factory=list)  # every quantized Linear, on every rank
+    quantized: list[str] = field(default_factory=list)  # every quantized Linear and expert slice, on every rank
+    fused: list[str] = field(default_factory=list)  # the fused MoE parameters saved as per-expert tensors
     modules: dict[str, ModuleRecord] = field(default_factory=dict)  # this rank's; all of them on rank 0 at the end
     seconds: float = 0.0
     # Wall time per phase: capture, calibration forward, XᵀX (inside the forward), waiting for
@@ -62,8 +68,9 @@ class QuantizationResult:
     state: LayerState | None = None  # per-layer resume state, cleared once the checkpoint is saved
 
     def record(
-        self, layer: int, names: list[str], rows: list[int], gptq: GPTQResult, seconds: float
-    ) -> list[torch.Tensor]:
+        self, layer: int, names: list[str], rows: list[int], gptq: GPTQResult, seconds: float, tokens: int,
+        hessian: str = "own",
+    ) -> list[torch.Tensor]:  # fmt: skip
         """Keep a group's GPTQ result as this rank's records of its members (packed for the
         checkpoint); their dequantized weights, in `names` order."""
         packed = pack_modules(gptq, names, rows, self.config.scheme)
@@ -77,6 +84,8 @@ class QuantizationResult:
                 damping=gptq.damping,
                 group=list(names),
                 packed=module.packed,
+                tokens=tokens,
+                hessian=hessian,
             )
         return [module.weight for module in packed]
 
@@ -96,10 +105,15 @@ class QuantizationResult:
     def table(self) -> str:
         """Per-module loss and time, one line each."""
         width = max([len(n) for n in self.modules] + [6])
-        lines = [f"{'module':<{width}}  {'layer':>5}  {'owner':>5}  {'loss':>12}  {'damp':>6}  {'gptq s':>7}"]
-        for r in sorted(self.modules.values(), key=lambda r: self.quantized.index(r.name)):
+        lines = [
+            f"{'module':<{width}}  {'layer':>5}  {'owner':>5}  {'tokens':>8}  {'hessian':>7}  {'loss':>12}  "
+            f"{'damp':>6}  {'gptq s':>7}"
+        ]
+        position = {name: i for i, name in enumerate(self.quantized)}
+        for r in sorted(self.modules.values(), key=lambda r: position[r.name]):
             lines.append(
-                f"{r.name:<{width}}  {r.layer:>5}  {r.owner:>5}  {r.loss:>12.5g}  {r.damping:>6.3g}  {r.seconds:>7.3f}"
+                f"{r.name:<{width}}  {r.layer:>5}  {r.owner:>5}  {r.tokens:>8}  {r.hessian:>7}  {r.loss:>12.5g}  "
+                f"{r.damping:>6.3g}  {r.seconds:>7.3f}"
             )
         lines.append(
             f"total wall time {self.seconds:.1f} s; " + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())

@@ -58,7 +58,7 @@ def run_layer(job: LayerJob) -> list[torch.Tensor]:
         weights = [modules[n].weight.detach() for n in unit]
         rows = [w.shape[0] for w in weights]
         if owner_of[unit] == rank:  # packs the unit's modules for the checkpoint, once the forwards are done
-            owned.append((job.index, list(unit), rows, gptq, seconds))
+            owned.append((job.index, list(unit), rows, gptq, seconds, group.tokens))
         for name, weight, full in zip(unit, weights, gptq.weight.split(rows), strict=True):
             weight.copy_(full)
             pieces[name] = backend.piece_of(modules[name].weight, weight)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gptq_fsdp.compat import storage_key
 from gptq_fsdp.config import GPTQConfig
-from gptq_fsdp.distributed.compat import storage_key
 from gptq_fsdp.model.capture import StopForward
 from gptq_fsdp.model.hooks import HessianHooks
 from gptq_fsdp.model.layers import find_decoder_layers, ignored_modules, target_modules, uncovered_matrices

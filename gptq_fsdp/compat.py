@@ -8,9 +8,11 @@ run; GPTQ_FSDP_UNCHECKED_VERSIONS=1 turns that error into a warning (at your own
   (`torch.distributed.fsdp._fully_shard`); tensor storages' identity (`UntypedStorage._cdata`).
 - DeepSpeed ZeRO-3: its per-module fetch/release hooks, taken off a layer by editing torch's
   `Module._forward_pre_hooks` / `_forward_hooks`; the partition attributes of its parameters
-  (`ds_id`, `ds_tensor`, `ds_numel`, `ds_shape`, used by distributed/zero3.py).
+  (`ds_id`, `ds_tensor`, `ds_numel`, `ds_shape`, used by distributed/zero3.py); the plain
+  `F.linear` that `zero.Init` keeps (`InsertPostInitMethodToModuleSubClasses.linear_bk`).
 - transformers 5: the renamings and converters applied while loading (`core_model_loading`,
-  `conversion_mapping`, `PreTrainedModel._weight_conversions`).
+  `conversion_mapping`, `PreTrainedModel._weight_conversions`); the experts implementation a
+  `@use_experts_implementation` module dispatches to (`config._experts_implementation`).
 """
 
 from __future__ import annotations
@@ -100,6 +102,11 @@ def is_zero3_param(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def whole_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's whole shape (a partitioned ZeRO-3 parameter shows (0,) as its own)."""
+    return param.ds_shape if is_zero3_param(param) else param.shape
+
+
 def _is_zero_hook(hook) -> bool:
     """ZeRO-3's per-module fetch/release hooks (DeepSpeedZeRoOffload's, some wrapped by its NVTX helper)."""
     return getattr(hook, "__module__", "").startswith("deepspeed.")
@@ -135,6 +142,29 @@ def zero_hooks_set_aside(layer: nn.Module) -> Iterator[None]:
             hooks.update(current)  # registered meanwhile
 
 
+@contextmanager
+def plain_linear() -> Iterator[None]:
+    """`torch.nn.functional.linear` as torch defines it, inside. DeepSpeed's `zero.Init` replaces it
+    process-wide (and leaves it so) with its memory-efficient autograd function, whose forward calls
+    `matmul` on the transposed weight instead."""
+    try:
+        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+    except ImportError:
+        yield
+        return
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    patched = torch.nn.functional.linear
+    if original is None or patched is original:
+        yield
+        return
+    require("deepspeed")
+    torch.nn.functional.linear = original
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = patched
+
+
 # ------------------------------------------------------------------------------------ transformers
 
 
@@ -152,6 +182,36 @@ def weight_conversions(model: nn.Module) -> list:
         found = get_checkpoint_conversion_mapping(cls.__name__)
         conversions = found or get_checkpoint_conversion_mapping(model.config.model_type) or []
     return list(conversions)
+
+
+def expert_converters(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """(target, sources) of the loading converters that fuse per-expert tensors into one parameter:
+    ("mlp.experts.gate_up_proj", ["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"])."""
+    from transformers.core_model_loading import WeightConverter
+
+    found = []
+    for converter in weight_conversions(model):
+        if isinstance(converter, WeightConverter):
+            targets, sources = converter.target_patterns, converter.source_patterns
+            targets = [targets] if isinstance(targets, str) else list(targets)
+            sources = [sources] if isinstance(sources, str) else list(sources)
+            if len(targets) == 1 and sources and all("*" in s for s in sources):
+                found.append((targets[0], sources))
+    return found
+
+
+@contextmanager
+def eager_experts(module: nn.Module) -> Iterator[None]:
+    """`@use_experts_implementation` modules run their eager per-expert loop inside (the
+    `grouped_mm`/`bmm` implementations never call F.linear on one expert's slice)."""
+    require("transformers")
+    config = module.config
+    previous = config._experts_implementation
+    config._experts_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._experts_implementation = previous
 
 
 def fuses_weights_on_load(model: nn.Module) -> bool:
