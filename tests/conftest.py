@@ -100,7 +100,7 @@ TINY_FAMILIES = {
         num_key_value_heads=2,
         pad_token_id=0,
     ),
-    "mixtral": dict(  # experts are fused 3-D parameters in transformers 5: attention only
+    "mixtral": dict(  # fused experts under mlp.experts (block_sparse_moe.experts.N.w1/w3/w2 in its files)
         model_type="mixtral",
         hidden_size=64,
         intermediate_size=128,
@@ -108,6 +108,18 @@ TINY_FAMILIES = {
         num_attention_heads=4,
         num_key_value_heads=2,
         num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "qwen3_moe": dict(  # fused experts under mlp.experts, per-expert gate/up/down_proj in its files
+        model_type="qwen3_moe",
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
         num_experts_per_tok=2,
     ),
     "deepseek_v3": dict(  # latent attention; a dense first layer, then shared expert + fused experts

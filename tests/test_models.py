@@ -69,7 +69,11 @@ def layer_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 # The per-expert names the families' own files give the fused experts' [gate; up] and down rows.
-EXPERT_LEAVES = {"mixtral": ("w1", "w3", "w2"), "deepseek_v3": ("gate_proj", "up_proj", "down_proj")}
+EXPERT_LEAVES = {
+    "mixtral": ("w1", "w3", "w2"),
+    "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+    "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
+}
 
 
 def expert_slices(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
