@@ -1,0 +1,82 @@
+"""A real-weight MoE to measure on: SmolLM2-135M upcycled into a Mixtral-layout MoE.
+
+No real MoE model can be downloaded here. Mixtral's layout is Llama's (the same attention, norms and
+rotary embedding, no q/k norms) with each MLP replaced by top-k routed experts, so SmolLM2 (a Llama)
+upcycles into it exactly: every expert is a copy of the layer's dense MLP with a small seeded
+perturbation (relative noise `--noise` on every weight), the router is seeded at random. Top-k
+weights are renormalized to sum to 1 in Mixtral, so with identical experts the model is the dense
+one; the perturbations make the experts (and their Hessians) differ while the perplexity stays close
+to the dense model's, which makes the quantized perplexity a real measure.
+
+    .venv/bin/python scripts/upcycle_smollm2.py [--experts 8] [--top-k 2] [--output DIR]
+
+Writes a HF folder (default ~/.cache/gptq_fsdp/smollm2-moe-{experts}) with SmolLM2's tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+CACHE = Path.home() / ".cache" / "gptq_fsdp"
+
+
+def upcycle(dense_dir: Path, experts: int, top_k: int, noise: float, seed: int) -> MixtralForCausalLM:
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
+    c = dense.config
+    config = MixtralConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters=c.rope_parameters, tie_word_embeddings=c.tie_word_embeddings,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+        num_local_experts=experts, num_experts_per_tok=top_k, sliding_window=None, router_jitter_noise=0.0,
+        attention_dropout=0.0,
+    )  # fmt: skip
+    model = MixtralForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+
+    def perturbed(weight: torch.Tensor) -> torch.Tensor:
+        return weight * (1 + noise * torch.randn(weight.shape, generator=generator))
+
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(dense.model.embed_tokens.weight)
+        model.model.norm.weight.copy_(dense.model.norm.weight)
+        if not config.tie_word_embeddings:
+            model.lm_head.weight.copy_(dense.lm_head.weight)
+        for ours, theirs in zip(model.model.layers, dense.model.layers, strict=True):
+            ours.self_attn.load_state_dict(theirs.self_attn.state_dict())
+            ours.input_layernorm.load_state_dict(theirs.input_layernorm.state_dict())
+            ours.post_attention_layernorm.load_state_dict(theirs.post_attention_layernorm.state_dict())
+            mlp = theirs.mlp
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            for e in range(experts):
+                ours.mlp.experts.gate_up_proj[e].copy_(perturbed(gate_up))
+                ours.mlp.experts.down_proj[e].copy_(perturbed(mlp.down_proj.weight))
+            router = ours.mlp.gate.weight
+            router.copy_(torch.randn(router.shape, generator=generator) * c.hidden_size**-0.5)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dense", type=Path, default=CACHE / "smollm2-135m")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--noise", type=float, default=0.02, help="relative noise on every expert weight")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    output = args.output or CACHE / f"smollm2-moe-{args.experts}"
+    model = upcycle(args.dense, args.experts, args.top_k, args.noise, args.seed)
+    model.save_pretrained(output)
+    AutoTokenizer.from_pretrained(args.dense).save_pretrained(output)
+    print(f"wrote {output}: {sum(p.numel() for p in model.parameters()):,} parameters")
+
+
+if __name__ == "__main__":
+    main()
