@@ -82,11 +82,13 @@ def test_reload_gives_the_in_memory_logits(one_process):
         assert torch.equal(reloaded.get_parameter(name), model.get_parameter(name)), name
 
 
-def test_orders_and_resume_that_do_not_cover_experts_refuse_them(mixtral_dir, one_process, tmp_path):
+def test_what_does_not_cover_experts_yet_refuses_them_up_front(mixtral_dir, one_process, tmp_path):
     _, _, _, calibration = one_process
     model = AutoModelForCausalLM.from_pretrained(mixtral_dir)
     with pytest.raises(GPTQError, match="--true-sequential does not quantize fused MoE experts yet"):
         quantize_model(model, calibration, GPTQConfig.from_options(group_size=GROUP, true_sequential=True))
+    with pytest.raises(GPTQError, match="asymmetric MoE experts: transformers 5.24 cannot load"):
+        quantize_model(model, calibration, GPTQConfig.from_options(group_size=GROUP, symmetric=False))
     with pytest.raises(GPTQError, match="--resume does not restore quantized MoE experts yet"):
         quantize_model(model, calibration, GPTQConfig.from_options(group_size=GROUP), state_dir=tmp_path, resume=True)
     # Ignoring the experts modules leaves them fused and full precision, as asked.
@@ -115,3 +117,31 @@ def test_sharded_experts_equal_one_process(world, load, samples, mixtral_dir, au
     _, single = dequantized(expected)
     assert sharded.keys() == single.keys()
     assert not [k for k in single if not torch.equal(sharded[k], single[k])]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--true-sequential"], "--true-sequential does not quantize fused MoE experts yet"),
+        (["--scheme", "W4A16_ASYM"], "asymmetric MoE experts: transformers 5.24 cannot load"),
+        (["--resume"], "--resume does not restore quantized MoE experts yet"),
+    ],
+)
+def test_the_cli_refuses_them_before_reading_weights(
+    mixtral_dir, austen, tmp_path, capsys, monkeypatch, extra, message
+):
+    from transformers import PreTrainedModel
+
+    from gptq_fsdp.cli import main
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the options were checked")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_weights))
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", str(mixtral_dir), "--dataset", str(austen / "emma.txt"), "--group-size", "32",
+              "--output", str(output), *extra])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()

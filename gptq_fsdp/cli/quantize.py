@@ -79,7 +79,7 @@ def quantize_command(args: argparse.Namespace) -> None:
     from gptq_fsdp.distributed.launch import LaunchError, init_distributed, use_zero3
     from gptq_fsdp.io.checkpoint import save_quantized
     from gptq_fsdp.io.output import OutputLock, check_output_dir
-    from gptq_fsdp.model.layers import target_modules
+    from gptq_fsdp.model.layers import target_experts, target_modules
 
     zero3 = args.backend == "zero3" or args.deepspeed_config is not None or (args.backend == "auto" and use_zero3())
     try:
@@ -134,6 +134,8 @@ def quantize_command(args: argparse.Namespace) -> None:
         skeleton = AutoModelForCausalLM.from_config(model_config)
     try:
         target_modules(skeleton, config)
+        if any(target_experts(skeleton, config)) and args.resume:
+            raise GPTQError("--resume does not restore quantized MoE experts yet: run without --resume")
         if world > 1 and not zero3 and args.load == "sharded":
             from torch.distributed.checkpoint import HuggingFaceStorageReader
 

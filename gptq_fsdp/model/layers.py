@@ -80,6 +80,12 @@ def target_experts(model: nn.Module, config: GPTQConfig) -> list[list[ExpertPara
             validate_args(config.weights, param.columns, param.label(0))
             kept.append(param)
         per_layer.append(kept)
+    if not config.weights.symmetric and any(per_layer):
+        raise GPTQError(
+            "asymmetric MoE experts: transformers 5.24 cannot load per-expert weights with zero points (its "
+            "conversion of them into the fused experts fails), so such a checkpoint would not reload; quantize "
+            "symmetric, or ignore the experts modules (e.g. --ignore lm_head 're:.*experts$')"
+        )
     if config.true_sequential and any(per_layer):
         raise GPTQError(
             "--true-sequential does not quantize fused MoE experts yet: use the standard order, or ignore the "

@@ -65,6 +65,13 @@ def _advice(result: Plan) -> list[str]:
                 f"({_gib(hessians)}) + GPTQ workspace ({_gib(workspace[group])}): a GPU with "
                 "more memory, or fewer live fp32 copies in gptq.py, is what would make this fit"
             )
+        if structure.experts:
+            experts = sum(e.num_experts * _hessian_bytes(e.columns, options.device_type) for e in structure.experts)
+            advice.append(
+                f"every rank holds all {sum(e.num_experts for e in structure.experts)} expert Hessians of a layer "
+                f"({_gib(experts)}) beside the unsharded layer, at any world size; ignoring the experts modules "
+                "leaves them unquantized"
+            )
     if not options.offload_activations and not options.true_sequential:
         offload = options.with_(offload_activations=True)
         peak, problems = peak_bytes(shape, offload)
@@ -87,6 +94,7 @@ def _floor(result: Plan) -> int:
     """Bytes that do not shrink with more ranks: the largest peak with shards and activations taken out."""
     floor = 0
     for rank in result.ranks:
-        parts = {k: v for k, v in rank.peak_parts.items() if k not in ("shards",) and not k.startswith("activations")}
+        shrinking = ("shards", "expert pieces")
+        parts = {k: v for k, v in rank.peak_parts.items() if k not in shrinking and not k.startswith("activations")}
         floor = max(floor, sum(parts.values()))
     return floor

@@ -4,7 +4,9 @@ largest sum over the phases. Every term and its assumptions: docs/planner.md."""
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import math
 
 from gptq_fsdp.core.hessian import column_blocks, packed_size, upper_blocks
@@ -12,7 +14,7 @@ from gptq_fsdp.data import near_equal_shares
 from gptq_fsdp.distributed.fsdp2 import row_counts
 from gptq_fsdp.distributed.schedule import assign_owners, gptq_cost, packing_cost
 from gptq_fsdp.planner.options import PlanOptions, RankMemory, split_samples
-from gptq_fsdp.planner.shapes import GroupShape, LayerShape, ModelShape
+from gptq_fsdp.planner.shapes import ExpertShape, GroupShape, LayerShape, ModelShape
 
 GiB = 2**30
 REDUCE_BYTES = 8  # per element: the float64 sum is what gets reduced
@@ -70,6 +72,59 @@ def _unit_workspace(group: GroupShape, element_size: int, options: PlanOptions) 
     return _workspace(share, group.columns, element_size, options.static_scales) + stacked + whole
 
 
+class _Experts:
+    """A layer structure's expert slices as `pipeline.owners.quantize_experts` runs them, inside the
+    unsharded layer: every slice's owner (FSDP2, or one process: the rank storing the expert's rows;
+    ZeRO-3: balanced by GPTQ cost), and what each rank holds for the slices it owns."""
+
+    def __init__(self, structure: LayerShape, options: PlanOptions, element_size: int) -> None:
+        world, b, device = options.world_size, element_size, options.device_type
+        self.params: tuple[ExpertShape, ...] = structure.experts
+        self.held = options.backend == "fsdp2" or world == 1  # else every rank all-gathers each result
+        units = [(p, e) for p in range(len(self.params)) for e in range(self.params[p].num_experts)]
+        if self.held:
+            owners = [_holder(self.params[p].num_experts, e, world) for p, e in units]
+        else:
+            owners = assign_owners(
+                [(self.params[p].total_rows, self.params[p].columns) for p, _ in units], world
+            ).owners
+        self.owners = owners
+        self.counts = [[0] * len(self.params) for _ in range(world)]  # slices of each param a rank owns
+        for (p, _), owner in zip(units, owners, strict=True):
+            self.counts[owner][p] += 1
+        loads = [self.per_rank(lambda q: gptq_cost(q.total_rows, q.columns), rank) for rank in range(world)]
+        self.balance = max(loads) * world / sum(loads)  # max / mean predicted GPTQ load
+        each = [_hessian_bytes(q.columns, device) for q in self.params]
+        self.hessians = sum(q.num_experts * h for q, h in zip(self.params, each, strict=True))
+        self.owned_hessians = [sum(n * h for n, h in zip(c, each, strict=True)) for c in self.counts]
+        workspace = [_workspace(q.total_rows, q.columns, b, options.static_scales) for q in self.params]
+        self.workspace = [max((w for n, w in zip(c, workspace, strict=True) if n), default=0) for c in self.counts]
+        self.buffers = [0] * world
+        if not self.held:  # the all-gather of one slice's result; its owner also holds the result itself
+            group_size = options.config.weights.group_size
+            width = [q.columns + 5 * (q.columns // group_size if group_size else 1) + 4 for q in self.params]
+            gathered = [(world + 3) * q.total_rows * w for q, w in zip(self.params, width, strict=True)]
+            result = [q.total_rows * q.columns * (b + 1) for q in self.params]
+            for rank, c in enumerate(self.counts):
+                owned = [g + r for n, g, r in zip(c, gathered, result, strict=True) if n]
+                self.buffers[rank] = max([*gathered, *owned])
+
+    def per_rank(self, value, rank: int) -> float:
+        """Σ over the slices `rank` owns of `value(param)`."""
+        return sum(n * value(q) for n, q in zip(self.counts[rank], self.params, strict=True))
+
+    def pieces(self, rank: int, options: PlanOptions, element_size: int) -> int:
+        """Bytes of this rank's pieces of the quantized fused parameters (`backend.piece_of`), kept
+        till the layer is done (0 in one process: the whole copy is the parameter)."""
+        world, backend = options.world_size, options.backend
+        return sum(_local(q.shape, world, rank, backend) for q in self.params) * element_size if world > 1 else 0
+
+
+def _holder(experts: int, expert: int, world: int) -> int:
+    """The rank whose FSDP2 rows (dim 0 of the fused parameter: the experts) hold `expert`."""
+    return bisect.bisect_right(list(itertools.accumulate(_rows(experts, world))), expert)
+
+
 class _Context:
     """What does not depend on the rank: splits, owners, per-structure sizes."""
 
@@ -89,6 +144,20 @@ class _Context:
             for s in shape.structures
         ]
         self.owner_sets = [set(a.owners) if a else set() for a in self.assignments]
+        # Fused MoE experts, quantized per expert in the standard order; the true-sequential order refuses them.
+        self.experts = [
+            _Experts(s, options, b) if s.experts and not options.true_sequential else None for s in shape.structures
+        ]
+        self.owner_sets += [set(e.owners) for e in self.experts if e]
+        first = next((i for i, x in enumerate(shape.layer_structure) if shape.structures[x].experts), None)
+        self.refusal = ""
+        if options.true_sequential and first is not None:
+            module = shape.structures[shape.layer_structure[first]].experts[0].module
+            self.refusal = (
+                "--true-sequential does not quantize fused MoE experts yet: use the standard order, or ignore the "
+                f"experts modules (e.g. {shape.layers_name}.{first}.{module})"
+            )
+            self.problems.append(self.refusal)
 
     def owners(self, structure: int) -> list[int]:
         a = self.assignments[structure]
@@ -135,6 +204,7 @@ def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
         owners = ctx.owners(s)
         mine = [g for g, o in zip(structure.groups, owners, strict=True) if o == rank]
         owned_h = sum(_hessian_bytes(g.columns, options.device_type) for g in mine)
+        expert_h = 0
         layers = [i for i, x in enumerate(shape.layer_structure) if x == s]
         where = f"layer {layers[0]}" + (f" (and {len(layers) - 1} like it)" if len(layers) > 1 else "")
         if options.true_sequential:
@@ -169,27 +239,27 @@ def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
                 for (_, piece_bytes), owner in zip(ctx.target_piece_bytes(structure), owners, strict=True):
                     buffers += 2 * piece_bytes + (2 * world * piece_bytes if owner == rank else 0)
             workspace = max((_unit_workspace(g, b, options) for g in mine), default=0)
+            experts = ctx.experts[s]
+            expert_h = experts.hessians if experts else 0
+            unsharded = {"shards": shards, "layer": layer, "activations": activations}
+            # Every expert slice's Hessian is on every rank, from the forwards till it is reduced.
+            all_h = {"Hessians": hessians} | ({"expert Hessians": expert_h} if experts else {})
+            phases.append((f"Hessian forward, {where}", unsharded | {"working set": working} | all_h))
+            gptq = {"shards": shards, "activations": activations, "Hessians": hessians}
+            gptq |= {"owned weights": buffers, "GPTQ workspace": workspace}
+            if experts:  # quantized inside the unsharded layer, before the Linear groups
+                phases.append(
+                    (f"expert GPTQ, {where}", unsharded | all_h | {"GPTQ workspace": experts.workspace[rank]})
+                )
+                if experts.buffers[rank]:
+                    gathered = {"owned weights": experts.buffers[rank]}
+                    phases.append((f"expert results all-gather, {where}", unsharded | all_h | gathered))
+                gptq["expert pieces"] = experts.pieces(rank, options, b)
+                owned_h += experts.owned_hessians[rank]
+                buffers = max(buffers, experts.buffers[rank])
+                workspace = max(workspace, experts.workspace[rank])
             phases += [
-                (
-                    f"Hessian forward, {where}",
-                    {
-                        "shards": shards,
-                        "layer": layer,
-                        "activations": activations,
-                        "working set": working,
-                        "Hessians": hessians,
-                    },
-                ),
-                (
-                    f"GPTQ, {where}",
-                    {
-                        "shards": shards,
-                        "activations": activations,
-                        "Hessians": hessians,
-                        "owned weights": buffers,
-                        "GPTQ workspace": workspace,
-                    },
-                ),
+                (f"GPTQ, {where}", gptq),
                 (
                     f"propagate, {where}",
                     {"shards": shards, "layer": layer, "activations x2": 2 * activations, "working set": working},
@@ -197,7 +267,8 @@ def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
             ]
         best.layer = max(best.layer, layer)
         best.working = max(best.working, working)
-        best.hessians = max(best.hessians, hessians)
+        best.hessians = max(best.hessians, hessians + expert_h)
+        best.expert_hessians = max(best.expert_hessians, expert_h)
         best.hessians_owned = max(best.hessians_owned, owned_h)
         best.owned_weights = max(best.owned_weights, buffers)
         best.workspace = max(best.workspace, workspace)

@@ -82,13 +82,14 @@ class RankMemory:
     layer: int
     activations: int  # at rest (x2 while propagating)
     working: int  # forward working set of one batch
-    hessians: int  # all groups of the layer, every rank
+    hessians: int  # all groups of the layer, every rank (fused MoE experts: every slice's too)
     hessians_owned: int
-    owned_weights: int  # gather + scatter buffers
-    workspace: int  # GPTQ of its largest owned group
+    owned_weights: int  # gather + scatter buffers (ZeRO-3 experts: one slice's result all-gather)
+    workspace: int  # GPTQ of its largest owned group or expert slice
     peak: int
     peak_phase: str
     peak_parts: dict[str, int]
+    expert_hessians: int = 0  # the part of `hessians` that is the expert slices'
 
 
 @dataclass
@@ -99,6 +100,8 @@ class LayerTraffic:
     weight_transfer: int  # gathered to owners + scattered back
     layer_gather: int  # received by every rank per all-gather of the layer
     gathers: int  # all-gathers of the layer per layer
+    expert_reduce: int = 0  # float64 sums of the expert slices, reduced to their owners
+    expert_gather: int = 0  # ZeRO-3: the slices' int8 results, received per rank (padded: an upper bound)
 
 
 @dataclass
@@ -109,6 +112,7 @@ class TimeEstimate:
     xtx: float
     gathers: float
     gptq: float  # GPTQ phases, transfers overlapped
+    expert_gptq: float = 0.0  # the part of `gptq` that quantizes fused MoE experts
 
     @property
     def total(self) -> float:
@@ -129,8 +133,12 @@ class Plan:
     problems: list[str] = field(default_factory=list)  # the package would refuse this run
     suggestions: list[str] = field(default_factory=list)
     # The same run in the other order (true-sequential or standard): estimated seconds and peak bytes;
-    # None where that order is refused (activation offload with true-sequential).
+    # None where that order is refused (activation offload or fused MoE experts with true-sequential).
     other_order: tuple[float, int] | None = None
+    # Per structure with fused MoE experts (else None): the owner of every expert slice, parameter by
+    # parameter, expert by expert, and max/mean of the owners' predicted GPTQ load.
+    expert_owners: list[list[int] | None] = field(default_factory=list)
+    expert_balance: list[float | None] = field(default_factory=list)
 
     @property
     def peak(self) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 from gptq_fsdp.config import DTYPES
@@ -59,9 +60,10 @@ def format_plan(result: Plan) -> str:
                 f"    {group.label:<44} [{group.total_rows:>6} x {group.columns:>6}]  Hessian "
                 f"{_gib(_hessian_bytes(group.columns, result.options.device_type)):>11}  owner {owner}"
             )
+        lines += _expert_lines(result, s)
         if structure.unquantized_params:
             lines.append(
-                f"    not quantized (no nn.Linear target covers them): {', '.join(structure.unquantized)} - "
+                f"    not quantized (no target covers them, or ignored): {', '.join(structure.unquantized)} - "
                 f"{structure.unquantized_params:,} parameters per layer"
             )
     lines.append("")
@@ -83,6 +85,12 @@ def format_plan(result: Plan) -> str:
         )
     else:
         lines.append("  acts: layer inputs of the rank's samples (x2 while propagating); working: one batch's forward")
+    moe = any(e is not None for e in result.expert_owners)
+    if moe:
+        lines.append(
+            "  Hessians: the Linear groups' and every expert slice's (all on every rank, from the forwards till "
+            "reduced); GPTQ ws: largest owned group or expert slice"
+        )
     lines.append("")
     big = result.largest
     t = result.traffic[big]
@@ -93,6 +101,15 @@ def format_plan(result: Plan) -> str:
     else:
         lines.append(f"    Hessian reduce to owners      {_gib(t.hessian_reduce)} (float64 sums)")
         lines.append(f"    weight gather + scatter       {_gib(t.weight_transfer)}")
+    if t.expert_reduce:
+        lines.append(
+            f"    expert Hessian reduce         {_gib(t.expert_reduce)} (float64 sums, to the experts' owners)"
+        )
+    if t.expert_gather:
+        lines.append(
+            f"    expert results all-gather     {_gib(t.expert_gather)} received per rank (int8 levels, every "
+            "rank's piece padded to the owner's rows)"
+        )
     passes = "1 pass" if ts else "2 passes"
     lines.append(
         f"    layer all-gather              {_gib(t.layer_gather)} received per rank, x{t.gathers} per layer "
@@ -111,6 +128,7 @@ def format_plan(result: Plan) -> str:
     lines.append(
         f"estimated time {_seconds(tm.total)}: forward {_seconds(tm.forward)}, XᵀX {_seconds(tm.xtx)}, "
         f"layer all-gathers {_seconds(tm.gathers)}, GPTQ {_seconds(tm.gptq)}"
+        + (f" (experts {_seconds(tm.expert_gptq)})" if tm.expert_gptq else "")
     )
     lines += [
         f"    at {o.matmul_tflops:g} matmul TFLOP/s, {o.cholesky_tflops:g} Cholesky TFLOP/s, {o.bandwidth_gbps:g} GB/s "
@@ -126,10 +144,20 @@ def format_plan(result: Plan) -> str:
         ),
         "    (k = 1/3 with act-order static or one scale per channel, 4/3 with none/group)",
     ]
+    if moe:
+        lines += [
+            "    experts: XᵀX = Σ projections 2·tokens·top_k·cols² / matmul (each expert: tokens·top_k/E of them);",
+            "    GPTQ = max(slowest holder's Σ slices, expert Hessian reduces / bandwidth)"
+            if o.backend == "fsdp2" or world == 1
+            else "    GPTQ = Σ slices, one after another (each result's all-gather waits for its owner) + all-gathers "
+            "/ bandwidth",
+        ]
     if result.other_order is not None:
         seconds, peak = result.other_order
         other = "standard order" if ts else "--true-sequential"
         lines.append(f"{other}: estimated time {_seconds(seconds)}, peak {_gib(peak)}")
+    elif moe and not ts:
+        lines.append("--true-sequential: refused, it does not quantize fused MoE experts yet")
     lines.append("")
     if result.fits:
         lines.append(f"FITS: peak {_gib(result.peak)} of {_gib(o.gpu_memory)} (rank {_peak_rank(result).rank})")
@@ -140,6 +168,42 @@ def format_plan(result: Plan) -> str:
             lines.append("what would make it fit:")
             lines.extend(f"  - {s}" for s in result.suggestions)
     return "\n".join(lines)
+
+
+def _expert_lines(result: Plan, s: int) -> list[str]:
+    """What the layer structure's fused MoE experts are: a line per experts module, and their owners."""
+    structure, owners = result.shape.structures[s], result.expert_owners[s] if result.expert_owners else None
+    if not structure.experts:
+        return []
+    o, device = result.options, result.options.device_type
+    lines = []
+    for module in dict.fromkeys(e.module for e in structure.experts):
+        params = [e for e in structure.experts if e.module == module]
+        each = ", ".join(f"{'+'.join(e.members)} [{e.total_rows} x {e.columns}]" for e in params)
+        hessians = sum(e.num_experts * _hessian_bytes(e.columns, device) for e in params)
+        lines.append(
+            f"    {module}: {params[0].num_experts} experts x ({each}) quantized per expert, "
+            f"{sum(e.num_experts for e in params)} Hessians {_gib(hessians)} on every rank"
+        )
+    if owners is None:  # true-sequential: refused (the problem says so)
+        return lines
+    first = structure.experts[0].num_experts
+    held = Counter(owners[:first])
+    per_rank = [held.get(r, 0) for r in range(o.world_size)]
+    if o.world_size == 1:
+        who = "rank 0 (one process)"
+    elif o.backend == "fsdp2":
+        spread = (
+            f"{per_rank[0]} on each rank" if len(set(per_rank)) == 1 else f"{min(per_rank)}-{max(per_rank)} per rank"
+        )
+        who = f"the ranks storing them (FSDP2 rows: {spread}); only the Hessians travel"
+    else:
+        who = (
+            f"balanced by GPTQ cost (assign_owners, max/mean {result.expert_balance[s]:.2f}); every result is "
+            "all-gathered as int8 levels, slice after slice"
+        )
+    lines.append(f"        owners: {who}")
+    return lines
 
 
 def _peak_rank(result: Plan) -> RankMemory:

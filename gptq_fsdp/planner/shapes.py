@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,7 +17,13 @@ from gptq_fsdp.compat import storage_key
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.model.capture import StopForward
 from gptq_fsdp.model.hooks import HessianHooks
-from gptq_fsdp.model.layers import find_decoder_layers, ignored_modules, target_modules, uncovered_matrices
+from gptq_fsdp.model.layers import (
+    find_decoder_layers,
+    routers,
+    target_experts,
+    target_modules,
+    uncovered_matrices,
+)
 
 PROBE_TOKENS = 4  # sequence length of the meta-device probe forward (any length gives the same groups)
 # Siblings that read one input, for layers whose forward cannot run on meta tensors.
@@ -51,6 +57,33 @@ class GroupShape:
 
 
 @dataclass(frozen=True)
+class ExpertShape:
+    """One fused projection of a layer's MoE experts that GPTQ quantizes per expert
+    (`model.experts.ExpertParam`): `num_experts` slices of [total_rows, columns], each a unit with a
+    Hessian of its own, summed from the tokens routed to that expert."""
+
+    module: str  # the experts module, relative to the layer: "mlp.experts"
+    param_name: str  # "gate_up_proj" or "down_proj"
+    members: tuple[str, ...]  # checkpoint names of a slice's rows: ("gate_proj", "up_proj"), ("w2",)
+    num_experts: int
+    rows: int  # of each member
+    columns: int
+    top_k: int  # experts each token is routed to (every expert when the config does not say)
+
+    @property
+    def total_rows(self) -> int:
+        return self.rows * len(self.members)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.num_experts, self.total_rows, self.columns)
+
+    @property
+    def label(self) -> str:
+        return f"{self.module}.*.{'+'.join(self.members)}"
+
+
+@dataclass(frozen=True)
 class LayerShape:
     """Everything the planner needs from one distinct decoder-layer structure."""
 
@@ -58,12 +91,15 @@ class LayerShape:
     groups: tuple[GroupShape, ...]
     active_params: float  # parameters a token passes through (MoE experts weighted by top-k / experts)
     widest_output: int  # largest output width of a forward (a group's stacked rows, or a fused weight)
-    unquantized: tuple[str, ...]  # matrix parameters no target covers and not ignored (fused MoE experts, routers)
+    # Matrix parameters left in full precision, routers aside: no target covers them (fused experts GPTQ
+    # cannot quantize), or the config ignores them.
+    unquantized: tuple[str, ...]
     unquantized_params: int
     grouping: str  # "forward" (tensor identity in a meta forward) or "rule" (sibling names)
     # What one token of a true-sequential forward holds while paused before its worst Linear: measured
     # in the meta forward ("forward") or by the rule.
     paused_bytes_per_token: float
+    experts: tuple[ExpertShape, ...] = ()  # fused MoE projections quantized per expert
 
     @property
     def numel(self) -> int:
@@ -110,7 +146,8 @@ def load_model_shape(
     """Build the model from its HF config on the meta device and read off layers, targets and groups.
 
     The targets, ignored modules and group size (checked against every target's columns) are those of
-    `config` (default: `GPTQConfig.from_options()`)."""
+    `config` (default: `GPTQConfig.from_options()`); fused MoE experts are found as the run finds
+    them (`target_experts`), whatever the order (the plan says when true-sequential refuses them)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if config is None:
@@ -120,6 +157,7 @@ def load_model_shape(
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     model.eval()
     per_layer = target_modules(model, config)
+    fused = target_experts(model, replace(config, true_sequential=False))
     layers_name, layers = find_decoder_layers(model)
     in_layers = {id(p) for p in layers.parameters()}
     outer = tuple(tuple(p.shape) for p in model.parameters() if id(p) not in in_layers)
@@ -131,19 +169,27 @@ def load_model_shape(
     experts = next((getattr(hf_config, k) for k in EXPERT_COUNT_KEYS if getattr(hf_config, k, None)), None)
     top_k = getattr(hf_config, "num_experts_per_tok", None)
     expert_fraction = top_k / experts if experts and top_k else 1.0
+    never = set(routers(model))  # routers are left in full precision by design: not reported
 
     structures: list[LayerShape] = []
     index_of: dict[tuple, int] = {}
     layer_structure = []
-    ignored = ignored_modules(model, config)
     for i, layer in enumerate(layers):
         prefix = f"{layers_name}.{i}."
         modules = {name[len(prefix) :]: module for name, module in per_layer[i].items()}
-        skipped = {name[len(prefix) :] for name in ignored if name.startswith(prefix)}
-        key = (tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()), tuple(modules), tuple(sorted(skipped)))
+        units = tuple(
+            ExpertShape(p.module_name[len(prefix) :], p.param_name, p.members, p.num_experts, p.rows, p.columns, k)
+            for p in fused[i]
+            for k in [top_k or p.num_experts]
+        )
+        # Not reported as left out: the routers, and the fused parameters quantized per expert.
+        settled = {name[len(prefix) :] for name in never if name.startswith(prefix)}
+        settled |= {f"{e.module}.{e.param_name}" for e in units}
+        key = (tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()), tuple(modules), units)
         if key not in index_of:
             index_of[key] = len(structures)
-            structures.append(_layer_shape(layer, modules, skipped, calls, expert_fraction, hidden))
+            shape = _layer_shape(layer, modules, settled, calls, expert_fraction, hidden)
+            structures.append(replace(shape, experts=units) if units else shape)
         layer_structure.append(index_of[key])
     return ModelShape(
         name=(getattr(hf_config, "architectures", None) or [type(model).__name__])[0],
@@ -193,7 +239,7 @@ def _probe_layer_calls(model: nn.Module, layers: nn.ModuleList) -> list[tuple[tu
 def _layer_shape(
     layer: nn.Module,
     modules: dict[str, nn.Linear],
-    ignored: set[str],
+    settled: set[str],
     calls: list[tuple[tuple, dict]],
     expert_fraction: float,
     hidden: int,
@@ -212,7 +258,7 @@ def _layer_shape(
         element_size = next(layer.parameters()).element_size()
         paused = (max((g.columns for g in group_shapes), default=0) + 2 * hidden) * element_size
     others = uncovered_matrices(layer, set(modules))  # they still run in the forward
-    unquantized = uncovered_matrices(layer, {*modules, *ignored})
+    unquantized = uncovered_matrices(layer, {*modules, *settled})
     active = 0.0
     for name, p in layer.named_parameters():
         active += p.numel() * (expert_fraction if "experts" in name.split(".") else 1.0)

@@ -5,9 +5,9 @@ where the run does not fit, the advice. The formulas: docs/planner.md."""
 from __future__ import annotations
 
 from gptq_fsdp.planner.advice import _advice
-from gptq_fsdp.planner.memory import REDUCE_BYTES, _Context, _piece, _rank_memory, _row_share, _upper
+from gptq_fsdp.planner.memory import REDUCE_BYTES, _Context, _Experts, _piece, _rank_memory, _row_share, _upper
 from gptq_fsdp.planner.options import LayerTraffic, Plan, PlanOptions, TimeEstimate
-from gptq_fsdp.planner.shapes import ModelShape
+from gptq_fsdp.planner.shapes import ExpertShape, ModelShape
 
 
 def _gptq_seconds(rows: int, cols: int, options: PlanOptions) -> float:
@@ -26,7 +26,7 @@ def plan(shape: ModelShape, options: PlanOptions, advise: bool = True) -> Plan:
     world, backend, b = options.world_size, options.backend, shape.element_size
     ranks = [_rank_memory(ctx, r) for r in range(world)]
     traffic, balance = [], []
-    forward = xtx = gathers = gptq = 0.0
+    forward = xtx = gathers = gptq = expert_gptq = 0.0
     mm, bw = options.matmul_tflops * 1e12, options.bandwidth_gbps * 1e9
     samples0 = ctx.per_rank[0]
     tokens = samples0 * options.max_seq_length
@@ -45,6 +45,11 @@ def plan(shape: ModelShape, options: PlanOptions, advise: bool = True) -> Plan:
         n_gathers = 0 if world == 1 else (passes if backend == "fsdp2" else passes * ctx.batches)
         traffic.append(LayerTraffic(hessian_reduce, weight_transfer, layer_gather, n_gathers))
         balance.append(ctx.assignments[s].balance if ctx.assignments[s] else 1.0)
+        if experts := ctx.experts[s]:  # quantized per expert before the Linear groups
+            seconds, xtx_flops = _expert_phase(experts, traffic[-1], tokens, options)
+            xtx += count * xtx_flops / mm
+            gptq += count * seconds
+            expert_gptq += count * seconds
 
         attention = samples0 * 2 * options.max_seq_length**2 * shape.attention_width
         forward += count * passes * (2 * structure.active_params * tokens + attention) / mm
@@ -71,13 +76,39 @@ def plan(shape: ModelShape, options: PlanOptions, advise: bool = True) -> Plan:
         owners=[ctx.owners(s) for s in range(len(shape.structures))],
         balance=balance,
         traffic=traffic,
-        time=TimeEstimate(forward, xtx, gathers, gptq),
+        time=TimeEstimate(forward, xtx, gathers, gptq, expert_gptq),
         problems=list(ctx.problems),
+        expert_owners=[e.owners if e else None for e in ctx.experts],
+        expert_balance=[e.balance if e else None for e in ctx.experts],
     )
     if advise:
-        if not result.fits:
+        if not result.fits and not ctx.refusal:  # a refused order: the problem says what to do instead
             result.suggestions = _advice(result)
-        if not options.offload_activations:
+        refused = not options.true_sequential and any(s.experts for s in shape.structures)
+        if not options.offload_activations and not refused:
             other = plan(shape, options.with_(true_sequential=not options.true_sequential), advise=False)
             result.other_order = (other.time.total, other.peak)
     return result
+
+
+def _expert_phase(experts: _Experts, traffic: LayerTraffic, tokens: int, options: PlanOptions) -> tuple[float, float]:
+    """Seconds of one layer's expert GPTQ, and its experts' XᵀX FLOPs (`traffic` gets the expert bytes).
+
+    XᵀX: every token reaches top_k of a projection's E experts, so each expert sums about
+    tokens·top_k/E of them. Owners storing their experts (FSDP2) work in parallel while the Hessian
+    sums are reduced to them; with ZeRO-3 each slice's result is all-gathered right after its GPTQ,
+    a collective that waits for its owner, so the slices run one after another."""
+    world, bw = options.world_size, options.bandwidth_gbps * 1e9
+    upper = {q: _upper(q.columns, options.device_type) for q in experts.params}
+    traffic.expert_reduce = sum(q.num_experts * upper[q] for q in experts.params) * REDUCE_BYTES
+    xtx_flops = sum(2 * tokens * q.top_k * upper[q] for q in experts.params)
+
+    def slice_seconds(q: ExpertShape) -> float:
+        return _gptq_seconds(q.total_rows, q.columns, options)
+
+    reduce = (world - 1) / world * traffic.expert_reduce / bw
+    if experts.held:
+        return max(max(experts.per_rank(slice_seconds, r) for r in range(world)), reduce), xtx_flops
+    traffic.expert_gather = sum(q.num_experts * world * q.total_rows * q.columns for q in experts.params)
+    compute = sum(q.num_experts * slice_seconds(q) for q in experts.params)
+    return max(compute, reduce) + traffic.expert_gather / bw, xtx_flops
