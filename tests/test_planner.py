@@ -23,7 +23,7 @@ from gptq_fsdp.data import rank_batches
 from gptq_fsdp.distributed.schedule import assign_owners
 from gptq_fsdp.model.capture import capture_layer_inputs
 from gptq_fsdp.model.hooks import HessianHooks
-from gptq_fsdp.model.layers import find_decoder_layers, target_modules
+from gptq_fsdp.model.layers import find_decoder_layers, target_experts, target_modules
 from gptq_fsdp.planner import PlanOptions, load_model_shape, parse_size, plan, split_samples
 from gptq_fsdp.planner import shapes as planner_shapes
 from gptq_fsdp.planner.report import _seconds
@@ -300,22 +300,184 @@ def test_fewer_samples_suggestion_fits_when_replanned(shapes):
     assert offloaded.fits and any("--offload-activations fits" in s for s in result.suggestions)
 
 
-def test_moe_fused_experts_are_not_targets(shapes):
-    # transformers 5 keeps MoE experts as fused 3-D parameters, not nn.Linear: the pipeline's targets
-    # (and so the planner) see only the attention projections.
-    for name, experts in [("mixtral-8x7b", 8 * 3 * 14336 * 4096), ("qwen3-30b-a3b", 128 * 3 * 768 * 2048)]:
-        structure = shapes[name].structures[0]
-        assert [g.label for g in structure.groups] == ["self_attn.q_proj+k_proj+v_proj", "self_attn.o_proj"]
-        assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= set(structure.unquantized)
-        assert structure.unquantized_params >= experts
-    # Ignored modules are not reported as left out by accident.
+# The fused MoE experts by hand: (members, rows per member, columns) of gate+up and of down, E, top-k.
+MOE = {
+    "mixtral-8x7b": dict(gate_up=(("w1", "w3"), 14336, 4096), down=(("w2",), 4096, 14336), experts=8, top_k=2),
+    "qwen3-30b-a3b": dict(
+        gate_up=(("gate_proj", "up_proj"), 768, 2048), down=(("down_proj",), 2048, 768), experts=128, top_k=8
+    ),
+}
+# One Hessian per expert slice on every rank: float64 upper blocks + one fp32 block (GPU blocks of
+# about 4096 columns: 768, 2048 and 4096 are one block, 12 bytes per element; 14336 four blocks of
+# 3584, 10 of 16 kept + one fp32 block = 84·3584²).
+MIXTRAL_EXPERT_HESSIANS = 8 * (12 * 4096**2 + 84 * 3584**2)
+QWEN_EXPERT_HESSIANS = 128 * 12 * (2048**2 + 768**2)
+MIXTRAL_LINEAR_HESSIANS = 2 * 12 * 4096**2  # q/k/v and o_proj read 4096 columns
+QWEN_LINEAR_HESSIANS = 12 * 2048**2 + 12 * 4096**2  # q/k/v read 2048 columns, o_proj 32 heads x 128
+
+
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_moe_experts_are_gptq_units(shapes, name):
+    """Each expert slice of the fused gate_up_proj [E, 2I, H] and down_proj [E, H, I] is a unit; routers
+    are neither quantized nor reported; forward FLOPs count top-k of the experts."""
+    moe = MOE[name]
+    structure = shapes[name].structures[0]
+    assert [g.label for g in structure.groups] == ["self_attn.q_proj+k_proj+v_proj", "self_attn.o_proj"]
+    units = [(e.param_name, e.members, e.num_experts, e.total_rows, e.columns, e.top_k) for e in structure.experts]
+    (gate_up, rows, hidden), (down, hidden_rows, inter) = moe["gate_up"], moe["down"]
+    E, k = moe["experts"], moe["top_k"]
+    assert units == [("gate_up_proj", gate_up, E, 2 * rows, hidden, k), ("down_proj", down, E, hidden_rows, inter, k)]
+    assert (structure.unquantized, structure.unquantized_params) == ((), 0)  # not the router (mlp.gate)
+    assert (E, hidden) in structure.params  # ... which is there: [E, H]
+    dense = structure.numel - E * 3 * rows * hidden
+    assert structure.active_params == pytest.approx(dense + k * 3 * rows * hidden)
+
+
+def test_qwen3_moe_world_8_fsdp2_by_hand(shapes):
+    shape = shapes["qwen3-30b-a3b"]
+    options = PlanOptions(world_size=8, gpu_memory=MEM80, matmul_tflops=400, cholesky_tflops=20, bandwidth_gbps=200)
+    result = plan(shape, options)
+    assert QWEN_EXPERT_HESSIANS == 7_348_420_608
+    assert all(r.expert_hessians == QWEN_EXPERT_HESSIANS for r in result.ranks)
+    assert all(r.hessians == QWEN_EXPERT_HESSIANS + QWEN_LINEAR_HESSIANS for r in result.ranks)
+    # FSDP2 stores experts 16r..16r+15 of both fused parameters on rank r: they are its slices.
+    assert result.expert_owners[0] == [e // 16 for e in range(128)] * 2
+    assert result.expert_balance[0] == pytest.approx(1.0)
+    assert result.owners[0] == [1, 0]  # the attention groups, by LPT
+    own_experts = 16 * 12 * (2048**2 + 768**2)
+    assert result.ranks[2].hessians_owned == own_experts  # rank 2 owns no Linear group
+    assert result.ranks[0].hessians_owned == own_experts + 12 * 4096**2  # ... rank 0 o_proj
+    # No weight moves for the experts under FSDP2 (GPTQ reads the whole copy): only the Linear buffers.
+    pieces = (4096 * 2048 + 2 * 512 * 2048 + 2048 * 4096) // 8 * 2
+    assert result.ranks[2].owned_weights == 2 * pieces
+    traffic = result.traffic[0]
+    assert traffic.expert_reduce == 128 * (2048**2 + 768**2) * 8 and traffic.expert_gather == 0
+
+    # Peak: the Hessian forward, with every expert Hessian beside the unsharded layer.
+    bf16, qwen_layer = 2, 4096 * 2048 + 2 * 512 * 2048 + 2048 * 4096 + 2 * 128 + 128 * 3 * 768 * 2048 + 128 * 2048
+    qwen_layer += 2 * 2048
+    shards = result.ranks[0].shards
+    activations = 16 * 2048 * 2048 * bf16
+    working = 8 * 2048 * 5120 * bf16  # widest output: q/k/v stacked (5120) over 2·768 (gate+up of an expert)
+    forward = shards + qwen_layer * bf16 + activations + working + QWEN_EXPERT_HESSIANS + QWEN_LINEAR_HESSIANS
+    assert result.ranks[0].peak == forward and result.ranks[0].peak_phase.startswith("Hessian forward")
+
+    # Time: XᵀX of the experts from the routed tokens (top-8 of 128), GPTQ of 16 + 16 slices per holder.
+    tokens, mm, chol = 16 * 2048, 400e12, 20e12
+    xtx = 48 * 2 * tokens * (2048**2 + 4096**2 + 8 * (2048**2 + 768**2)) / mm
+    assert result.time.xtx == pytest.approx(xtx)
+
+    def seconds(rows, cols):
+        return 1 / 3 * cols**3 / chol + rows * cols**2 / mm + 25e-6 * cols
+
+    experts = 48 * 16 * (seconds(1536, 2048) + seconds(2048, 768))  # outlasts 7/8 of 4.9 GB at 200 GB/s
+    assert result.time.expert_gptq == pytest.approx(experts)
+    linear = 48 * seconds(2048, 4096)  # rank 0: o_proj, the slowest Linear owner
+    assert result.time.gptq == pytest.approx(experts + linear)
+
+    text = planner.format_plan(result)
+    assert (
+        "    mlp.experts: 128 experts x (gate_proj+up_proj [1536 x 2048], down_proj [2048 x 768]) quantized per "
+        "expert, 256 Hessians 6.84 GiB on every rank\n"
+        "        owners: the ranks storing them (FSDP2 rows: 16 on each rank); only the Hessians travel\n"
+    ) in text
+    assert "expert Hessian reduce         4.56 GiB" in text and "not quantized" not in text
+    assert "--true-sequential: refused, it does not quantize fused MoE experts yet" in text
+
+
+def test_mixtral_world_4_peaks_in_expert_gptq(shapes):
+    result = plan(shapes["mixtral-8x7b"], PlanOptions(world_size=4, gpu_memory=MEM80))
+    assert result.expert_owners[0] == [0, 0, 1, 1, 2, 2, 3, 3] * 2  # FSDP2 rows: 2 experts per rank
+    bf16 = 2
+    mixtral_layer = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 8 * 3 * 14336 * 4096 + 8 * 4096 + 2 * 4096
+    shards = (32 * mixtral_layer + 2 * 32000 * 4096 + 4096) * bf16 // 4  # every dim 0 divides by 4
+    activations = 32 * 2048 * 4096 * bf16
+    # The largest slice's GPTQ: down [4096 x 14336] (static scales: the slice + 2W + 2H in fp32).
+    w, h = 4096 * 14336 * 4, 14336**2 * 4
+    workspace = 4096 * 14336 * bf16 + 2 * w + 2 * h
+    rank0 = result.ranks[0]
+    assert rank0.workspace == workspace
+    expert_gptq = (
+        shards + mixtral_layer * bf16 + activations + MIXTRAL_LINEAR_HESSIANS + MIXTRAL_EXPERT_HESSIANS + workspace
+    )
+    assert rank0.peak == expert_gptq == 39_667_320_832
+    assert rank0.peak_phase.startswith("expert GPTQ") and rank0.peak_parts["expert Hessians"] == 10_242_490_368
+
+
+def test_qwen3_moe_zero3_owners_balanced_and_results_gathered(shapes):
+    options = PlanOptions(world_size=8, gpu_memory=MEM80, backend="zero3", bandwidth_gbps=200)
+    result = plan(shapes["qwen3-30b-a3b"], options)
+    slices = [(1536, 2048)] * 128 + [(2048, 768)] * 128
+    expected = assign_owners(slices, 8)
+    assert result.expert_owners[0] == expected.owners and result.expert_balance[0] == pytest.approx(expected.balance)
+    # Every rank receives every slice as int8, each rank's piece padded to the owner's rows.
+    gathered = 128 * 8 * (1536 * 2048 + 2048 * 768)
+    assert result.traffic[0].expert_gather == gathered
+    # The all-gather of a gate+up slice: rows x (2048 int8 levels + 16 int8 zero points + 16 fp32 scales
+    # + an fp32 loss) bytes, sent, padded, received from 8 ranks and concatenated; its owner also holds
+    # the result (bf16 weight + int8 levels). Every rank owns gate+up slices here.
+    buffers = 11 * 1536 * (2048 + 5 * 16 + 4) + 1536 * 2048 * 3
+    assert all(r.owned_weights == buffers == 45_459_456 for r in result.ranks[2:])  # ranks 0, 1: Linear owners
+    # The slices run one after another: each result's all-gather waits for its owner.
+    mm, chol = 400e12, 20e12
+
+    def seconds(rows, cols):
+        return 1 / 3 * cols**3 / chol + rows * cols**2 / mm + 25e-6 * cols
+
+    per_layer = 128 * (seconds(1536, 2048) + seconds(2048, 768)) + gathered / 200e9
+    assert result.time.expert_gptq == pytest.approx(48 * per_layer)
+    assert "every result is all-gathered as int8 levels, slice after slice" in planner.format_plan(result)
+
+
+def test_expert_hessians_are_what_more_ranks_cannot_shrink(shapes):
+    shape = shapes["qwen3-30b-a3b"]
+    result = plan(shape, PlanOptions(world_size=2, gpu_memory=8 * GiB))
+    assert not result.fits and planner.smallest_world_size(shape, result.options) is None
+    # Unsharded layer + all Hessians + one batch's working set, on every rank whatever the world size.
+    floor = (shape.structures[0].numel + 8 * 2048 * 5120) * 2 + QWEN_EXPERT_HESSIANS + QWEN_LINEAR_HESSIANS
+    assert f"already needs {floor / GiB:.2f} GiB on one rank" in result.suggestions[0]
+    assert result.suggestions[1].startswith(
+        "every rank holds all 256 expert Hessians of a layer (6.84 GiB) beside the unsharded layer (1.16 GiB)"
+    )
+
+
+def test_ignored_experts_are_listed_as_not_quantized():
     ignore = GPTQConfig.from_options(ignore=["lm_head", "re:.*mlp.experts$"])
-    ignoring = load_model_shape(CONFIGS / "mixtral-8x7b.json", config=ignore)
-    assert ignoring.structures[0].unquantized == ("mlp.gate.weight",)
-    # Forward FLOPs count top-k of the experts: Mixtral 2 of 8.
-    mixtral = shapes["mixtral-8x7b"].structures[0]
-    dense = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 8 * 4096 + 2 * 4096
-    assert mixtral.active_params == pytest.approx(dense + 2 * 3 * 14336 * 4096)
+    shape = load_model_shape(CONFIGS / "mixtral-8x7b.json", config=ignore)
+    structure = shape.structures[0]
+    assert structure.experts == ()
+    assert structure.unquantized == ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # not mlp.gate
+    assert structure.unquantized_params == 8 * 3 * 14336 * 4096 == 1_409_286_144
+    result = plan(shape, PlanOptions(world_size=4, gpu_memory=MEM80))
+    assert all(r.hessians == MIXTRAL_LINEAR_HESSIANS and r.expert_hessians == 0 for r in result.ranks)
+    assert result.time.expert_gptq == 0 and result.traffic[0].expert_reduce == 0
+    text = planner.format_plan(result)
+    assert (
+        "not quantized (no target covers them, or ignored): mlp.experts.gate_up_proj, mlp.experts.down_proj - "
+        "1,409,286,144 parameters per layer"
+    ) in text
+    assert "--true-sequential: estimated time" in text  # without experts the other order is planned
+
+
+def test_true_sequential_refuses_experts_as_the_run_does(shapes):
+    config = GPTQConfig.from_options(true_sequential=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(CONFIGS / "qwen3-30b-a3b.json"))
+    with pytest.raises(GPTQError, match="--true-sequential does not quantize fused MoE experts yet"):
+        target_experts(model, config)
+    shape = load_model_shape(CONFIGS / "qwen3-30b-a3b.json", config=config)  # the shapes load all the same
+    assert shape.structures[0].experts == shapes["qwen3-30b-a3b"].structures[0].experts
+    result = plan(shape, PlanOptions(world_size=8, gpu_memory=MEM80, config=config))
+    assert not result.fits and result.suggestions == []
+    assert result.problems == [
+        "--true-sequential does not quantize fused MoE experts yet: use the standard order, or ignore the experts "
+        "modules (e.g. model.layers.0.mlp.experts)"
+    ]
+    standard = plan(shape, PlanOptions(world_size=8, gpu_memory=MEM80))
+    assert result.other_order == (standard.time.total, standard.peak) and standard.other_order is None
+    text = planner.format_plan(result)
+    assert "        owners: none, the true-sequential order refuses them (below)\n" in text
+    assert f"standard order: estimated time {_seconds(standard.time.total)}, peak 15.63 GiB" in text
 
 
 def test_invalid_sample_split_is_reported(shapes):
@@ -450,37 +612,58 @@ def test_cli_rejects_a_missing_config(tmp_path, capsys):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("true_sequential", [False, True], ids=["standard", "true-sequential"])
-def test_memory_model_equals_a_measured_two_rank_run(true_sequential, smollm2_dir, austen, tmp_path):
+@pytest.mark.parametrize(
+    "model,true_sequential",
+    [("smollm2", False), ("smollm2", True), ("mixtral", False)],
+    ids=["standard", "true-sequential", "moe-experts"],
+)
+def test_memory_model_equals_a_measured_two_rank_run(model, true_sequential, smollm2_dir, austen, tmp_path):
     """The planner's per-rank shards, unsharded layer, Hessians and activations against the
     MemoryStats that a real 2-rank FSDP2 run of SmolLM2's shapes (its config, 2 of its 30 layers,
     random weights: the figures are per layer, and the shards follow the config) measured from its
-    own tensors.
+    own tensors; and of the tiny Mixtral (4 fused experts, top 2), whose expert slices are GPTQ
+    units: every rank holds all 4 x 2 expert Hessians beside the attention ones.
 
     Margin 0: for these four the planner counts the very tensors the run allocates (FSDP2's dim-0
     chunks, the whole layer, HessianGroup's float64 upper blocks and fp32 block of XᵀX in the CPU
     layout, the rank's calibration hidden states in and out of a layer), shapes times element sizes,
     nothing estimated."""
+    from conftest import make_tiny_model
     from sharded_helpers import REPO, torchrun
 
-    model_dir, report_path = tmp_path / "smollm2-2-layers", tmp_path / "report.json"
-    torch.manual_seed(0)
-    config = AutoConfig.from_pretrained(smollm2_dir, num_hidden_layers=2)
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(model_dir)
+    model_dir, report_path = tmp_path / f"{model}-2-layers", tmp_path / "report.json"
+    if model == "mixtral":
+        make_tiny_model("mixtral", model_dir, smollm2_dir)
+    else:
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(smollm2_dir, num_hidden_layers=2)
+        AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+        AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(model_dir)
     torchrun(
         2, str(REPO / "tests" / "fsdp_worker.py"), str(model_dir), str(tmp_path / "ckpt"), str(report_path),
         "--text", str(austen / "emma.txt"), "--samples", "6", "--batch-size", "2",
         *(["--true-sequential"] if true_sequential else []),
+        *(["--load", "rank0"] if model == "mixtral" else []),  # its files store per-expert tensors
     )  # fmt: skip
-    measured = json.loads(report_path.read_text())["memory_per_rank"]
+    report = json.loads(report_path.read_text())
+    measured = report["memory_per_rank"]
     config = GPTQConfig.from_options(
         group_size=32, num_samples=6, max_seq_length=32, batch_size=2, true_sequential=true_sequential
     )
     shape = load_model_shape(model_dir / "config.json", dtype=torch.float32, config=config)
     options = PlanOptions(world_size=2, gpu_memory=MEM80, config=config, device_type="cpu")
-    planned = plan(shape, options, advise=False).ranks
+    result = plan(shape, options, advise=False)
+    planned = result.ranks
     assert len(measured) == len(planned) == 2
+    if model == "mixtral":  # hidden 64, intermediate 128: one CPU block each, 12 bytes per element
+        experts = 4 * 12 * (64**2 + 128**2)
+        assert [p.expert_hessians for p in planned] == [experts] * 2
+        assert [p.hessians for p in planned] == [experts + 2 * 12 * 64**2] * 2  # + q/k/v and o_proj
+        # The experts' owners are the ranks storing them (2 each), as the run recorded them.
+        assert result.expert_owners[0] == [0, 0, 1, 1] * 2
+        for layer in range(2):
+            slices = [f"model.layers.{layer}.mlp.experts.{e}.{leaf}" for leaf in ("w1", "w2") for e in range(4)]
+            assert [report["owners"][n] for n in slices] == result.expert_owners[0]
     for rank, (m, p) in enumerate(zip(measured, planned, strict=True)):
         figures = {
             "shards": (p.shards, m["shard_bytes"]),

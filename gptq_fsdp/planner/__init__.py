@@ -9,10 +9,11 @@ from gptq_fsdp.planner.advice import most_samples, smallest_world_size
 from gptq_fsdp.planner.memory import peak_bytes
 from gptq_fsdp.planner.options import LayerTraffic, Plan, PlanOptions, RankMemory, TimeEstimate, split_samples
 from gptq_fsdp.planner.report import format_plan, parse_size, plan_from_config, reasons
-from gptq_fsdp.planner.shapes import GroupShape, LayerShape, ModelShape, load_model_shape
+from gptq_fsdp.planner.shapes import ExpertShape, GroupShape, LayerShape, ModelShape, load_model_shape
 from gptq_fsdp.planner.timing import plan
 
 __all__ = [
+    "ExpertShape",
     "GroupShape",
     "LayerShape",
     "LayerTraffic",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from gptq_fsdp.planner.memory import _gib, _hessian_bytes, _unit_workspace, peak_bytes
+from gptq_fsdp.planner.memory import _expert_hessians, _gib, _hessian_bytes, _unit_workspace, peak_bytes
 from gptq_fsdp.planner.options import Plan, PlanOptions
 from gptq_fsdp.planner.shapes import ModelShape
 
@@ -55,7 +55,15 @@ def _advice(result: Plan) -> list[str]:
             f"with more ranks already needs {_gib(floor)} on one rank"
         )
         structure = shape.structures[result.largest]
-        if structure.groups:
+        if structure.experts:
+            experts = _expert_hessians(structure.experts, options.device_type)
+            advice.append(
+                f"every rank holds all {sum(e.num_experts for e in structure.experts)} expert Hessians of a layer "
+                f"({_gib(experts)}) beside the unsharded layer ({_gib(structure.numel * shape.element_size)}), at any "
+                "world size: a GPU with more memory, or ignoring the experts modules (left unquantized), is what "
+                "would make this fit"
+            )
+        elif structure.groups:
             workspace = {g: _unit_workspace(g, shape.element_size, options) for g in structure.groups}
             group = max(structure.groups, key=workspace.__getitem__)
             hessians = sum(_hessian_bytes(g.columns, options.device_type) for g in structure.groups)
@@ -64,13 +72,6 @@ def _advice(result: Plan) -> list[str]:
                 f"{who} {group.label} [{group.total_rows} x {group.columns}] alone needs the layer's Hessians "
                 f"({_gib(hessians)}) + GPTQ workspace ({_gib(workspace[group])}): a GPU with "
                 "more memory, or fewer live fp32 copies in gptq.py, is what would make this fit"
-            )
-        if structure.experts:
-            experts = sum(e.num_experts * _hessian_bytes(e.columns, options.device_type) for e in structure.experts)
-            advice.append(
-                f"every rank holds all {sum(e.num_experts for e in structure.experts)} expert Hessians of a layer "
-                f"({_gib(experts)}) beside the unsharded layer, at any world size; ignoring the experts modules "
-                "leaves them unquantized"
             )
     if not options.offload_activations and not options.true_sequential:
         offload = options.with_(offload_activations=True)

@@ -8,6 +8,7 @@ import bisect
 import functools
 import itertools
 import math
+from collections.abc import Callable
 
 from gptq_fsdp.core.hessian import column_blocks, packed_size, upper_blocks
 from gptq_fsdp.data import near_equal_shares
@@ -94,9 +95,8 @@ class _Experts:
             self.counts[owner][p] += 1
         loads = [self.per_rank(lambda q: gptq_cost(q.total_rows, q.columns), rank) for rank in range(world)]
         self.balance = max(loads) * world / sum(loads)  # max / mean predicted GPTQ load
-        each = [_hessian_bytes(q.columns, device) for q in self.params]
-        self.hessians = sum(q.num_experts * h for q, h in zip(self.params, each, strict=True))
-        self.owned_hessians = [sum(n * h for n, h in zip(c, each, strict=True)) for c in self.counts]
+        self.hessians = _expert_hessians(self.params, device)
+        self.owned_hessians = [self.per_rank(lambda q: _hessian_bytes(q.columns, device), r) for r in range(world)]
         workspace = [_workspace(q.total_rows, q.columns, b, options.static_scales) for q in self.params]
         self.workspace = [max((w for n, w in zip(c, workspace, strict=True) if n), default=0) for c in self.counts]
         self.buffers = [0] * world
@@ -109,8 +109,8 @@ class _Experts:
                 owned = [g + r for n, g, r in zip(c, gathered, result, strict=True) if n]
                 self.buffers[rank] = max([*gathered, *owned])
 
-    def per_rank(self, value, rank: int) -> float:
-        """Σ over the slices `rank` owns of `value(param)`."""
+    def per_rank(self, value: Callable[[ExpertShape], float], rank: int) -> float:
+        """Σ over the slices `rank` owns of `value(their fused parameter)`."""
         return sum(n * value(q) for n, q in zip(self.counts[rank], self.params, strict=True))
 
     def pieces(self, rank: int, options: PlanOptions, element_size: int) -> int:
@@ -118,6 +118,11 @@ class _Experts:
         till the layer is done (0 in one process: the whole copy is the parameter)."""
         world, backend = options.world_size, options.backend
         return sum(_local(q.shape, world, rank, backend) for q in self.params) * element_size if world > 1 else 0
+
+
+def _expert_hessians(experts: tuple[ExpertShape, ...] | list[ExpertShape], device_type: str) -> int:
+    """Bytes of the Hessians of every slice of `experts` (each rank holds them all)."""
+    return sum(e.num_experts * _hessian_bytes(e.columns, device_type) for e in experts)
 
 
 def _holder(experts: int, expert: int, world: int) -> int:

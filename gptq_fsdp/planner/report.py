@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from gptq_fsdp.config import DTYPES
-from gptq_fsdp.planner.memory import GiB, _gib, _hessian_bytes
+from gptq_fsdp.planner.memory import GiB, _expert_hessians, _gib, _hessian_bytes
 from gptq_fsdp.planner.options import Plan, PlanOptions, RankMemory
 from gptq_fsdp.planner.shapes import load_model_shape
 from gptq_fsdp.planner.timing import plan
@@ -121,7 +121,11 @@ def format_plan(result: Plan) -> str:
     else:
         lines.append(
             f"owner balance (assign_owners, max/mean predicted GPTQ load): {result.balance[big]:.2f}"
-            + (f"; {idle} of {world} rank(s) own no group and wait during GPTQ" if idle > 0 else "")
+            + (
+                f"; {idle} of {world} rank(s) own no {'Linear ' if moe else ''}group and wait during GPTQ"
+                if idle > 0
+                else ""
+            )
         )
     lines.append("")
     tm = result.time
@@ -180,13 +184,13 @@ def _expert_lines(result: Plan, s: int) -> list[str]:
     for module in dict.fromkeys(e.module for e in structure.experts):
         params = [e for e in structure.experts if e.module == module]
         each = ", ".join(f"{'+'.join(e.members)} [{e.total_rows} x {e.columns}]" for e in params)
-        hessians = sum(e.num_experts * _hessian_bytes(e.columns, device) for e in params)
+        hessians = _expert_hessians(params, device)
         lines.append(
             f"    {module}: {params[0].num_experts} experts x ({each}) quantized per expert, "
             f"{sum(e.num_experts for e in params)} Hessians {_gib(hessians)} on every rank"
         )
-    if owners is None:  # true-sequential: refused (the problem says so)
-        return lines
+    if owners is None:
+        return [*lines, "        owners: none, the true-sequential order refuses them (below)"]
     first = structure.experts[0].num_experts
     held = Counter(owners[:first])
     per_rank = [held.get(r, 0) for r in range(o.world_size)]

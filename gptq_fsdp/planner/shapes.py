@@ -17,13 +17,7 @@ from gptq_fsdp.compat import storage_key
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.model.capture import StopForward
 from gptq_fsdp.model.hooks import HessianHooks
-from gptq_fsdp.model.layers import (
-    find_decoder_layers,
-    routers,
-    target_experts,
-    target_modules,
-    uncovered_matrices,
-)
+from gptq_fsdp.model.layers import find_decoder_layers, routers, target_experts, target_modules, uncovered_matrices
 
 PROBE_TOKENS = 4  # sequence length of the meta-device probe forward (any length gives the same groups)
 # Siblings that read one input, for layers whose forward cannot run on meta tensors.
@@ -77,10 +71,6 @@ class ExpertShape:
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.num_experts, self.total_rows, self.columns)
-
-    @property
-    def label(self) -> str:
-        return f"{self.module}.*.{'+'.join(self.members)}"
 
 
 @dataclass(frozen=True)
