@@ -173,6 +173,7 @@ def quantize_experts(job: LayerJob, hooks: HessianHooks, holders: dict) -> dict[
     owners = [holders[unit] if holders[unit] is not None else o for (unit, _), o in zip(units, lpt.owners, strict=True)]
     pooled = _pooled_hessians(units, tokens)
     pending = [collectives.reduce_to(group.sum, owner) for (_, group), owner in zip(units, owners, strict=True)]
+    spread = {}  # results of this rank's slices that every rank must receive, till all are computed
     for i in lpt.order:
         (param, expert), group = units[i]
         owner, names = owners[i], param.names(expert)
@@ -180,7 +181,6 @@ def quantize_experts(job: LayerJob, hooks: HessianHooks, holders: dict) -> dict[
         with clock("wait", **event):
             hessian_sum = pending[i].wait()
         pending[i] = None
-        gptq = None
         if owner == rank:
             with clock("gptq", **event):
                 begin = time.perf_counter()
@@ -190,13 +190,20 @@ def quantize_experts(job: LayerJob, hooks: HessianHooks, holders: dict) -> dict[
                 seconds = time.perf_counter() - begin
                 rows = [param.rows] * len(param.members)
                 result.record(job.index, names, rows, gptq, seconds, tokens[i], "own" if own else "pooled")
+            if holders[(param, expert)] is None and world > 1:
+                spread[i] = gptq
+            else:
+                param.weight[expert].copy_(gptq.weight)
         del hessian_sum
         group.release()
-        if holders[(param, expert)] is None and world > 1:  # every rank writes its piece of the slice
-            mine = gptq if gptq is not None else _no_rows(param, job.run.config.weights)
-            gptq = _all_gather_rows(mine, _only(owner, param, world))
-        if gptq is not None:
-            param.weight[expert].copy_(gptq.weight)
+    if holders and world > 1:  # after every owner's GPTQ, so that no rank waits on another's between slices
+        for i in lpt.order:
+            (param, expert), _ = units[i]
+            if holders[(param, expert)] is None:
+                mine = spread.pop(i, None) or _no_rows(param, job.run.config.weights)
+                with clock("wait", layer=job.index, group=param.label(expert), step="results"):
+                    whole = _all_gather_rows(mine, _only(owners[i], param, world))
+                param.weight[expert].copy_(whole.weight)
     return {param: backend.piece_of(param.weight, param.weight.detach()) for param in hooks.experts}
 
 

@@ -100,14 +100,15 @@ class _Experts:
         workspace = [_workspace(q.total_rows, q.columns, b, options.static_scales) for q in self.params]
         self.workspace = [max((w for n, w in zip(c, workspace, strict=True) if n), default=0) for c in self.counts]
         self.buffers = [0] * world
-        if not self.held:  # the all-gather of one slice's result; its owner also holds the result itself
+        self.results = [0] * world  # owned results kept till every owner is done (ZeRO-3)
+        if not self.held:  # the all-gather of one slice's result, after all of this rank's own results
             group_size = options.config.weights.group_size
             width = [q.columns + 5 * (q.columns // group_size if group_size else 1) + 4 for q in self.params]
             gathered = [(world + 3) * q.total_rows * w for q, w in zip(self.params, width, strict=True)]
             result = [q.total_rows * q.columns * (b + 1) for q in self.params]
             for rank, c in enumerate(self.counts):
-                owned = [g + r for n, g, r in zip(c, gathered, result, strict=True) if n]
-                self.buffers[rank] = max([*gathered, *owned])
+                self.results[rank] = sum(n * r for n, r in zip(c, result, strict=True))
+                self.buffers[rank] = self.results[rank] + max(gathered)
 
     def per_rank(self, value: Callable[[ExpertShape], float], rank: int) -> float:
         """Σ over the slices `rank` owns of `value(their fused parameter)`."""
@@ -254,7 +255,12 @@ def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
             gptq |= {"owned weights": buffers, "GPTQ workspace": workspace}
             if experts:  # quantized inside the unsharded layer, before the Linear groups
                 phases.append(
-                    (f"expert GPTQ, {where}", unsharded | all_h | {"GPTQ workspace": experts.workspace[rank]})
+                    (
+                        f"expert GPTQ, {where}",
+                        unsharded
+                        | all_h
+                        | {"GPTQ workspace": experts.workspace[rank], "owned results": experts.results[rank]},
+                    )
                 )
                 if experts.buffers[rank]:
                     gathered = {"owned weights": experts.buffers[rank]}

@@ -153,8 +153,7 @@ def format_plan(result: Plan) -> str:
             "    experts: XᵀX = Σ projections 2·tokens·top_k·cols² / matmul (each expert: tokens·top_k/E of them);",
             "    GPTQ = max(slowest holder's Σ slices, expert Hessian reduces / bandwidth)"
             if o.backend == "fsdp2" or world == 1
-            else "    GPTQ = Σ slices, one after another (each result's all-gather waits for its owner) + all-gathers "
-            "/ bandwidth",
+            else "    GPTQ = max(slowest owner's Σ slices, expert Hessian reduces / bandwidth) + all-gathers / bw",
         ]
     if result.other_order is not None:
         seconds, peak = result.other_order
@@ -204,7 +203,7 @@ def _expert_lines(result: Plan, s: int) -> list[str]:
     else:
         who = (
             f"balanced by GPTQ cost (assign_owners, max/mean {result.expert_balance[s]:.2f}); every result is "
-            "all-gathered as int8 levels, slice after slice"
+            "all-gathered as int8 levels once every owner is done"
         )
     lines.append(f"        owners: {who}")
     return lines

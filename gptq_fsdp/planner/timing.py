@@ -96,8 +96,8 @@ def _expert_phase(experts: _Experts, traffic: LayerTraffic, tokens: int, options
 
     XᵀX: every token reaches top_k of a projection's E experts, so each expert sums about
     tokens·top_k/E of them. Owners storing their experts (FSDP2) work in parallel while the Hessian
-    sums are reduced to them; with ZeRO-3 each slice's result is all-gathered right after its GPTQ,
-    a collective that waits for its owner, so the slices run one after another."""
+    sums are reduced to them; with ZeRO-3 the owners (balanced by GPTQ cost) compute all their
+    slices, then every slice's result is all-gathered."""
     world, bw = options.world_size, options.bandwidth_gbps * 1e9
     upper = {q: _upper(q.columns, options.device_type) for q in experts.params}
     traffic.expert_reduce = sum(q.num_experts * upper[q] for q in experts.params) * REDUCE_BYTES
@@ -110,5 +110,5 @@ def _expert_phase(experts: _Experts, traffic: LayerTraffic, tokens: int, options
     if experts.held:
         return max(max(experts.per_rank(slice_seconds, r) for r in range(world)), reduce), xtx_flops
     traffic.expert_gather = sum(q.num_experts * world * q.total_rows * q.columns for q in experts.params)
-    compute = sum(q.num_experts * slice_seconds(q) for q in experts.params)
+    compute = max(experts.per_rank(slice_seconds, r) for r in range(world))
     return max(compute, reduce) + traffic.expert_gather / bw, xtx_flops
