@@ -1,9 +1,9 @@
 """Is a change slower? The same quantization with two checkouts of gptq_fsdp, interleaved in one run.
 
     git worktree add /tmp/before <old commit>
-    .venv/bin/python benchmarks/compare_commits.py /tmp/before [--rounds 2] [--threads 2]
+    .venv/bin/python benchmarks/compare_commits.py /tmp/before [--rounds 2] [--threads 2] [--orders standard]
 
-Each round runs, for each order (standard and true-sequential), the old checkout then this one
+Each round runs, for each order (standard and true-sequential by default), the old checkout then this one
 (`PYTHONPATH` selects the package; same interpreter, model, token ids and threads): SmolLM2-135M
 fp32, W4A16 group 64, act-order static, 64 x 512 tokens of Emma, one process. Wall time is the
 CLI's own "quantized ... in X s" (loading and saving excluded). Interleaving puts both checkouts
@@ -52,12 +52,14 @@ def main() -> None:
     parser.add_argument("before", type=Path, help="a checkout (git worktree) of the old commit")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--orders", nargs="+", choices=list(ORDERS), default=list(ORDERS))
     args = parser.parse_args()
+    orders = {order: ORDERS[order] for order in args.orders}
     trees = {"before": args.before.resolve(), "after": REPO}
-    seconds: dict[str, dict[str, list[float]]] = {order: {"before": [], "after": []} for order in ORDERS}
+    seconds: dict[str, dict[str, list[float]]] = {order: {"before": [], "after": []} for order in orders}
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(args.rounds):
-            for order, extra in ORDERS.items():
+            for order, extra in orders.items():
                 for which, tree in trees.items():
                     output = Path(scratch) / f"{which}-{round_}-{len(extra)}"
                     seconds[order][which].append(quantize_seconds(tree, extra, args.threads, output))

@@ -145,6 +145,17 @@ factorization (Cholesky, inverse, Cholesky); the one-Cholesky form has been meas
   compressed-tensors' `calculate_qparams`).
 - Levels: on the GPU gptq_fsdp's GPTQ and the straightforward loop agree on every quantized level.""",
     ),
+    Benchmark(
+        "compare_commits",
+        "Same run, two commits",
+        "whether a change made gptq_fsdp slower: one SmolLM2 quantization with an older checkout and with "
+        "this one, interleaved in one run on the same model, token ids and threads",
+        ("benchmarks/compare_commits.py",),
+        notes="""\
+The older checkout is the last commit before the package was split by concern (the same checkpoints
+bit for bit: `scripts/same_bits.py`); the ratio is what to read, absolute times on this shared
+machine move between runs.""",
+    ),
 ]
 
 GPU_TESTS = """\
