@@ -41,6 +41,7 @@ def at_layer(rank: int, layer: int, hidden: list[torch.Tensor]) -> None:
     if kind == "kill":
         os._exit(17)
     if kind == "hang":
+        print(f"gptq-fsdp: fault: rank {rank} hangs at layer {layer}", flush=True)  # tests signal it from here
         time.sleep(3600)
     if kind == "nan" and hidden:
         hidden[0].view(-1)[0] = float("nan")

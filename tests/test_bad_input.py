@@ -305,7 +305,9 @@ def wait_for(condition: Callable[[], bool], seconds: float = 120) -> None:
 def test_ctrl_c_during_a_layer_says_where_the_state_is(scene):
     process = cli_process(scene, "hang:layer=1")
     state = Path(f"{scene.out}.gptq_state") / "rank00000-layer00000.pt"
-    wait_for(state.exists)
+    lines = []  # signalled once it is waiting at layer 1, not somewhere between two layers
+    wait_for(lambda: lines.append(process.stdout.readline()) or "hangs at layer 1" in lines[-1])
+    assert state.exists()
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130, err[-2000:]
