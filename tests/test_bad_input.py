@@ -288,10 +288,18 @@ SIGNAL_CASES = {
 }
 
 
+def as_from_a_terminal() -> None:
+    """SIGINT and SIGTERM as a shell gives them to a command: default, not blocked (a child inherits
+    an ignored or blocked signal from its parent, and the test runner's may be either by then)."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def cli_process(scene: Scene, fault: str, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "gptq_fsdp", *scene.args(*extra)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**ENV, "GPTQ_FSDP_FAULT": fault})  # fmt: skip
+                            env={**ENV, "GPTQ_FSDP_FAULT": fault}, preexec_fn=as_from_a_terminal)  # fmt: skip
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 120) -> None:
