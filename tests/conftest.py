@@ -209,3 +209,14 @@ def reference(tiny_llama_dir, austen, tmp_path_factory):
         12: dequantized(single_process(tiny_llama_dir, root / "s12", austen / "emma.txt", 12)),
         7: dequantized(single_process(tiny_llama_dir, root / "s7", austen / "emma.txt", 7, as_ranks=3)),
     }
+
+
+@pytest.fixture
+def weights_never_read(monkeypatch):
+    """Any from_pretrained fails the test: what it checks must be refused before a weight is read."""
+    from transformers import PreTrainedModel
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the options were checked")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_weights))

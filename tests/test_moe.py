@@ -126,16 +126,10 @@ def test_sharded_experts_equal_one_process(world, load, samples, mixtral_dir, au
     ],
 )
 def test_the_cli_refuses_them_before_reading_weights(
-    mixtral_dir, austen, tmp_path, capsys, monkeypatch, extra, message
+    mixtral_dir, austen, tmp_path, capsys, weights_never_read, extra, message
 ):
-    from transformers import PreTrainedModel
-
     from gptq_fsdp.cli import main
 
-    def no_weights(*args, **kwargs):
-        raise AssertionError("weights were read before the options were checked")
-
-    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_weights))
     output = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         main(["quantize", str(mixtral_dir), "--dataset", str(austen / "emma.txt"), "--group-size", "32",

@@ -434,6 +434,7 @@ def test_qwen3_moe_zero3_owners_balanced_and_results_gathered(shapes):
     assert "every result is all-gathered as int8 levels once every owner is done" in planner.format_plan(result)
 
 
+@pytest.mark.slow  # whole-model plans with advice searches
 def test_expert_hessians_are_what_more_ranks_cannot_shrink(shapes):
     shape = shapes["qwen3-30b-a3b"]
     result = plan(shape, PlanOptions(world_size=2, gpu_memory=8 * GiB))
@@ -464,6 +465,7 @@ def test_ignored_experts_are_listed_as_not_quantized():
     assert "--true-sequential: estimated time" in text  # without experts the other order is planned
 
 
+@pytest.mark.slow  # whole-model plans with advice searches
 def test_true_sequential_refuses_experts_as_the_run_does(shapes):
     config = GPTQConfig.from_options(true_sequential=True)
     with torch.device("meta"):
@@ -588,6 +590,7 @@ def test_cli_prints_the_per_rank_table(tmp_path, capsys):
     assert "DOES NOT FIT" in out and "what would make it fit" in out and "--offload-activations" in out
 
 
+@pytest.mark.slow  # whole-model plans with advice searches
 def test_cli_sample_and_length_options_have_their_quantize_names(tmp_path, capsys):
     """--num-samples/--max-seq-length as for quantize; --samples/--seq-len are aliases that plan the same."""
     config = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)

@@ -214,7 +214,9 @@ def _pooled_hessians(units: list, tokens: list[int]) -> dict[ExpertParam, torch.
     pooled = {}
     for param in sorted(short, key=lambda p: p.label(0)):  # the same order on every rank
         members = [(group, n) for ((p, _), group), n in zip(units, tokens, strict=True) if p is param]
-        total = torch.stack([group.sum for group, _ in members]).sum(0)
+        total = members[0][0].sum.clone()  # summed in place: no [E, ...] stack of the sums
+        for group, _ in members[1:]:
+            total += group.sum
         collectives.all_reduce(total)
         count = sum(n for _, n in members)
         if count == 0:  # never quantize from nothing (an all-zero H would zero every weight)
