@@ -18,6 +18,7 @@ from gptq_fsdp.core.linalg import MATMUL_PRECISIONS
 from gptq_fsdp.core.scheme import GPTQError, validate_args
 
 ACTORDER_CHOICES = ("none", "static", "weight")
+EXPERT_CALIBRATIONS = ("routed", "all_tokens")
 # Model dtypes by the names the CLI takes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,6 +68,10 @@ class GPTQConfig:
     # per layer instead of two. Every batch's forward is paused there, so all batches' activations are
     # held until the layer's forwards end (hence not with offload_activations).
     true_sequential: bool = False
+    # Which tokens calibrate each MoE expert: "routed" (the tokens the router sends it, as the model
+    # runs) or "all_tokens" (every token of the layer, the layer's output still gated as the model
+    # computes it; llm-compressor's moe_calibrate_all_experts). See docs/design.md, "MoE experts".
+    expert_calibration: str = "routed"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
@@ -83,6 +88,8 @@ class GPTQConfig:
             raise GPTQError("block_size and batch_size must be positive")
         if self.matmul_precision not in MATMUL_PRECISIONS:
             raise GPTQError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
+        if self.expert_calibration not in EXPERT_CALIBRATIONS:
+            raise GPTQError(f"expert_calibration must be one of {EXPERT_CALIBRATIONS}, got {self.expert_calibration!r}")
         if self.true_sequential and self.offload_activations:
             # Each batch's forward holds its input (fetched to the device) and intermediates while paused.
             raise GPTQError(
@@ -123,6 +130,7 @@ class GPTQConfig:
         matmul_precision: str = "highest",
         offload_activations: bool = False,
         true_sequential: bool = False,
+        expert_calibration: str = "routed",
         num_samples: int = 128,
         max_seq_length: int = 2048,
         seed: int = 0,
@@ -157,5 +165,6 @@ class GPTQConfig:
             matmul_precision=matmul_precision,
             offload_activations=offload_activations,
             true_sequential=true_sequential,
+            expert_calibration=expert_calibration,
             calibration=CalibrationConfig(num_samples, max_seq_length, seed, pack),
         )

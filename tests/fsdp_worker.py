@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--matmul-precision", default="highest")
     parser.add_argument("--true-sequential", action="store_true")
+    parser.add_argument("--expert-calibration", default="routed")
     parser.add_argument("--group-size", type=int, default=32, help="0: one scale per output channel")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -47,6 +48,7 @@ def main() -> None:
         batch_size=args.batch_size,
         matmul_precision=args.matmul_precision,
         true_sequential=args.true_sequential,
+        expert_calibration=args.expert_calibration,
     )
     result = quantize_model(model, calibration, config)
     save_quantized(model, args.output, result, tokenizer=tokenizer)
@@ -75,6 +77,7 @@ def main() -> None:
             "layer_bytes": layer_bytes,
             "memory_per_rank": [dataclasses.asdict(m) for m in result.memory_per_rank],
             "owners": {name: r.owner for name, r in result.modules.items()},
+            "hessians": {name: r.hessian for name, r in result.modules.items()},
             "timeline_events": len(result.timeline),
         }
         args.report.write_text(json.dumps(report))

@@ -14,6 +14,8 @@ from test_models import EXPERT_LEAVES, check_dequantized, expert_slices, fused_e
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gptq_fsdp import GPTQConfig, GPTQError, build_calibration, load_texts, quantize_model, save_quantized
+from gptq_fsdp.model.experts import expert_params
+from gptq_fsdp.model.hooks import HessianHooks
 
 GROUP = 32
 
@@ -97,18 +99,76 @@ def test_what_does_not_cover_experts_yet_refuses_them_up_front(mixtral_dir, one_
     assert not [n for n in result.quantized if ".experts." in n]
 
 
+def test_all_tokens_calibrates_every_expert_on_every_token(mixtral_dir, one_process):
+    """All-tokens calibration: one gate/up Hessian, of the experts module's whole input, for every
+    expert; each expert's down Hessian from its own intermediate activations on every token (here
+    recomputed by hand from its weights); padding left out; the layer's output is the routed one."""
+    model = AutoModelForCausalLM.from_pretrained(mixtral_dir).eval()
+    layer = model.model.layers[0]
+    experts = layer.mlp.experts
+    params = expert_params(model, layer, "model.layers.0.")
+    hidden = torch.randn(2, 16, model.config.hidden_size)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 11:] = 0  # 5 padding tokens
+    position_ids = torch.arange(16).expand(2, -1)
+    kwargs = {"position_embeddings": model.model.rotary_emb(hidden, position_ids), "attention_mask": None}
+    seen = []
+    handle = experts.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    outputs = {}
+    for mode in ("routed", "all_tokens"):
+        hooks = HessianHooks({}, experts=params, device=torch.device("cpu"), all_tokens=mode == "all_tokens")
+        with torch.no_grad(), hooks.attached(), hooks.forward(mask):
+            outputs[mode] = layer(hidden, **kwargs)
+    handle.remove()
+    assert torch.equal(outputs["routed"], outputs["all_tokens"]), "the layer's output stays the routed one"
+    x = seen[-1][mask.reshape(-1).bool()].double()  # the experts' input without padding: 27 tokens
+    gate_up, down = params
+    shared = hooks.shared_groups[gate_up]
+    assert shared.tokens == 27 and not [k for k in hooks.expert_groups if k[0] is gate_up]
+    torch.testing.assert_close(shared.hessian().double(), 2 * x.T @ x / 27, rtol=1e-5, atol=1e-6)
+    for e in range(4):
+        g, u = (x @ experts.gate_up_proj[e].detach().double().T).chunk(2, dim=-1)
+        intermediate = torch.nn.functional.silu(g) * u
+        group = hooks.expert_groups[down, e]
+        assert group.tokens == 27
+        reference = 2 * intermediate.T @ intermediate / 27  # fp32 products of 64-128 terms: ~1e-5 relative
+        torch.testing.assert_close(group.hessian().double(), reference, rtol=1e-4, atol=1e-5 * reference.abs().max())
+
+
+def test_all_tokens_in_the_run_table(mixtral_dir, one_process):
+    calibration = one_process[3]
+    model = AutoModelForCausalLM.from_pretrained(mixtral_dir)
+    config = GPTQConfig.from_options(group_size=GROUP, batch_size=2, expert_calibration="all_tokens")
+    result = quantize_model(model, calibration, config)
+    for layer in range(2):
+        for e in range(4):
+            for leaf, kind in (("w1", "shared"), ("w3", "shared"), ("w2", "own")):
+                record = result.modules[f"model.layers.{layer}.mlp.experts.{e}.{leaf}"]
+                assert (record.tokens, record.hessian) == (12 * 32, kind), record
+    routed = one_process[0].model.layers[1].mlp.experts.down_proj
+    assert not torch.equal(model.model.layers[1].mlp.experts.down_proj, routed)
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("world,load,samples", [(3, "rank0", 7), (3, "zero3", 7)], ids=["fsdp2-3", "zero3-3"])
-def test_sharded_experts_equal_one_process(world, load, samples, mixtral_dir, austen, tmp_path):
+@pytest.mark.parametrize(
+    "world,load,samples,experts",
+    [(3, "rank0", 7, "routed"), (3, "zero3", 7, "routed"), (3, "rank0", 7, "all_tokens")],
+    ids=["fsdp2-3", "zero3-3", "fsdp2-3-all-tokens"],
+)
+def test_sharded_experts_equal_one_process(world, load, samples, experts, mixtral_dir, austen, tmp_path):
     """FSDP2 (each rank owns the experts it stores: only their Hessians travel) and ZeRO-3 (flat
     partitions: owners balanced, results sent to every rank) write the one-process checkpoint of the
-    ranks' batches, at 3 ranks with uneven batches (FSDP2 at 2 ranks: test_fsdp2)."""
+    ranks' batches, at 3 ranks with uneven batches (FSDP2 at 2 ranks: test_fsdp2); so does
+    all-tokens calibration (its shared gate/up Hessian all-reduced)."""
     output = tmp_path / "ckpt"
     torchrun(
         world, str(REPO / "tests" / "fsdp_worker.py"), str(mixtral_dir), str(output), str(tmp_path / "r.json"),
         "--text", str(austen / "emma.txt"), "--load", load, "--samples", str(samples),
+        "--expert-calibration", experts,
     )  # fmt: skip
-    expected = single_process(mixtral_dir, tmp_path / "single", austen / "emma.txt", samples, as_ranks=world)
+    expected = single_process(
+        mixtral_dir, tmp_path / "single", austen / "emma.txt", samples, as_ranks=world, expert_calibration=experts
+    )
     names = {k.removesuffix(".weight_packed") for k in load_tensors(output) if k.endswith(".weight_packed")}
     assert {f"model.layers.1.mlp.experts.3.{leaf}" for leaf in EXPERT_LEAVES["mixtral"]} <= names
     _, sharded = dequantized(output)

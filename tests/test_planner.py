@@ -378,11 +378,33 @@ def test_qwen3_moe_world_8_fsdp2_by_hand(shapes):
     text = planner.format_plan(result)
     assert (
         "    mlp.experts: 128 experts x (gate_proj+up_proj [1536 x 2048], down_proj [2048 x 768]) quantized per "
-        "expert, 256 Hessians 6.84 GiB on every rank\n"
+        "expert, on their routed tokens, 256 Hessians 6.84 GiB on every rank\n"
         "        owners: the ranks storing them (FSDP2 rows: 16 on each rank); only the Hessians travel\n"
     ) in text
     assert "expert Hessian reduce         4.56 GiB" in text and "not quantized" not in text
     assert "--true-sequential: refused, it does not quantize fused MoE experts yet" in text
+
+
+def test_qwen3_moe_all_tokens_by_hand(shapes):
+    """All-tokens calibration: one gate/up Hessian for all 128 experts (every expert reads every token),
+    128 down Hessians from every token; the calibration forward runs every expert on every token."""
+    shape = shapes["qwen3-30b-a3b"]
+    rates = dict(matmul_tflops=400, cholesky_tflops=20, bandwidth_gbps=200)
+    routed = plan(shape, PlanOptions(world_size=8, gpu_memory=MEM80, **rates))
+    config = GPTQConfig.from_options(expert_calibration="all_tokens")
+    result = plan(shape, PlanOptions(world_size=8, gpu_memory=MEM80, config=config, **rates))
+    assert all(r.expert_hessians == 12 * 2048**2 + 128 * 12 * 768**2 for r in result.ranks)
+    # A rank owns its 16 down slices' sums; the shared gate/up H is on every rank.
+    assert result.ranks[2].hessians_owned == 12 * 2048**2 + 16 * 12 * 768**2
+    assert result.traffic[0].expert_reduce == (2 * 2048**2 + 128 * 768**2) * 8  # gate/up all-reduced once
+    tokens, mm = 16 * 2048, 400e12
+    xtx = 48 * 2 * tokens * (2048**2 + 4096**2 + 2048**2 + 128 * 768**2) / mm
+    assert result.time.xtx == pytest.approx(xtx)
+    every_expert = 128 * 3 * 768 * 2048
+    assert result.time.forward == pytest.approx(routed.time.forward + 48 * 2 * tokens * every_expert / mm)
+    assert result.time.expert_gptq == pytest.approx(routed.time.expert_gptq)  # the same slices, the same owners
+    text = planner.format_plan(result)
+    assert "quantized per expert, on every token, 129 Hessians 0.89 GiB on every rank" in text
 
 
 def test_mixtral_world_4_peaks_in_expert_gptq(shapes):
@@ -613,6 +635,12 @@ def test_cli_refuses_what_quantize_refuses(tmp_path, capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_cli_wants_a_unit_for_gpu_memory(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--model-config", str(CONFIGS / "llama-3.1-8b.json"), "--world-size", "2", "--gpu-memory", "80"])
+    assert exit_info.value.code == 2 and "would be 80 bytes: give a unit, e.g. 80GiB" in capsys.readouterr().err
+
+
 def test_cli_rejects_a_missing_config(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "--model-config", str(tmp_path), "--world-size", "2"])
@@ -621,16 +649,18 @@ def test_cli_rejects_a_missing_config(tmp_path, capsys):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    "model,true_sequential",
-    [("smollm2", False), ("smollm2", True), ("mixtral", False)],
-    ids=["standard", "true-sequential", "moe-experts"],
-)
-def test_memory_model_equals_a_measured_two_rank_run(model, true_sequential, smollm2_dir, austen, tmp_path):
+    "model,true_sequential,experts",
+    [("smollm2", False, "routed"), ("smollm2", True, "routed"), ("mixtral", False, "routed"),
+     ("mixtral", False, "all_tokens")],
+    ids=["standard", "true-sequential", "moe-experts", "moe-experts-all-tokens"],
+)  # fmt: skip
+def test_memory_model_equals_a_measured_two_rank_run(model, true_sequential, experts, smollm2_dir, austen, tmp_path):
     """The planner's per-rank shards, unsharded layer, Hessians and activations against the
     MemoryStats that a real 2-rank FSDP2 run of SmolLM2's shapes (its config, 2 of its 30 layers,
     random weights: the figures are per layer, and the shards follow the config) measured from its
     own tensors; and of the tiny Mixtral (4 fused experts, top 2), whose expert slices are GPTQ
-    units: every rank holds all 4 x 2 expert Hessians beside the attention ones.
+    units: every rank holds all 4 x 2 expert Hessians beside the attention ones (all-tokens
+    calibration: one gate/up Hessian for the 4 experts, and 4 down ones).
 
     Margin 0: for these four the planner counts the very tensors the run allocates (FSDP2's dim-0
     chunks, the whole layer, HessianGroup's float64 upper blocks and fp32 block of XᵀX in the CPU
@@ -652,25 +682,29 @@ def test_memory_model_equals_a_measured_two_rank_run(model, true_sequential, smo
         "--text", str(austen / "emma.txt"), "--samples", "6", "--batch-size", "2",
         *(["--true-sequential"] if true_sequential else []),
         *(["--load", "rank0"] if model == "mixtral" else []),  # its files store per-expert tensors
+        "--expert-calibration", experts,
     )  # fmt: skip
     report = json.loads(report_path.read_text())
     measured = report["memory_per_rank"]
     config = GPTQConfig.from_options(
-        group_size=32, num_samples=6, max_seq_length=32, batch_size=2, true_sequential=true_sequential
-    )
+        group_size=32, num_samples=6, max_seq_length=32, batch_size=2, true_sequential=true_sequential,
+        expert_calibration=experts,
+    )  # fmt: skip
     shape = load_model_shape(model_dir / "config.json", dtype=torch.float32, config=config)
     options = PlanOptions(world_size=2, gpu_memory=MEM80, config=config, device_type="cpu")
     result = plan(shape, options, advise=False)
     planned = result.ranks
     assert len(measured) == len(planned) == 2
     if model == "mixtral":  # hidden 64, intermediate 128: one CPU block each, 12 bytes per element
-        experts = 4 * 12 * (64**2 + 128**2)
-        assert [p.expert_hessians for p in planned] == [experts] * 2
-        assert [p.hessians for p in planned] == [experts + 2 * 12 * 64**2] * 2  # + q/k/v and o_proj
+        held = (1 if experts == "all_tokens" else 4) * 12 * 64**2 + 4 * 12 * 128**2
+        assert [p.expert_hessians for p in planned] == [held] * 2
+        assert [p.hessians for p in planned] == [held + 2 * 12 * 64**2] * 2  # + q/k/v and o_proj
         # The experts' owners are the ranks storing them (2 each), as the run recorded them.
         assert result.expert_owners[0] == [0, 0, 1, 1] * 2
         for layer in range(2):
             slices = [f"model.layers.{layer}.mlp.experts.{e}.{leaf}" for leaf in ("w1", "w2") for e in range(4)]
+            if experts == "all_tokens":
+                assert [report["hessians"][n] for n in slices] == ["shared"] * 4 + ["own"] * 4
             assert [report["owners"][n] for n in slices] == result.expert_owners[0]
     for rank, (m, p) in enumerate(zip(measured, planned, strict=True)):
         figures = {

@@ -61,6 +61,13 @@ def add_config_options(parser: argparse.ArgumentParser, *, quantizing: bool) -> 
         action="store_true",
         help="keep calibration activations in pinned CPU memory between layers, one batch on the GPU at a time",
     )
+    order.add_argument(
+        "--expert-calibration",
+        choices=["routed", "all-tokens"],
+        default="routed",
+        help="tokens that calibrate each MoE expert: routed = those its router sends it (default); all-tokens = "
+        "every token of the layer (outputs still gated; E/top-k times the expert compute, one shared gate/up Hessian)",
+    )
     if not quantizing:
         return
     size.add_argument("--no-pack", action="store_true", help="one padded sample per document instead of packing")
@@ -94,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> GPTQConfig:
         same += ["targets", "ignore", "block_size", "matmul_precision", "seed"]
     options = {name: getattr(args, name) for name in same}
     options["group_size"] = args.group_size or None
+    options["expert_calibration"] = args.expert_calibration.replace("-", "_")
     if hasattr(args, "scheme"):
         bits, symmetric = args.scheme
         options.update(

@@ -64,6 +64,8 @@ def plan_command(args: argparse.Namespace) -> None:
     model_config = args.model_config
     if not (model_config.is_file() or (model_config / "config.json").is_file()):
         fail(f"{model_config} is neither a config.json nor a folder holding one")
+    if args.gpu_memory.strip().replace(".", "", 1).isdigit() and parse_size(args.gpu_memory) < 2**30:
+        fail(f"--gpu-memory {args.gpu_memory} would be {args.gpu_memory} bytes: give a unit, e.g. 80GiB or 80GB")
     try:
         planner_own = (
             "world_size",

@@ -137,11 +137,17 @@ def _slice_of(fused: torch.Tensor, weight: torch.Tensor) -> int | None:
     return offset // fused.stride(0) if offset % fused.stride(0) == 0 else None
 
 
+# Experts per synthetic routing in all-tokens calibration: the eager loop's one-hot mask is
+# [tokens, chunk, E], so chunks bound it for models with hundreds of experts.
+ALL_TOKENS_CHUNK = 8
+
+
 @contextmanager
 def expert_inputs(
     params: list[ExpertParam],
-    on_input: Callable[[ExpertParam, int, torch.Tensor], None],
+    on_input: Callable[[ExpertParam, int | None, torch.Tensor], None],
     kept_tokens: Callable[[], torch.Tensor | None] = lambda: None,
+    all_tokens: bool = False,
 ) -> Iterator[None]:
     """While inside, each experts module of `params` runs its eager per-expert loop (the one that
     calls F.linear on each expert's slice; `grouped_mm`/`bmm` would hide them, and so would
@@ -149,18 +155,27 @@ def expert_inputs(
     projection input goes to `on_input(param, expert, rows)`, without the tokens that
     `kept_tokens()` (flat, over the forward's batch) marks as padding.
 
+    With `all_tokens`, every expert sees every token: the module's input goes once to
+    `on_input(param, None, rows)` for its first projection (gate/up: the same rows for every expert),
+    then the module's own loop runs each expert on all tokens (routing every token to every expert,
+    in chunks of experts, weights 0) for the later projections' inputs, and the output returned is the
+    module's on the model's routing, seen by no one.
+
     The modules are called as transformers' experts are: (hidden_states [tokens, hidden],
     top_k_index [tokens, k], top_k_weights)."""
     modules = {id(p.module): p.module for p in params}
     saved = []
     for module in modules.values():
         mine = [p for p in params if p.module is module]
-        original = module.forward
 
-        def forward(hidden_states, top_k_index, *args, _original=original, _mine=mine, _module=module, **kwargs):
-            linears = _ExpertLinears(_mine, on_input, top_k_index, kept_tokens())
-            with compat.eager_experts(_module), compat.plain_linear(), linears:
-                return _original(hidden_states, top_k_index, *args, **kwargs)
+        def forward(hidden_states, top_k_index, top_k_weights, _original=module.forward, _mine=mine, _module=module):
+            kept = kept_tokens()
+            with compat.eager_experts(_module), compat.plain_linear():
+                if not all_tokens:
+                    with _ExpertLinears(_mine, on_input, top_k_index, kept):
+                        return _original(hidden_states, top_k_index, top_k_weights)
+                _through_every_expert(_original, _mine, on_input, hidden_states, top_k_weights.dtype, kept)
+                return _original(hidden_states, top_k_index, top_k_weights)
 
         module.forward = forward
         saved.append(module)
@@ -169,3 +184,20 @@ def expert_inputs(
     finally:
         for module in saved:
             del module.forward  # the class's forward again
+
+
+def _through_every_expert(forward, params: list[ExpertParam], on_input, hidden_states, dtype, kept) -> None:
+    """All-tokens calibration: the first projection's input (the module's, the same for every expert)
+    once, then every token through every expert for the inputs of the others."""
+    first = [p for p in params if p.param_name == FUSED[0]]
+    for param in first:
+        on_input(param, None, hidden_states if kept is None else hidden_states[kept.to(hidden_states.device)])
+    later = [p for p in params if p.param_name != FUSED[0]]
+    if not later:
+        return
+    tokens, experts = hidden_states.shape[0], params[0].num_experts
+    for start in range(0, experts, ALL_TOKENS_CHUNK):
+        chosen = torch.arange(start, min(start + ALL_TOKENS_CHUNK, experts), device=hidden_states.device)
+        index = chosen.expand(tokens, -1)
+        with _ExpertLinears(later, on_input, index, kept):
+            forward(hidden_states, index, torch.zeros(index.shape, dtype=dtype, device=hidden_states.device))

@@ -18,7 +18,7 @@ from torch import nn
 
 from gptq_fsdp.core.hessian import HessianGroup
 from gptq_fsdp.model.capture import StopForward
-from gptq_fsdp.model.experts import ExpertParam, expert_inputs
+from gptq_fsdp.model.experts import FUSED, ExpertParam, expert_inputs
 
 
 @dataclass
@@ -48,7 +48,9 @@ class HessianHooks:
 
     Each expert slice of the fused MoE parameters in `experts` gets a Hessian of its own
     (`expert_groups[param, e]`, all made up front on `device`, so that every rank holds the same
-    ones whichever experts its tokens reach), from the tokens routed to it.
+    ones whichever experts its tokens reach), from the tokens routed to it. With `all_tokens`, every
+    expert is calibrated on every token: the first projection (gate/up), whose input is then the same
+    for all experts, has one Hessian for all of them (`shared_groups[param]`).
     """
 
     def __init__(
@@ -57,13 +59,18 @@ class HessianHooks:
         stop_early: bool = True,
         experts: list[ExpertParam] = (),
         device: torch.device | None = None,
+        all_tokens: bool = False,
     ) -> None:
         self.modules = modules
         self.experts = list(experts)
+        self.all_tokens = all_tokens
         self.stop_early = stop_early and not self.experts
+        shared = [p for p in self.experts if all_tokens and p.param_name == FUSED[0]]
+        self.shared_groups = {p: HessianGroup([p.label(0).replace(".0.", ".*.", 1)], p.columns, device) for p in shared}
         self.expert_groups = {
             (param, e): HessianGroup(param.names(e), param.columns, device)
             for param in self.experts
+            if param not in self.shared_groups
             for e in range(param.num_experts)
         }
         self.groups: list[HessianGroup] = []
@@ -145,9 +152,10 @@ class HessianHooks:
         group.add(rows)
         self.seconds += time.perf_counter() - start
 
-    def _expert_input(self, param: ExpertParam, expert: int, rows: torch.Tensor) -> None:
+    def _expert_input(self, param: ExpertParam, expert: int | None, rows: torch.Tensor) -> None:
         start = time.perf_counter()
-        self.expert_groups[param, expert].add(rows)
+        group = self.shared_groups[param] if expert is None else self.expert_groups[param, expert]
+        group.add(rows)
         self.seconds += time.perf_counter() - start
 
     def _kept_tokens(self) -> torch.Tensor | None:
@@ -159,7 +167,7 @@ class HessianHooks:
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(lambda m, a, n=name: self._hook(n, m, a)))
         try:
-            with expert_inputs(self.experts, self._expert_input, self._kept_tokens):
+            with expert_inputs(self.experts, self._expert_input, self._kept_tokens, self.all_tokens):
                 yield self
         finally:
             for handle in self._handles:

@@ -121,7 +121,7 @@ class LayerJob:
     def account(self, hooks: HessianHooks) -> None:
         """The Hessians' bytes, and their XᵀX time moved from the forward phase to its own."""
         memory, phases = self.run.memory, self.run.result.phases
-        groups = [*hooks.groups, *hooks.expert_groups.values()]
+        groups = [*hooks.groups, *hooks.expert_groups.values(), *hooks.shared_groups.values()]
         memory.hessian_bytes = max(memory.hessian_bytes, sum(g.nbytes for g in groups))
         phases["forward"] -= hooks.seconds
         phases["hessian"] += hooks.seconds

@@ -163,54 +163,66 @@ def quantize_experts(job: LayerJob, hooks: HessianHooks, holders: dict) -> dict[
     the result to write its own piece. Token counts are summed over ranks first, so every rank
     agrees which slices have fewer tokens than input columns (their H would be singular): those are
     quantized with the pooled Hessian of the same projection over all the layer's routed tokens
-    (for gate/up: the Hessian of every token the layer's experts see).
+    (for gate/up: the Hessian of every token the layer's experts see). A projection whose experts
+    share one Hessian (all-tokens calibration's gate/up) has it all-reduced once.
     """
     result, clock, backend = job.run.result, job.run.clock, job.run.backend
     rank, world = backend.rank, backend.world_size
-    units = list(hooks.expert_groups.items())
-    tokens = collectives.sum_ints([group.tokens for _, group in units])
+    units = [((p, e), hooks.expert_groups.get((p, e))) for p in hooks.experts for e in range(p.num_experts)]
+    shared = list(hooks.shared_groups.items())
+    counts = collectives.sum_ints([g.tokens for _, g in units if g is not None] + [g.tokens for _, g in shared])
+    shared_tokens = {p: n for (p, _), n in zip(shared, counts[len(counts) - len(shared) :], strict=True)}
+    own_counts = iter(counts[: len(counts) - len(shared)])
+    tokens = [next(own_counts) if g is not None else shared_tokens[p] for (p, _), g in units]
     lpt = assign_owners([(len(p.members) * p.rows, p.columns) for (p, _), _ in units], world)
     owners = [holders[unit] if holders[unit] is not None else o for (unit, _), o in zip(units, lpt.owners, strict=True)]
-    pooled = _pooled_hessians(units, tokens)
-    pending = [collectives.reduce_to(group.sum, owner) for (_, group), owner in zip(units, owners, strict=True)]
+    whole = _pooled_hessians(units, tokens) | _shared_hessians(shared, shared_tokens)
+    pending = [
+        collectives.reduce_to(group.sum, owner) if group is not None else None
+        for (_, group), owner in zip(units, owners, strict=True)
+    ]
     spread = {}  # results of this rank's slices that every rank must receive, till all are computed
     for i in lpt.order:
         (param, expert), group = units[i]
         owner, names = owners[i], param.names(expert)
         event = {"layer": job.index, "group": param.label(expert)}
         with clock("wait", **event):
-            hessian_sum = pending[i].wait()
+            hessian_sum = pending[i].wait() if pending[i] is not None else None
         pending[i] = None
         if owner == rank:
             with clock("gptq", **event):
                 begin = time.perf_counter()
-                own = tokens[i] >= param.columns
-                hessian = hessian_from_sum(hessian_sum, tokens[i], param.columns) if own else pooled[param].clone()
+                kind = "shared" if group is None else "own" if tokens[i] >= param.columns else "pooled"
+                if kind == "own":
+                    hessian = hessian_from_sum(hessian_sum, tokens[i], param.columns)
+                else:
+                    hessian = whole[param].clone()
                 gptq = _gptq(job, param.weight[expert].detach(), hessian, names)
                 seconds = time.perf_counter() - begin
                 rows = [param.rows] * len(param.members)
-                result.record(job.index, names, rows, gptq, seconds, tokens[i], "own" if own else "pooled")
+                result.record(job.index, names, rows, gptq, seconds, tokens[i], kind)
             if holders[(param, expert)] is None and world > 1:
                 spread[i] = gptq
             else:
                 param.weight[expert].copy_(gptq.weight)
         del hessian_sum
-        group.release()
+        if group is not None:
+            group.release()
     if holders and world > 1:  # after every owner's GPTQ, so that no rank waits on another's between slices
         for i in lpt.order:
             (param, expert), _ = units[i]
             if holders[(param, expert)] is None:
                 mine = spread.pop(i, None) or _no_rows(param, job.run.config.weights)
                 with clock("wait", layer=job.index, group=param.label(expert), step="results"):
-                    whole = _all_gather_rows(mine, _only(owners[i], param, world))
-                param.weight[expert].copy_(whole.weight)
+                    gathered = _all_gather_rows(mine, _only(owners[i], param, world))
+                param.weight[expert].copy_(gathered.weight)
     return {param: backend.piece_of(param.weight, param.weight.detach()) for param in hooks.experts}
 
 
 def _pooled_hessians(units: list, tokens: list[int]) -> dict[ExpertParam, torch.Tensor]:
     """Per fused parameter with an expert short of tokens: H from the sum of all its experts' sums
     (all-reduced: every rank computes the same), over all their tokens."""
-    short = {p for ((p, _), _), n in zip(units, tokens, strict=True) if n < p.columns}
+    short = {p for ((p, _), g), n in zip(units, tokens, strict=True) if g is not None and n < p.columns}
     pooled = {}
     for param in sorted(short, key=lambda p: p.label(0)):  # the same order on every rank
         members = [(group, n) for ((p, _), group), n in zip(units, tokens, strict=True) if p is param]
@@ -218,21 +230,39 @@ def _pooled_hessians(units: list, tokens: list[int]) -> dict[ExpertParam, torch.
         for group, _ in members[1:]:
             total += group.sum
         collectives.all_reduce(total)
-        count = sum(n for _, n in members)
-        if count == 0:  # never quantize from nothing (an all-zero H would zero every weight)
-            raise GPTQError(
-                f"no calibration token reached the experts of {param.label(0).replace('.0.', '.*.', 1)}: their "
-                "inputs were not seen (an experts implementation that does not call F.linear on each expert's slice?)"
-            )
-        pooled[param] = hessian_from_sum(total, count, param.columns)
+        pooled[param] = _hessian_of_experts(param, total, sum(n for _, n in members))
         logger.info(
             "%s: %d of %d experts have fewer tokens than its %d columns; they use the pooled Hessian",
-            param.label(0).replace(".0.", ".*.", 1),
+            _all_experts(param),
             sum(n < param.columns for _, n in members),
             len(members),
             param.columns,
         )
     return pooled
+
+
+def _shared_hessians(shared: list[tuple[ExpertParam, HessianGroup]], tokens: dict) -> dict[ExpertParam, torch.Tensor]:
+    """H of each projection whose experts all read the same tokens (all-tokens calibration), its sum
+    all-reduced (every rank computes the same)."""
+    hessians = {}
+    for param, group in shared:
+        collectives.all_reduce(group.sum)
+        hessians[param] = _hessian_of_experts(param, group.sum, tokens[param])
+        group.release()
+    return hessians
+
+
+def _hessian_of_experts(param: ExpertParam, total: torch.Tensor, count: int) -> torch.Tensor:
+    if count == 0:  # never quantize from nothing (an all-zero H would zero every weight)
+        raise GPTQError(
+            f"no calibration token reached the experts of {_all_experts(param)}: their inputs were not "
+            "seen (an experts implementation that does not call F.linear on each expert's slice?)"
+        )
+    return hessian_from_sum(total, count, param.columns)
+
+
+def _all_experts(param: ExpertParam) -> str:
+    return param.label(0).replace(".0.", ".*.", 1)
 
 
 def _only(owner: int, param: ExpertParam, world: int) -> list[int]:

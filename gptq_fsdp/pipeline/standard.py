@@ -14,7 +14,8 @@ def run_layer(job: LayerJob, propagate: bool = True) -> list[torch.Tensor]:
     """Calibrate, quantize and propagate one decoder layer; returns the next layer's inputs ([] when
     not `propagate`: the last layer's outputs are not needed)."""
     run, backend = job.run, job.run.backend
-    hooks = HessianHooks(job.modules, experts=job.experts, device=run.store.device)
+    all_tokens = run.config.expert_calibration == "all_tokens"
+    hooks = HessianHooks(job.modules, experts=job.experts, device=run.store.device, all_tokens=all_tokens)
     holders = {(p, e): backend.holder(p.weight, e) for p in job.experts for e in range(p.num_experts)}
     with job.measured(), backend.layer_unsharded(job.layer):
         with run.clock("forward"), hooks.attached():

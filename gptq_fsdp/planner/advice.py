@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from gptq_fsdp.planner.memory import _expert_hessians, _gib, _hessian_bytes, _unit_workspace, peak_bytes
+from gptq_fsdp.planner.memory import _expert_hessians, _gib, _hessian_bytes, _unit_workspace, expert_sums, peak_bytes
 from gptq_fsdp.planner.options import Plan, PlanOptions
 from gptq_fsdp.planner.shapes import ModelShape
 
@@ -56,9 +56,10 @@ def _advice(result: Plan) -> list[str]:
         )
         structure = shape.structures[result.largest]
         if structure.experts:
-            experts = _expert_hessians(structure.experts, options.device_type)
+            experts = _expert_hessians(structure.experts, options)
+            sums = sum(expert_sums(e, options) for e in structure.experts)
             advice.append(
-                f"every rank holds all {sum(e.num_experts for e in structure.experts)} expert Hessians of a layer "
+                f"every rank holds all {sums} expert Hessians of a layer "
                 f"({_gib(experts)}) beside the unsharded layer ({_gib(structure.numel * shape.element_size)}), at any "
                 "world size: a GPU with more memory, or ignoring the experts modules (left unquantized), is what "
                 "would make this fit"

@@ -14,6 +14,7 @@ from gptq_fsdp.core.hessian import column_blocks, packed_size, upper_blocks
 from gptq_fsdp.data import near_equal_shares
 from gptq_fsdp.distributed.fsdp2 import row_counts
 from gptq_fsdp.distributed.schedule import assign_owners, gptq_cost, packing_cost
+from gptq_fsdp.model.experts import FUSED
 from gptq_fsdp.planner.options import PlanOptions, RankMemory, split_samples
 from gptq_fsdp.planner.shapes import ExpertShape, GroupShape, LayerShape, ModelShape
 
@@ -95,8 +96,14 @@ class _Experts:
             self.counts[owner][p] += 1
         loads = [self.per_rank(lambda q: gptq_cost(q.total_rows, q.columns), rank) for rank in range(world)]
         self.balance = max(loads) * world / sum(loads)  # max / mean predicted GPTQ load
-        self.hessians = _expert_hessians(self.params, device)
-        self.owned_hessians = [self.per_rank(lambda q: _hessian_bytes(q.columns, device), r) for r in range(world)]
+        self.hessians = _expert_hessians(self.params, options)
+        # H of the slices a rank owns; a projection's shared H (all-tokens) on every rank.
+        self.shared = [q for q in self.params if expert_sums(q, options) == 1 < q.num_experts]
+        everywhere = sum(_hessian_bytes(q.columns, device) for q in self.shared)
+        self.owned_hessians = [
+            everywhere + self.per_rank(lambda q: 0 if q in self.shared else _hessian_bytes(q.columns, device), r)
+            for r in range(world)
+        ]
         workspace = [_workspace(q.total_rows, q.columns, b, options.static_scales) for q in self.params]
         self.workspace = [max((w for n, w in zip(c, workspace, strict=True) if n), default=0) for c in self.counts]
         self.buffers = [0] * world
@@ -121,9 +128,16 @@ class _Experts:
         return sum(_local(q.shape, world, rank, backend) for q in self.params) * element_size if world > 1 else 0
 
 
-def _expert_hessians(experts: tuple[ExpertShape, ...] | list[ExpertShape], device_type: str) -> int:
-    """Bytes of the Hessians of every slice of `experts` (each rank holds them all)."""
-    return sum(e.num_experts * _hessian_bytes(e.columns, device_type) for e in experts)
+def expert_sums(expert: ExpertShape, options: PlanOptions) -> int:
+    """Hessian sums of a fused projection's experts: one per expert, or one for all of them where
+    every expert reads the same tokens (all-tokens calibration's gate/up)."""
+    shared = options.config.expert_calibration == "all_tokens" and expert.param_name == FUSED[0]
+    return 1 if shared else expert.num_experts
+
+
+def _expert_hessians(experts: tuple[ExpertShape, ...] | list[ExpertShape], options: PlanOptions) -> int:
+    """Bytes of the Hessian sums of `experts` (each rank holds them all)."""
+    return sum(expert_sums(e, options) * _hessian_bytes(e.columns, options.device_type) for e in experts)
 
 
 def _holder(experts: int, expert: int, world: int) -> int:

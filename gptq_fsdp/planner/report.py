@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from gptq_fsdp.config import DTYPES
-from gptq_fsdp.planner.memory import GiB, _expert_hessians, _gib, _hessian_bytes
+from gptq_fsdp.planner.memory import GiB, _expert_hessians, _gib, _hessian_bytes, expert_sums
 from gptq_fsdp.planner.options import Plan, PlanOptions, RankMemory
 from gptq_fsdp.planner.shapes import load_model_shape
 from gptq_fsdp.planner.timing import plan
@@ -150,7 +150,10 @@ def format_plan(result: Plan) -> str:
     ]
     if moe:
         lines += [
-            "    experts: XᵀX = Σ projections 2·tokens·top_k·cols² / matmul (each expert: tokens·top_k/E of them);",
+            "    experts: XᵀX = Σ projections 2·tokens·E·cols² / matmul (all tokens to all E experts; gate/up once);"
+            if o.config.expert_calibration == "all_tokens"
+            else "    experts: XᵀX = Σ projections 2·tokens·top_k·cols² / matmul "
+            "(each expert: tokens·top_k/E of them);",
             "    GPTQ = max(slowest holder's Σ slices, expert Hessian reduces / bandwidth)"
             if o.backend == "fsdp2" or world == 1
             else "    GPTQ = max(slowest owner's Σ slices, expert Hessian reduces / bandwidth) + all-gathers / bw",
@@ -178,15 +181,16 @@ def _expert_lines(result: Plan, s: int) -> list[str]:
     structure, owners = result.shape.structures[s], result.expert_owners[s] if result.expert_owners else None
     if not structure.experts:
         return []
-    o, device = result.options, result.options.device_type
+    o = result.options
     lines = []
     for module in dict.fromkeys(e.module for e in structure.experts):
         params = [e for e in structure.experts if e.module == module]
         each = ", ".join(f"{'+'.join(e.members)} [{e.total_rows} x {e.columns}]" for e in params)
-        hessians = _expert_hessians(params, device)
+        hessians = _expert_hessians(params, o)
+        calibrated = "on every token" if o.config.expert_calibration == "all_tokens" else "on their routed tokens"
         lines.append(
-            f"    {module}: {params[0].num_experts} experts x ({each}) quantized per expert, "
-            f"{sum(e.num_experts for e in params)} Hessians {_gib(hessians)} on every rank"
+            f"    {module}: {params[0].num_experts} experts x ({each}) quantized per expert, {calibrated}, "
+            f"{sum(expert_sums(e, o) for e in params)} Hessians {_gib(hessians)} on every rank"
         )
     if owners is None:
         return [*lines, "        owners: none, the true-sequential order refuses them (below)"]

@@ -5,7 +5,16 @@ where the run does not fit, the advice. The formulas: docs/planner.md."""
 from __future__ import annotations
 
 from gptq_fsdp.planner.advice import _advice
-from gptq_fsdp.planner.memory import REDUCE_BYTES, _Context, _Experts, _piece, _rank_memory, _row_share, _upper
+from gptq_fsdp.planner.memory import (
+    REDUCE_BYTES,
+    _Context,
+    _Experts,
+    _piece,
+    _rank_memory,
+    _row_share,
+    _upper,
+    expert_sums,
+)
 from gptq_fsdp.planner.options import LayerTraffic, Plan, PlanOptions, TimeEstimate
 from gptq_fsdp.planner.shapes import ExpertShape, ModelShape
 
@@ -48,6 +57,9 @@ def plan(shape: ModelShape, options: PlanOptions, advise: bool = True) -> Plan:
         if experts := ctx.experts[s]:  # quantized per expert before the Linear groups
             seconds, xtx_flops = _expert_phase(experts, traffic[-1], tokens, options)
             xtx += count * xtx_flops / mm
+            if options.config.expert_calibration == "all_tokens":  # the calibration pass runs every expert too
+                every_expert = sum(q.num_experts * q.total_rows * q.columns for q in experts.params)
+                forward += count * 2 * tokens * every_expert / mm
             gptq += count * seconds
             expert_gptq += count * seconds
 
@@ -95,13 +107,17 @@ def _expert_phase(experts: _Experts, traffic: LayerTraffic, tokens: int, options
     """Seconds of one layer's expert GPTQ, and its experts' XᵀX FLOPs (`traffic` gets the expert bytes).
 
     XᵀX: every token reaches top_k of a projection's E experts, so each expert sums about
-    tokens·top_k/E of them. Owners storing their experts (FSDP2) work in parallel while the Hessian
-    sums are reduced to them; with ZeRO-3 the owners (balanced by GPTQ cost) compute all their
-    slices, then every slice's result is all-gathered."""
+    tokens·top_k/E of them (all-tokens calibration: every expert sums every token, and a shared
+    gate/up sum is taken once and all-reduced). Owners storing their experts (FSDP2) work in parallel
+    while the Hessian sums are reduced to them; with ZeRO-3 the owners (balanced by GPTQ cost)
+    compute all their slices, then every slice's result is all-gathered."""
     world, bw = options.world_size, options.bandwidth_gbps * 1e9
     upper = {q: _upper(q.columns, options.device_type) for q in experts.params}
-    traffic.expert_reduce = sum(q.num_experts * upper[q] for q in experts.params) * REDUCE_BYTES
-    xtx_flops = sum(2 * tokens * q.top_k * upper[q] for q in experts.params)
+    sums = {q: expert_sums(q, options) for q in experts.params}
+    all_tokens = options.config.expert_calibration == "all_tokens"
+    reduced = {q: 2 if q in experts.shared else sums[q] for q in experts.params}  # an all-reduce: twice the bytes
+    traffic.expert_reduce = sum(reduced[q] * upper[q] for q in experts.params) * REDUCE_BYTES
+    xtx_flops = sum(2 * tokens * (sums[q] if all_tokens else q.top_k) * upper[q] for q in experts.params)
 
     def slice_seconds(q: ExpertShape) -> float:
         return _gptq_seconds(q.total_rows, q.columns, options)
