@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,25 +159,24 @@ def build_calibration(
 def rank_batches(num_samples: int, rank: int, world_size: int, batch_size: int) -> list[list[int]]:
     """Sample indices of `rank`'s forward calls.
 
-    Samples are split into contiguous, near-equal slices (sizes differ by at most one); every rank
-    gets the same number of batches (that of the largest slice), so collective forwards line up.
+    The forward calls are fixed once for all world sizes: the samples, in order, in ceil(n / batch_size)
+    near-equal batches (one process runs them all). Ranks take contiguous runs of whole batches, in
+    near-equal numbers, so every batch is the same tensor wherever it runs and every per-batch result
+    (forward, XᵀX) is the one-process one: the checkpoint does not depend on the world size.
     """
     if num_samples < world_size:
         raise CalibrationDataError(f"{num_samples} calibration samples cannot be split across {world_size} ranks")
-    per_rank = near_equal_shares(num_samples, world_size)
-    start = sum(per_rank[:rank])
-    mine = list(range(start, start + per_rank[rank]))
-    num_batches = math.ceil(max(per_rank) / batch_size)
-    if len(mine) < num_batches:
+    sizes = near_equal_shares(num_samples, math.ceil(num_samples / batch_size))
+    if len(sizes) < world_size:
         raise CalibrationDataError(
-            f"rank {rank} has {len(mine)} samples for {num_batches} forward calls; use a batch size >= 2 "
-            f"or a sample count that {world_size} ranks divide"
+            f"{num_samples} samples in batches of {batch_size} make {len(sizes)} forward calls, fewer than the "
+            f"{world_size} ranks: use a batch size (--batch-size) of {num_samples // world_size} or less "
+            "(each rank runs whole batches)"
         )
-    batches, pos = [], 0
-    for n in near_equal_shares(len(mine), num_batches):
-        batches.append(mine[pos : pos + n])
-        pos += n
-    return batches
+    starts = [0, *itertools.accumulate(sizes)]
+    counts = near_equal_shares(len(sizes), world_size)
+    first = sum(counts[:rank])
+    return [list(range(starts[b], starts[b + 1])) for b in range(first, first + counts[rank])]
 
 
 def near_equal_shares(total: int, parts: int) -> list[int]:

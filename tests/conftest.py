@@ -185,7 +185,7 @@ def finetuned_smollm2(smollm2_dir, austen, tmp_path_factory) -> tuple[Path, str]
         "--config_file", str(REPO / "accelerate_configs" / "fsdp2_cpu.yaml"),
         str(REPO / "examples" / "finetune_then_quantize.py"), "--model", str(smollm2_dir),
         "--train-text", str(austen / "emma.txt"), "--eval-text", str(austen / "persuasion.txt"),
-        "--output", str(output), "--steps", "2", "--seq-len", "64", "--calibration-samples", "4",
+        "--output", str(output), "--steps", "2", "--seq-len", "64", "--calibration-samples", "16",
         "--eval-tokens", "1024",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env=ENV)
@@ -200,14 +200,16 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def reference(tiny_llama_dir, austen, tmp_path_factory):
-    """One-process results (model, dequantized weights) for 12 calibration samples (whose batches of 2
-    are the same at 1, 2 and 3 ranks) and for 7 samples as 3 ranks batch them (2+1, 1+1, 1+1)."""
+    """One-process results (model, dequantized weights) for 12, 7 and 64 calibration samples in
+    batches of 2, which 2 and 3 ranks run as whole batches: 7 samples are 4 batches (2, 1 and 1 of
+    them on 3 ranks), 64 are 32 (11, 11, 10)."""
     from sharded_helpers import dequantized, single_process
 
     root = tmp_path_factory.mktemp("single")
     return {
         12: dequantized(single_process(tiny_llama_dir, root / "s12", austen / "emma.txt", 12)),
-        7: dequantized(single_process(tiny_llama_dir, root / "s7", austen / "emma.txt", 7, as_ranks=3)),
+        7: dequantized(single_process(tiny_llama_dir, root / "s7", austen / "emma.txt", 7)),
+        64: dequantized(single_process(tiny_llama_dir, root / "s64", austen / "emma.txt", 64)),
     }
 
 

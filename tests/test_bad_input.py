@@ -347,6 +347,7 @@ DISTRIBUTED_CASES = {
     "missing-tensor-on-2-ranks": "the model files lack 1 tensor(s): model.layers.0.mlp.up_proj.weight",
     "missing-tensor-on-2-ranks-rank0-load": "the files lack 1 tensor(s): model.layers.0.mlp.up_proj.weight",
     "output-is-the-model-on-2-ranks": "is the model folder",
+    "fewer-batches-than-ranks": "4 samples in batches of 4 make 1 forward calls, fewer than the 2 ranks",
 }
 
 
@@ -366,6 +367,10 @@ def test_two_rank_cases(scene, capsys):
     assert run(scene.args("--resume")) == 2
     err = capsys.readouterr().err
     assert DISTRIBUTED_CASES["resume-on-another-world-size"] in err, err[-2000:]
+
+    done = torchrun_cli([*scene.args("--overwrite"), "--batch-size", "4"])
+    assert done.returncode != 0 and done.stderr.count(DISTRIBUTED_CASES["fewer-batches-than-ranks"]) == 1
+    assert state.exists(), "refused before anything was replaced"
 
     done = torchrun_cli(scene.args("--overwrite", output=scene.model))
     assert done.returncode != 0 and done.stderr.count(DISTRIBUTED_CASES["output-is-the-model-on-2-ranks"]) == 1

@@ -262,37 +262,32 @@ GRID = [(n, world, batch) for n in range(1, 14) for world in range(1, 5) for bat
 
 
 @pytest.mark.parametrize("num_samples, world_size, batch_size", GRID)
-def test_rank_batches_partition(num_samples, world_size, batch_size):
-    if batch_size == 1 and num_samples % world_size:
-        # Uneven slices with one sample per forward cannot give every rank the same number of forwards.
-        with pytest.raises(CalibrationDataError, match="batch size"):
-            for rank in range(world_size):
-                rank_batches(num_samples, rank, world_size, batch_size)
+def test_rank_batches_are_the_one_process_batches(num_samples, world_size, batch_size):
+    """Whatever the world size, the forward calls are the one-process ones (ceil(n / batch_size)
+    near-equal batches in order), each rank taking a contiguous run of whole batches, near-equal in
+    number; fewer batches than ranks is refused."""
+    one_process = rank_batches(num_samples, 0, 1, batch_size)
+    assert [i for batch in one_process for i in batch] == list(range(num_samples))
+    assert len(one_process) == -(-num_samples // batch_size)
+    assert max(map(len, one_process)) - min(map(len, one_process)) <= 1 and max(map(len, one_process)) <= batch_size
+    if len(one_process) < world_size:
+        with pytest.raises(
+            CalibrationDataError, match=rf"use a batch size \(--batch-size\) of {num_samples // world_size} or less"
+        ):
+            rank_batches(num_samples, 0, world_size, batch_size)
         return
-
     per_rank = [rank_batches(num_samples, rank, world_size, batch_size) for rank in range(world_size)]
-    flat = [i for batches in per_rank for batch in batches for i in batch]
-    assert sorted(flat) == list(range(num_samples)) and len(flat) == num_samples  # exact cover, no duplicates
-
-    sizes = []
-    for batches in per_rank:
-        indices = [i for batch in batches for i in batch]
-        assert indices == list(range(indices[0], indices[0] + len(indices))), "rank's indices not contiguous"
-        assert all(1 <= len(batch) <= batch_size for batch in batches)
-        sizes.append(len(indices))
-    assert len({len(batches) for batches in per_rank}) == 1, "ranks make different numbers of forward calls"
-    assert max(sizes) - min(sizes) <= 1
-    # Ranks are in order: rank r's slice comes before rank r+1's.
-    firsts = [batches[0][0] for batches in per_rank]
-    assert firsts == sorted(firsts)
+    assert [batch for batches in per_rank for batch in batches] == one_process
+    counts = [len(batches) for batches in per_rank]
+    assert min(counts) >= 1 and max(counts) - min(counts) <= 1
 
 
 def test_rank_batches_uneven_example():
-    # 7 samples on 3 ranks, batch size 2: slices of 3, 2, 2 samples, two forwards each.
-    assert [rank_batches(7, r, 3, 2) for r in range(3)] == [[[0, 1], [2]], [[3], [4]], [[5], [6]]]
+    # 7 samples in batches of 2: [0, 1] [2, 3] [4, 5] [6]; on 3 ranks two batches, one, one.
+    assert [rank_batches(7, r, 3, 2) for r in range(3)] == [[[0, 1], [2, 3]], [[4, 5]], [[6]]]
 
 
-def test_rank_batches_single_rank_uses_full_batches():
+def test_rank_batches_single_rank_uses_near_equal_batches():
     assert rank_batches(10, 0, 1, 4) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
 

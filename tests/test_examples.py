@@ -28,12 +28,10 @@ def packed_w4(checkpoint, group_size: int) -> None:
 
 
 def equals_the_one_process_run(checkpoint, model_dir, austen, tmp_path) -> None:
-    """What the API computes in one process for the example's settings (batches of 8: one per rank
-    here), as 2 ranks batch them: the same bits (sharded_helpers)."""
+    """What the API computes in one process for the example's settings (16 samples: two batches of 8,
+    one per rank here): the same bits (sharded_helpers)."""
     _, ours = dequantized(checkpoint)
-    _, expected = dequantized(
-        single_process(model_dir, tmp_path / "reference", austen / "emma.txt", 4, as_ranks=2, batch_size=8)
-    )
+    _, expected = dequantized(single_process(model_dir, tmp_path / "reference", austen / "emma.txt", 16, batch_size=8))
     assert ours.keys() == expected.keys() and all(torch.equal(ours[k], expected[k]) for k in expected)
 
 
@@ -42,7 +40,7 @@ def test_quantize_fsdp2_example(tiny_llama_dir, austen, tmp_path):
     done = torchrun(
         2, str(REPO / "examples" / "quantize_fsdp2.py"), "--model", str(tiny_llama_dir),
         "--text", str(austen / "emma.txt"), "--output", str(tmp_path / "ckpt"),
-        "--num-samples", "4", "--max-seq-length", "32", "--group-size", "32",
+        "--num-samples", "16", "--max-seq-length", "32", "--group-size", "32",
     )  # fmt: skip
     assert "saved" in done.stdout
     packed_w4(tmp_path / "ckpt", 32)
@@ -55,7 +53,7 @@ def test_quantize_deepspeed_example(tiny_llama_dir, austen, tmp_path):
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29733",
         str(REPO / "examples" / "quantize_deepspeed.py"), "--model", str(tiny_llama_dir),
         "--text", str(austen / "emma.txt"), "--output", str(tmp_path / "ckpt"),
-        "--num-samples", "4", "--max-seq-length", "32", "--group-size", "32",
+        "--num-samples", "16", "--max-seq-length", "32", "--group-size", "32",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env={**ENV, "DS_ACCELERATOR": "cpu"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

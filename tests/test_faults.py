@@ -63,14 +63,14 @@ def test_disk_full_during_save_leaves_no_partial_checkpoint(tiny_llama_dir, aust
 def test_resume_after_a_kill_equals_an_uninterrupted_run(mode, tiny_llama_dir, austen, tmp_path):
     """Resuming recomputes the finished layers' outputs with their quantized weights: in true-sequential
     mode too, where those outputs came from the quantizing forward itself. The uninterrupted run is
-    the one-process run of the 2 ranks' batches and row shares, which 2 uninterrupted ranks equal
-    bit for bit (test_fsdp2, test_true_sequential)."""
+    the one-process run, which 2 uninterrupted ranks equal bit for bit (test_fsdp2,
+    test_true_sequential)."""
     from sharded_helpers import dequantized, single_process
 
     def args(output):
         return [*cli_args(tiny_llama_dir, output, austen), "--num-samples", "8", *mode]
 
-    single_process(tiny_llama_dir, tmp_path / "whole", austen / "emma.txt", 8, as_ranks=2, true_sequential=bool(mode))
+    single_process(tiny_llama_dir, tmp_path / "whole", austen / "emma.txt", 8, true_sequential=bool(mode))
     killed = launch(2, "kill:rank=1,layer=1", args(tmp_path / "resumed"))
     assert killed.returncode != 0 and not (tmp_path / "resumed").exists()
     states = sorted(p.name for p in (tmp_path / "resumed.gptq_state").iterdir())

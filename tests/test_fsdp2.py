@@ -19,8 +19,12 @@ from gptq_fsdp.distributed.schedule import assign_owners, gptq_cost, packing_cos
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "world,load,samples",
-    [(2, "sharded", 12), (3, "sharded", 7)],
-    ids=["2-ranks", "3-ranks-uneven-samples"],  # --load rank0: test_moe_files_converted_on_load_need_the_rank0_load
+    [(2, "sharded", 12), (3, "sharded", 7), (3, "sharded", 64)],
+    ids=[
+        "2-ranks",
+        "3-ranks-uneven-samples",
+        "3-ranks-64-samples",
+    ],  # --load rank0: test_moe_files_converted_on_load_need_the_rank0_load
 )
 def test_sharded_equals_single_process(world, load, samples, tiny_llama_dir, austen, tmp_path, reference):
     output, report_path = tmp_path / "ckpt", tmp_path / "report.json"
@@ -48,7 +52,7 @@ def test_sharded_equals_single_process(world, load, samples, tiny_llama_dir, aus
         assert 0 < memory["owned_weight_bytes"] <= layer_bytes
 
     sharded_model, sharded = dequantized(output)
-    single_model, single = reference[samples]  # the ranks' batches in one process (sharded_helpers)
+    single_model, single = reference[samples]  # one process runs the same batches (sharded_helpers)
     assert sharded.keys() == single.keys()
     assert all(torch.equal(sharded[k], single[k]) for k in single), "same matmuls as the reference: same bits"
 

@@ -157,8 +157,8 @@ def test_all_tokens_in_the_run_table(mixtral_dir, one_process):
 )
 def test_sharded_experts_equal_one_process(world, load, samples, experts, mixtral_dir, austen, tmp_path):
     """FSDP2 (each rank owns the experts it stores: only their Hessians travel) and ZeRO-3 (flat
-    partitions: owners balanced, results sent to every rank) write the one-process checkpoint of the
-    ranks' batches, at 3 ranks with uneven batches (FSDP2 at 2 ranks: test_fsdp2); so does
+    partitions: owners balanced, results sent to every rank) write the one-process checkpoint, at 3
+    ranks with uneven numbers of batches (FSDP2 at 2 ranks: test_fsdp2); so does
     all-tokens calibration (its shared gate/up Hessian all-reduced)."""
     output = tmp_path / "ckpt"
     torchrun(
@@ -167,7 +167,7 @@ def test_sharded_experts_equal_one_process(world, load, samples, experts, mixtra
         "--expert-calibration", experts,
     )  # fmt: skip
     expected = single_process(
-        mixtral_dir, tmp_path / "single", austen / "emma.txt", samples, as_ranks=world, expert_calibration=experts
+        mixtral_dir, tmp_path / "single", austen / "emma.txt", samples, expert_calibration=experts
     )
     names = {k.removesuffix(".weight_packed") for k in load_tensors(output) if k.endswith(".weight_packed")}
     assert {f"model.layers.1.mlp.experts.3.{leaf}" for leaf in EXPERT_LEAVES["mixtral"]} <= names

@@ -217,7 +217,7 @@ def test_split_samples_matches_rank_batches(samples, world, batch_size):
         return
     assert not problems
     assert per_rank == [sum(map(len, b)) for b in split]
-    assert [batches] * world == [len(b) for b in split]
+    assert batches == max(len(b) for b in split)
     assert largest == [max(map(len, b)) for b in split]
 
 
@@ -239,9 +239,10 @@ def test_zero3_flat_partitions_and_fsdp2_uneven_rows(shapes):
         expected = sum(rows_on(rows, rank) * (cols[0] if cols else 1) for rows, *cols in params) * 2
         assert fsdp2.ranks[rank].shards == expected
     assert fsdp2.ranks[0].shards > fsdp2.ranks[2].shards  # 4096 rows: 1366, 1366, 1364
-    # 128 samples on 3 ranks: 43, 43, 42 (data.rank_batches), so rank 2 holds fewer activations.
-    assert fsdp2.samples_per_rank == [43, 43, 42]
-    assert fsdp2.ranks[2].activations == 42 * 2048 * 4096 * 2
+    # 128 samples in 16 batches of 8 on 3 ranks: 6, 5, 5 batches (data.rank_batches), so rank 2 holds
+    # fewer activations.
+    assert fsdp2.samples_per_rank == [48, 40, 40]
+    assert fsdp2.ranks[2].activations == 40 * 2048 * 4096 * 2
 
 
 def test_offload_keeps_one_batch(shapes):
@@ -266,12 +267,16 @@ def test_405b_does_not_fit_on_8_gpus_and_says_why(shapes):
     dynamic = plan(shape, PlanOptions(world_size=8, gpu_memory=MEM80, config=GPTQConfig.from_options(actorder="none")))
     assert dynamic.ranks[0].workspace == 16384 * 53248 * 2 + max(w + 3 * h, 2 * w + 2 * h)
     # What does not shrink with more ranks leaves room for the shards only from 25 ranks on (32 when
-    # GPTQ also inverts the factor, with dynamic scales).
-    assert planner.smallest_world_size(shape, result.options) == 25
-    assert planner.smallest_world_size(shape, dynamic.options) == 32
-    assert any("--world-size 25 fits" in s for s in result.suggestions)
+    # GPTQ also inverts the factor, with dynamic scales); 128 samples make 16 batches of 8, so past 16
+    # ranks the batches shrink (128 // 25 = 5 samples) for every rank to run whole ones.
+    smallest, dynamic_smallest = (planner.smallest_world_size(shape, p.options) for p in (result, dynamic))
+    assert (smallest.world_size, smallest.batch_size) == (25, 5)
+    assert (dynamic_smallest.world_size, dynamic_smallest.batch_size) == (32, 4)
+    assert any("--world-size 25 --batch-size 5 fits" in s for s in result.suggestions)
     assert any("--offload-activations alone does not fit" in s for s in result.suggestions)
-    assert plan(shape, PlanOptions(world_size=64, gpu_memory=MEM80)).fits  # 8 nodes of 8 GPUs
+    eight_nodes = PlanOptions(world_size=64, gpu_memory=MEM80)  # of 8 GPUs: batches of 8 make 16 forward calls
+    assert not plan(shape, eight_nodes).fits and "fewer than the 64 ranks" in plan(shape, eight_nodes).problems[0]
+    assert plan(shape, eight_nodes.with_(batch_size=2)).fits
 
 
 @pytest.mark.parametrize(
@@ -282,9 +287,9 @@ def test_suggested_world_size_fits_when_replanned(shapes, name, world, memory):
     result = plan(shapes[name], options)
     assert not result.fits
     suggested = planner.smallest_world_size(shapes[name], options)
-    assert suggested is not None and any(f"--world-size {suggested} fits" in s for s in result.suggestions)
-    assert plan(shapes[name], replace(options, world_size=suggested)).fits
-    assert not plan(shapes[name], replace(options, world_size=suggested - 1)).fits
+    assert suggested is not None and any(f"--world-size {suggested.world_size} fits" in s for s in result.suggestions)
+    assert plan(shapes[name], suggested).fits
+    assert not plan(shapes[name], planner.at_world_size(options, suggested.world_size - 1)).fits
 
 
 def test_fewer_samples_suggestion_fits_when_replanned(shapes):
@@ -622,7 +627,7 @@ def test_cli_sample_and_length_options_have_their_quantize_names(tmp_path, capsy
         flags = [names[0], "40", names[1], "512", "--group-size", "32"]
         main(["plan", "--model-config", str(tmp_path), "--world-size", "4", *flags])
         outputs.append(capsys.readouterr().out)
-    assert outputs[0] == outputs[1] and "40 samples x 512 tokens (10 on rank 0" in outputs[0]
+    assert outputs[0] == outputs[1] and "40 samples x 512 tokens (16 on rank 0" in outputs[0]  # 5 batches of 8
 
 
 def test_cli_refuses_what_quantize_refuses(tmp_path, capsys):

@@ -27,8 +27,8 @@ def run_worker(world: int, load: str, model_dir, output, report_path, austen, sa
     ids=["2-ranks", "3-ranks-uneven-samples", "2-ranks-offload"],
 )
 def test_zero3_equals_single_process(world, load, samples, tiny_llama_dir, austen, tmp_path, reference):
-    """Bit for bit the one-process run of the ranks' batches, as FSDP2 is (test_fsdp2): so the two
-    backends write the same checkpoint, at 2 ranks and at 3 ranks with uneven batches."""
+    """Bit for bit the one-process run, as FSDP2 is (test_fsdp2): so the two backends write the same
+    checkpoint, at 2 ranks and at 3 ranks with uneven numbers of batches."""
     report = run_worker(world, load, tiny_llama_dir, tmp_path / "ckpt", tmp_path / "r.json", austen, samples)
     assert report["backend"] == "zero3" and report["world"] == world
     rows, cols = report["k_proj_shape"]
@@ -39,7 +39,7 @@ def test_zero3_equals_single_process(world, load, samples, tiny_llama_dir, auste
     assert len(set(report["owners"].values())) == world
     zero3_model, zero3 = dequantized(tmp_path / "ckpt")
     single_model, single = reference[samples]
-    assert all(torch.equal(zero3[k], single[k]) for k in single), "batches line up: bit-identical"
+    assert all(torch.equal(zero3[k], single[k]) for k in single), "the same batches: bit-identical"
     ids = torch.tensor(report["input_ids"])
     in_memory = torch.tensor(report["logits"])  # ZeRO-3's own forward after quantization
     # Same weights, ids and thread count as that forward: the same logits.

@@ -75,7 +75,7 @@ def quantize_command(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gptq_fsdp.core.scheme import GPTQError
-    from gptq_fsdp.data import load_texts
+    from gptq_fsdp.data import CalibrationDataError, load_texts, rank_batches
     from gptq_fsdp.distributed.launch import LaunchError, init_distributed, use_zero3
     from gptq_fsdp.io.checkpoint import save_quantized
     from gptq_fsdp.io.output import OutputLock, check_output_dir
@@ -146,8 +146,10 @@ def quantize_command(args: argparse.Namespace) -> None:
     except (GPTQError, LaunchError) as error:
         fail(str(error))
     del skeleton
-    if args.num_samples < world:
-        fail(f"{args.num_samples} calibration samples cannot be split across {world} ranks")
+    try:  # the batches every rank runs (the same at any world size): refused here, before any weight is read
+        rank_batches(args.num_samples, 0, world, args.batch_size)
+    except CalibrationDataError as error:
+        fail(str(error))
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     except (OSError, ValueError) as error:

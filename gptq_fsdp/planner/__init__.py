@@ -5,7 +5,7 @@ Modules, each importing only those above it: `shapes` (the model read off a meta
 `options` (the run planned and the result types), `memory` (per-rank memory), `advice` (what would
 make it fit), `timing` (traffic, time and `plan`), `report` (text and `plan_from_config`)."""
 
-from gptq_fsdp.planner.advice import most_samples, smallest_world_size
+from gptq_fsdp.planner.advice import at_world_size, most_samples, smallest_world_size
 from gptq_fsdp.planner.memory import peak_bytes
 from gptq_fsdp.planner.options import LayerTraffic, Plan, PlanOptions, RankMemory, TimeEstimate, split_samples
 from gptq_fsdp.planner.report import format_plan, parse_size, plan_from_config, reasons
@@ -22,6 +22,7 @@ __all__ = [
     "PlanOptions",
     "RankMemory",
     "TimeEstimate",
+    "at_world_size",
     "format_plan",
     "load_model_shape",
     "most_samples",

@@ -15,12 +15,27 @@ def _fits(shape: ModelShape, options: PlanOptions) -> bool:
     return not problems and peak <= options.gpu_memory
 
 
-def smallest_world_size(shape: ModelShape, options: PlanOptions, limit: int | None = None) -> int | None:
-    """The smallest world size above `options.world_size` that fits (at most the sample count)."""
+def at_world_size(options: PlanOptions, world: int) -> PlanOptions:
+    """`options` at `world` ranks, the batch size lowered where the samples would make fewer batches
+    than ranks (each rank runs whole batches: data.rank_batches)."""
+    if math.ceil(options.num_samples / options.batch_size) >= world:
+        return options.with_(world_size=world)
+    return options.with_(world_size=world, batch_size=max(1, options.num_samples // world))
+
+
+def world_size_flags(candidate: PlanOptions, options: PlanOptions) -> str:
+    """'--world-size N' of `candidate`, and the batch size `at_world_size` chose if not `options`'."""
+    lowered = candidate.batch_size != options.batch_size
+    return f"--world-size {candidate.world_size}" + (f" --batch-size {candidate.batch_size}" if lowered else "")
+
+
+def smallest_world_size(shape: ModelShape, options: PlanOptions, limit: int | None = None) -> PlanOptions | None:
+    """The options at the smallest world size above `options.world_size` that fits (at most the
+    sample count; `at_world_size`), or None."""
     limit = limit or options.num_samples
     for world in range(options.world_size + 1, limit + 1):
-        if _fits(shape, options.with_(world_size=world)):
-            return world
+        if _fits(shape, candidate := at_world_size(options, world)):
+            return candidate
     return None
 
 
@@ -44,10 +59,9 @@ def most_samples(shape: ModelShape, options: PlanOptions) -> int | None:
 def _advice(result: Plan) -> list[str]:
     shape, options = result.shape, result.options
     advice = []
-    world = smallest_world_size(shape, options)
-    if world is not None:
-        peak = peak_bytes(shape, options.with_(world_size=world))[0]
-        advice.append(f"more ranks: --world-size {world} fits (peak {_gib(peak)})")
+    more = smallest_world_size(shape, options)
+    if more is not None:
+        advice.append(f"more ranks: {world_size_flags(more, options)} fits (peak {_gib(peak_bytes(shape, more)[0])})")
     else:
         floor = _floor(result)
         advice.append(
@@ -81,7 +95,7 @@ def _advice(result: Plan) -> list[str]:
             advice.append(f"--offload-activations fits at --world-size {options.world_size} (peak {_gib(peak)})")
         else:
             both = smallest_world_size(shape, offload)
-            tail = f"; with it, --world-size {both} fits" if both is not None else ""
+            tail = f"; with it, {world_size_flags(both, options)} fits" if both is not None else ""
             advice.append(f"--offload-activations alone does not fit (peak {_gib(peak)}){tail}")
     samples = most_samples(shape, options)
     if samples is not None:

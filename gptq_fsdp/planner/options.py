@@ -5,6 +5,7 @@ calibration samples over ranks. The model behind the numbers: docs/planner.md.""
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass, field, fields, replace
 
@@ -155,17 +156,21 @@ class Plan:
 
 
 def split_samples(samples: int, world: int, batch_size: int) -> tuple[list[int], int, list[int], list[str]]:
-    """Samples, forward calls and largest batch of each rank, as `data.rank_batches` splits them (and
-    the reason it would refuse the split, if any)."""
-    per_rank = near_equal_shares(samples, world)
-    batches = math.ceil(max(per_rank) / batch_size)
-    largest = [near_equal_shares(n, batches)[0] if batches else 0 for n in per_rank]
+    """Samples, most forward calls of a rank, and largest batch of each rank, as `data.rank_batches`
+    splits them (and the reason it would refuse the split, if any)."""
+    sizes = near_equal_shares(samples, math.ceil(samples / batch_size)) if samples else []
     problems = []
     if samples < world:
         problems.append(f"{samples} calibration samples cannot be split across {world} ranks")
-    elif min(per_rank) < batches:
+    elif len(sizes) < world:
         problems.append(
-            f"rank {per_rank.index(min(per_rank))} has {min(per_rank)} samples for {batches} forward calls "
-            "(data.rank_batches refuses this): use a larger --batch-size or a sample count the ranks divide"
+            f"{samples} samples in batches of {batch_size} make {len(sizes)} forward calls, fewer than the {world} "
+            f"ranks (data.rank_batches refuses this): use a batch size (--batch-size) of {samples // world} or less"
         )
-    return per_rank, batches, largest, problems
+    if problems:  # planned as if each rank ran its near-equal share of the samples
+        per_rank = near_equal_shares(samples, world)
+        return per_rank, math.ceil(max(per_rank) / batch_size), [min(n, batch_size) for n in per_rank], problems
+    counts = near_equal_shares(len(sizes), world)
+    starts = [0, *itertools.accumulate(counts)]
+    mine = [sizes[starts[r] : starts[r + 1]] for r in range(world)]
+    return [sum(m) for m in mine], max(counts), [max(m) for m in mine], problems
