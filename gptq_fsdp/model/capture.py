@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import nn
 
@@ -32,12 +35,17 @@ def layer_output(output) -> torch.Tensor:
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, batches: list[tuple[torch.Tensor, torch.Tensor]]
+    model: nn.Module,
+    layers: nn.ModuleList,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    unsharded: Callable[[nn.Module], AbstractContextManager] = lambda model: nullcontext(),
 ) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
     """First-layer hidden states per batch, and every layer's other call arguments per batch.
 
     Each layer is swapped for a recorder, so the model runs only its embeddings; per-layer arguments
     matter because some families give layers different masks/rotary tables (e.g. sliding windows).
+    The forwards run inside `unsharded(model)` (the model without its layers kept whole for all of
+    them), so that they make no collective call and ranks may run different numbers of batches.
     """
     calls: list[list] = [[] for _ in layers]
     originals = list(layers)
@@ -51,11 +59,12 @@ def capture_layer_inputs(
     handle = layers[0].register_forward_pre_hook(keep_hidden, with_kwargs=True)
     device = next(model.parameters()).device
     try:
-        for input_ids, attention_mask in batches:
-            try:
-                model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-            except StopForward:
-                pass
+        with unsharded(model):
+            for input_ids, attention_mask in batches:
+                try:
+                    model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+                except StopForward:
+                    pass
     finally:
         handle.remove()
         for i, layer in enumerate(originals):

@@ -79,7 +79,7 @@ def quantize_model(
     memory.shard_bytes = sum(backend.local_part(p).numel() * p.element_size() for p in model.parameters())
     with float32_matmul_precision(config.matmul_precision):
         with clock("capture"):
-            hidden, layer_calls = capture_layer_inputs(model, layers, batches)
+            hidden, layer_calls = capture_layer_inputs(model, layers, batches, backend.layer_unsharded)
             backend.reshard(model)
             store = ActivationStore(hidden[0].device, config.offload_activations)
             hidden = [store.keep(x) for x in hidden]
