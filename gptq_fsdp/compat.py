@@ -10,8 +10,8 @@ run; GPTQ_FSDP_UNCHECKED_VERSIONS=1 turns that error into a warning (at your own
   `Module._forward_pre_hooks` / `_forward_hooks`; the partition attributes of its parameters
   (`ds_id`, `ds_tensor`, `ds_numel`, `ds_shape`, used by distributed/zero3.py); the plain
   `F.linear` that `zero.Init` keeps (`InsertPostInitMethodToModuleSubClasses.linear_bk`).
-- transformers 5: the renamings and converters applied while loading (`core_model_loading`,
-  `conversion_mapping`, `PreTrainedModel._weight_conversions`); the experts implementation a
+- transformers 5: the renamings and converters applied while loading and reverted while saving
+  (`core_model_loading`, `conversion_mapping`, `PreTrainedModel._weight_conversions`); the experts implementation a
   `@use_experts_implementation` module dispatches to (`config._experts_implementation`).
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -236,3 +237,36 @@ def in_file_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[s
     conversions = weight_conversions(model)
     renamings = [c.reverse_transform() for c in reversed(conversions) if isinstance(c, WeightRenaming)]
     return {apply_renamings(name, renamings): tensor for name, tensor in tensors.items()}
+
+
+class FileNames:
+    """How transformers 5 maps a model's tensors to its safetensors files, both ways: the parameter
+    loading puts a file tensor into (`rename_source_key`), and the tensors save_pretrained writes for
+    a parameter (`revert_weight_conversion`: per-expert pieces for fused MoE experts)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        require("transformers")
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        conversions = weight_conversions(model)
+        self._renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        self._converters = [c for c in conversions if isinstance(c, WeightConverter)]
+        # revert_weight_conversion reads these two off the model; FSDP2's subclass would hide the first.
+        self._model = types.SimpleNamespace(_weight_conversions=conversions, config=model.config)
+
+    def loaded_as(self, key: str) -> tuple[str, str | None]:
+        """The parameter file tensor `key` loads into, and the converter that builds that parameter
+        out of several file tensors ("[sources] -> target"), None if it is only renamed."""
+        from transformers.core_model_loading import rename_source_key
+
+        name, pattern = rename_source_key(key, self._renamings, self._converters)
+        if pattern is None:
+            return name, None
+        converter = next(c for c in self._converters if pattern in c.source_patterns)
+        return name, f"{converter.source_patterns} -> {converter.target_patterns[0]}"
+
+    def saved_as(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors save_pretrained writes for parameter `name` holding `tensor`, by file name."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return dict(revert_weight_conversion(self._model, {name: tensor}))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import make_tiny_model
 from sharded_helpers import ENV, REPO, dequantized, logits_at_rank_threads, single_process, torchrun
+from test_models import load_tensors
 from transformers import AutoModelForCausalLM
 
 from gptq_fsdp.distributed.schedule import assign_owners, gptq_cost, packing_cost
@@ -24,7 +25,7 @@ from gptq_fsdp.distributed.schedule import assign_owners, gptq_cost, packing_cos
         "2-ranks",
         "3-ranks-uneven-samples",
         "3-ranks-64-samples",
-    ],  # --load rank0: test_moe_files_converted_on_load_need_the_rank0_load
+    ],  # --load rank0: test_moe_files_load_sharded_as_with_the_rank0_load
 )
 def test_sharded_equals_single_process(world, load, samples, tiny_llama_dir, austen, tmp_path, reference):
     output, report_path = tmp_path / "ckpt", tmp_path / "report.json"
@@ -80,30 +81,24 @@ def test_fast_matmul_precision_keeps_sharded_equal_to_single_process(tiny_llama_
 
 
 @pytest.mark.distributed
-def test_moe_files_converted_on_load_need_the_rank0_load(tmp_path, smollm2_dir, austen):
-    """Mixtral's files hold per-expert weights that transformers 5 fuses while loading: reading each
-    rank's slices from them is refused before any weight is read, and --load rank0 gives the
-    one-process result."""
+def test_moe_files_load_sharded_as_with_the_rank0_load(tmp_path, smollm2_dir, austen):
+    """Mixtral's files hold per-expert weights that transformers 5 fuses while loading: the CLI's
+    default load reads each rank's experts from them (tests/test_moe.py checks the shards and the
+    tensors read), and its checkpoint is --load rank0's, tensor for tensor."""
     model_dir = make_tiny_model("mixtral", tmp_path / "mixtral", smollm2_dir)
-    refused = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptq_fsdp",
-         "quantize", str(model_dir), "--dataset", str(austen / "emma.txt"), "--num-samples", "4",
-         "--max-seq-length", "32", "--group-size", "32", "--output", str(tmp_path / "refused")],
-        capture_output=True, text=True, env=ENV,
-    )  # fmt: skip
-    assert refused.returncode != 0
-    assert "model.layers.0.mlp.experts.gate_up_proj" in refused.stderr and "Use --load rank0" in refused.stderr
-    assert not (tmp_path / "refused").exists()
-
-    output = tmp_path / "ckpt"
-    torchrun(
-        2, str(REPO / "tests" / "fsdp_worker.py"), str(model_dir), str(output), str(tmp_path / "report.json"),
-        "--text", str(austen / "emma.txt"), "--load", "rank0",
-    )  # fmt: skip
-    _, sharded = dequantized(output)
-    _, single = dequantized(single_process(model_dir, tmp_path / "single", austen / "emma.txt", 12))
-    assert sharded.keys() == single.keys() and "model.layers.1.self_attn.o_proj.weight" in single
-    assert all(torch.equal(sharded[k], single[k]) for k in single)
+    outputs = {}
+    for load in ("sharded", "rank0"):
+        outputs[load] = tmp_path / load
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptq_fsdp",
+             "quantize", str(model_dir), "--dataset", str(austen / "emma.txt"), "--num-samples", "4",
+             "--max-seq-length", "32", "--group-size", "32", "--load", load, "--output", str(outputs[load])],
+            capture_output=True, text=True, env=ENV,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-5000:]
+    sharded, rank0 = (load_tensors(outputs[load]) for load in ("sharded", "rank0"))
+    assert sharded.keys() == rank0.keys() and "model.layers.1.mlp.experts.3.w3.weight_packed" in sharded
+    assert [k for k in rank0 if not torch.equal(sharded[k], rank0[k])] == []
 
 
 @pytest.mark.distributed

@@ -1,19 +1,28 @@
 """MoE experts stored fused (transformers 5): every expert quantized, per expert, in one process and
 sharded; pooled Hessians for experts short of tokens; the orders and resume that do not cover them
-yet refuse them up front."""
+yet refuse them up front; FSDP2's per-rank load of per-expert files."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
+from accelerate import init_empty_weights
 from conftest import make_tiny_model
+from safetensors.torch import save_file
 from sharded_helpers import REPO, dequantized, single_process, torchrun
 from test_models import EXPERT_LEAVES, check_dequantized, expert_slices, fused_experts, load_tensors
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from torch.distributed.checkpoint import HuggingFaceStorageReader
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.core_model_loading import Interleave
 
-from gptq_fsdp import GPTQConfig, GPTQError, build_calibration, load_texts, quantize_model, save_quantized
+from gptq_fsdp import GPTQConfig, GPTQError, build_calibration, compat, load_texts, quantize_model, save_quantized
+from gptq_fsdp.distributed.fsdp2 import row_counts
+from gptq_fsdp.distributed.launch import LaunchError
+from gptq_fsdp.distributed.loading import tensors_in_files
 from gptq_fsdp.model.experts import expert_params
 from gptq_fsdp.model.hooks import HessianHooks
 
@@ -197,3 +206,100 @@ def test_the_cli_refuses_them_before_reading_weights(
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not output.exists()
+
+
+# ------------------------------------------------------------------- FSDP2's per-rank load of experts
+
+EXPERTS_OPTION = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
+
+
+def moe_folder(family: str, directory, tokenizer_dir, experts: int):
+    """A tiny random `family` model with `experts` experts per layer, saved as transformers saves it
+    (per-expert tensors); DeepSeek-V3's router bias, a buffer its files hold, made non-zero."""
+    make_tiny_model(family, directory, tokenizer_dir, **{EXPERTS_OPTION[family]: experts})
+    if family == "deepseek_v3":
+        tensors = load_tensors(directory)
+        for name in [n for n in tensors if n.endswith("e_score_correction_bias")]:
+            tensors[name] = torch.randn(experts)
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def saved_fused(model_dir, directory):
+    """`model_dir` with the in-memory layout in its files (fused experts, in-memory names)."""
+    directory.mkdir()
+    shutil.copy(model_dir / "config.json", directory / "config.json")
+    state = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def planned(model_dir):
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    model.tie_weights()  # as the sharded load does
+    return tensors_in_files(model, HuggingFaceStorageReader(str(model_dir)))
+
+
+def test_per_expert_files_are_planned_expert_by_expert(mixtral_dir, tmp_path):
+    """Each fused parameter's file tensors, from the model's own save conversion: expert e's gate
+    rows are w1, its up rows w3; files that hold the in-memory layout are read as they are."""
+    reads = planned(mixtral_dir)
+    pieces = reads.experts["model.layers.1.mlp.experts.gate_up_proj"]
+    assert [(p.expert, p.row, p.rows) for p in pieces] == [(e, r, 128) for r in (0, 128) for e in range(4)]
+    assert pieces[5].key == "model.layers.1.block_sparse_moe.experts.1.w3.weight"
+    assert len(reads.experts) == 4 and "model.layers.1.block_sparse_moe.gate.weight" in reads.direct
+    fused = planned(saved_fused(mixtral_dir, tmp_path / "fused"))
+    assert not fused.experts and "model.layers.1.mlp.experts.gate_up_proj" in fused.direct
+
+
+def test_the_sharded_load_names_what_it_cannot_read(mixtral_dir, tmp_path, monkeypatch):
+    """A missing expert tensor is named; so is a conversion whose file tensors are not whole rows of
+    one expert (here gate and up rows interleaved), with --load rank0 as the way out."""
+    broken = tmp_path / "broken"
+    shutil.copytree(mixtral_dir, broken)
+    tensors = load_tensors(broken)
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LaunchError, match=r"lack 1 tensor\(s\): model.layers.1.block_sparse_moe.experts.2.w3.weight$"):
+        planned(broken)
+
+    conversions = compat.weight_conversions
+
+    def interleaved(model):
+        found = conversions(model)
+        for converter in found:
+            if converter.target_patterns == [".experts.gate_up_proj"]:
+                converter.operations.append(Interleave(dim=1))
+        return found
+
+    monkeypatch.setattr(compat, "weight_conversions", interleaved)
+    with pytest.raises(LaunchError, match="--load rank0") as refused:
+        planned(mixtral_dir)
+    assert "model.layers.0.mlp.experts.gate_up_proj (['.experts.*.w1.weight'" in str(refused.value)
+    assert "down_proj" not in str(refused.value)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world,experts", [(2, 4), (3, 5)], ids=["2-ranks", "3-ranks-uneven"])
+def test_sharded_load_reads_only_each_ranks_experts(world, experts, mixtral_dir, smollm2_dir, tmp_path):
+    """load_sharded gives every rank exactly its rows of the whole model (load_pretrained, cut as FSDP2
+    cuts dim 0, the experts), parameters and stored buffers, as --load rank0 does, for Mixtral,
+    Qwen3-MoE and DeepSeek-V3 folders; each rank reads the file tensors of its own experts, each
+    whole and once, and no other rank's (5 experts on 3 ranks: 2, 2, 1; 4 on 3: 2, 2, 0). Files
+    holding the fused in-memory layout load too."""
+    dirs = {moe_folder(f, tmp_path / f, smollm2_dir, experts): experts for f in EXPERTS_OPTION}
+    dirs.update({saved_fused(mixtral_dir, tmp_path / "fused"): 0} if world == 2 else {mixtral_dir: 4})
+    torchrun(world, str(REPO / "tests" / "load_worker.py"), str(tmp_path), *map(str, dirs))
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for model_dir, count in dirs.items():
+        tensors = load_tensors(model_dir)
+        per_expert = {k: int(m[1]) for k in tensors if (m := re.search(r"\.experts\.(\d+)\.", k))}
+        assert len(set(per_expert.values())) == count
+        ends = torch.tensor([0, *row_counts(count, world)]).cumsum(0).tolist()
+        for rank, report in enumerate(reports):
+            mine = sorted(k for k, e in per_expert.items() if ends[rank] <= e < ends[rank + 1])
+            result = report[str(model_dir)]
+            assert result["sharded"] == [] and result["rank0"] == [], (model_dir.name, rank, result)
+            assert sorted(result["read"]) == mine, (model_dir.name, rank)
+            assert [result["read"][k] for k in mine] == [tensors[k].nbytes for k in mine]

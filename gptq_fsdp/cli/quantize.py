@@ -139,10 +139,10 @@ def quantize_command(args: argparse.Namespace) -> None:
         if world > 1 and not zero3 and args.load == "sharded":
             from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-            from gptq_fsdp.distributed.loading import parameters_in_files
+            from gptq_fsdp.distributed.loading import tensors_in_files
 
             skeleton.tie_weights()  # as the sharded loader does: a tied lm_head is not in the files
-            parameters_in_files(skeleton, HuggingFaceStorageReader(str(args.model)))
+            tensors_in_files(skeleton, HuggingFaceStorageReader(str(args.model)))
     except (GPTQError, LaunchError) as error:
         fail(str(error))
     del skeleton

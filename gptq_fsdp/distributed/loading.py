@@ -12,8 +12,8 @@ from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from gptq_fsdp import compat
 from gptq_fsdp.distributed import collectives
+from gptq_fsdp.distributed.file_reads import FileReads, plan_reads, read_expert_rows
 from gptq_fsdp.distributed.fsdp2 import FSDP2Backend
 from gptq_fsdp.distributed.launch import FSDPSettings, LaunchError, apply_fully_shard, device_for_rank, zero3_config
 
@@ -73,36 +73,20 @@ def load_sharded(
 ) -> nn.Module:
     """Build the model on the meta device, `fully_shard` it, and read only this rank's rows from disk."""
     model = _empty_sharded_model(model_dir, dtype, settings)
+    reader = HuggingFaceStorageReader(str(model_dir))
+    reads = tensors_in_files(model, reader)
     # torch.distributed.checkpoint reads each rank's DTensor slices straight from the HF safetensors;
     # tied parameters appear once (named_parameters dedups them), as in the files.
-    reader = HuggingFaceStorageReader(str(model_dir))
-    dcp.load(parameters_in_files(model, reader), storage_reader=reader)
+    dcp.load(reads.direct, storage_reader=reader)
+    read_expert_rows(model, reads.experts, model_dir)  # per-expert file tensors: this rank's experts only
     return model
 
 
-def parameters_in_files(model: nn.Module, reader: HuggingFaceStorageReader) -> dict[str, nn.Parameter]:
-    """The model's parameters under their names in the safetensors files (renamed ones too); raise
-    LaunchError if the files do not hold them all.
-
-    transformers 5 also fuses per-expert MoE weights into 3-D parameters while loading, which reading
-    each rank's slices straight from the files cannot do.
-    """
+def tensors_in_files(model: nn.Module, reader: HuggingFaceStorageReader) -> FileReads:
+    """Where the files hold each of the model's parameters (under their own names, renamed, or as
+    per-expert tensors of a fused MoE parameter); raise LaunchError if the files do not hold them all."""
     stored = reader.read_metadata().state_dict_metadata
-    in_files = compat.in_file_layout(model, dict(model.named_parameters()))
-    missing = [name for name in in_files if name not in stored]
-    if missing and not compat.fuses_weights_on_load(model):
-        raise LaunchError(  # nothing would have made them out of other tensors: they are not there
-            f"the model files lack {len(missing)} tensor(s): {', '.join(missing[:5])}"
-            f"{', ...' if len(missing) > 5 else ''}"
-        )
-    if missing:
-        raise LaunchError(
-            f"the model files do not store {len(missing)} parameter(s) under their names "
-            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): transformers converts them "
-            "while loading, which reading each rank's slices from the files cannot do. Use --load rank0 "
-            "(rank 0 loads the model through transformers and sends each rank its slices) or --backend zero3"
-        )
-    return in_files
+    return plan_reads(model, {name: meta.size for name, meta in stored.items()})
 
 
 def load_rank0_broadcast(
@@ -124,4 +108,13 @@ def load_rank0_broadcast(
     for name, param in model.named_parameters():
         source = full_params[name].detach() if full is not None else None
         backend.scatter_weight(param, source, owner=0).wait()
+    # Buffers the files hold (DeepSeek-V3's router bias), whole on every rank; the rest are computed.
+    buffers = None
+    if full is not None:
+        stored = full.state_dict()
+        buffers = {name: buffer for name, buffer in full.named_buffers() if name in stored}
+    buffers = collectives.broadcast_object(buffers)
+    with torch.no_grad():
+        for name, buffer in buffers.items():
+            model.get_buffer(name).copy_(buffer)
     return model
