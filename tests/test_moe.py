@@ -1,6 +1,6 @@
 """MoE experts stored fused (transformers 5): every expert quantized, per expert, in one process and
 sharded; pooled Hessians for experts short of tokens; the orders and resume that do not cover them
-yet refuse them up front."""
+yet refuse them up front; the upcycling of scripts/upcycle_smollm2.py keeps the dense model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import _load_script, make_tiny_model
 from sharded_helpers import REPO, dequantized, single_process, torchrun
 from test_models import EXPERT_LEAVES, check_dequantized, expert_slices, fused_experts, load_tensors
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,3 +137,20 @@ def test_the_cli_refuses_them_before_reading_weights(
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not output.exists()
+
+
+@pytest.mark.parametrize("layout", ["mixtral", "ernie"])
+def test_upcycling_identical_experts_is_the_dense_model(tiny_llama_dir, layout):
+    """scripts/upcycle_smollm2.py with noise 0: every expert is the dense MLP and the top-2 weights
+    sum to 1, so the MoE computes the dense model's logits (ERNIE: its rotary pairs need the q/k
+    rows permuted; layer 0 stays dense, layer 1 is MoE)."""
+    upcycle = _load_script("upcycle_smollm2").upcycle
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    moe = upcycle(tiny_llama_dir, experts=4, top_k=2, noise=0.0, seed=0, layout=layout, moe_interval=2)
+    assert [hasattr(layer.mlp, "experts") for layer in moe.model.layers] == [layout == "mixtral", True]
+    ids = torch.randint(0, dense.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = dense(ids).logits
+        torch.testing.assert_close(moe(ids).logits, expected, rtol=0, atol=1e-5)
+        noisy = upcycle(tiny_llama_dir, experts=4, top_k=2, noise=0.02, seed=0, layout=layout, moe_interval=2)
+        assert not torch.allclose(noisy(ids).logits, expected, rtol=0, atol=1e-5)
