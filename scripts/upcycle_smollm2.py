@@ -1,4 +1,4 @@
-"""A real-weight MoE to measure on: SmolLM2-135M upcycled into a Mixtral-layout MoE.
+"""A real-weight MoE to measure on: SmolLM2-135M upcycled into a Mixtral- or ERNIE-4.5-layout MoE.
 
 No real MoE model can be downloaded here. Mixtral's layout is Llama's (the same attention, norms and
 rotary embedding, no q/k norms) with each MLP replaced by top-k routed experts, so SmolLM2 (a Llama)
@@ -19,60 +19,108 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Ernie4_5_MoeConfig,
+    Ernie4_5_MoeForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedModel,
+)
 
 CACHE = Path.home() / ".cache" / "gptq_fsdp"
+LAYOUTS = ("mixtral", "ernie")
 
 
-def upcycle(dense_dir: Path, experts: int, top_k: int, noise: float, seed: int) -> MixtralForCausalLM:
-    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
-    c = dense.config
-    config = MixtralConfig(
+def moe_config(layout: str, c, experts: int, top_k: int, moe_interval: int):
+    """The MoE config of `layout` that holds the dense Llama config `c`'s model."""
+    common = dict(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_act=c.hidden_act,
+        num_key_value_heads=c.num_key_value_heads, hidden_act=c.hidden_act,
         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
         rope_parameters=c.rope_parameters, tie_word_embeddings=c.tie_word_embeddings,
         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
-        num_local_experts=experts, num_experts_per_tok=top_k, sliding_window=None, router_jitter_noise=0.0,
-        attention_dropout=0.0,
     )  # fmt: skip
-    model = MixtralForCausalLM(config).eval()
+    if layout == "mixtral":
+        return MixtralConfig(
+            **common, head_dim=c.head_dim, num_local_experts=experts, num_experts_per_tok=top_k,
+            sliding_window=None, router_jitter_noise=0.0, attention_dropout=0.0,
+        )  # fmt: skip
+    if c.head_dim != c.hidden_size // c.num_attention_heads:
+        raise ValueError(f"ERNIE-4.5 has no head_dim option: {c.head_dim} must be hidden / heads")
+    return Ernie4_5_MoeConfig(
+        **common, use_bias=False, moe_intermediate_size=c.intermediate_size, moe_num_experts=experts, moe_k=top_k,
+        moe_num_shared_experts=0, moe_layer_start_index=0, moe_layer_interval=moe_interval,
+    )  # fmt: skip
+
+
+def interleaved_rotary_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """q/k rows reordered from Llama's rotary pairs (i, i + head_dim/2) to ERNIE's (2i, 2i+1), per head."""
+    half = torch.arange(head_dim // 2)
+    order = torch.stack([half, half + head_dim // 2], dim=1).flatten()
+    return weight.view(-1, head_dim, weight.shape[-1])[:, order].reshape(weight.shape)
+
+
+def upcycle(
+    dense_dir: Path, experts: int, top_k: int, noise: float, seed: int, layout: str = "mixtral", moe_interval: int = 6
+) -> PreTrainedModel:
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
+    c = dense.config
+    config = moe_config(layout, c, experts, top_k, moe_interval)
+    model = (MixtralForCausalLM if layout == "mixtral" else Ernie4_5_MoeForCausalLM)(config).eval()
     generator = torch.Generator().manual_seed(seed)
 
     def perturbed(weight: torch.Tensor) -> torch.Tensor:
         return weight * (1 + noise * torch.randn(weight.shape, generator=generator))
 
     with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))  # every parameter must be written below
         model.model.embed_tokens.weight.copy_(dense.model.embed_tokens.weight)
         model.model.norm.weight.copy_(dense.model.norm.weight)
         if not config.tie_word_embeddings:
             model.lm_head.weight.copy_(dense.lm_head.weight)
         for ours, theirs in zip(model.model.layers, dense.model.layers, strict=True):
-            ours.self_attn.load_state_dict(theirs.self_attn.state_dict())
+            attention = theirs.self_attn.state_dict()
+            if layout == "ernie":
+                for name in ("q_proj.weight", "k_proj.weight"):
+                    attention[name] = interleaved_rotary_rows(attention[name], c.head_dim)
+            ours.self_attn.load_state_dict(attention)
             ours.input_layernorm.load_state_dict(theirs.input_layernorm.state_dict())
             ours.post_attention_layernorm.load_state_dict(theirs.post_attention_layernorm.state_dict())
             mlp = theirs.mlp
+            if not hasattr(ours.mlp, "experts"):
+                ours.mlp.load_state_dict(mlp.state_dict())
+                continue
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
             for e in range(experts):
                 ours.mlp.experts.gate_up_proj[e].copy_(perturbed(gate_up))
                 ours.mlp.experts.down_proj[e].copy_(perturbed(mlp.down_proj.weight))
             router = ours.mlp.gate.weight
             router.copy_(torch.randn(router.shape, generator=generator) * c.hidden_size**-0.5)
+            if layout == "ernie":
+                ours.mlp.gate.moe_statics.e_score_correction_bias.zero_()
+        unset = [name for name, p in model.named_parameters() if p.isnan().any()]
+        if unset:
+            raise RuntimeError(f"parameters not upcycled: {unset}")
     return model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense", type=Path, default=CACHE / "smollm2-135m")
+    parser.add_argument("--layout", choices=LAYOUTS, default="mixtral")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--moe-interval", type=int, default=6, help="ernie: every n-th layer is MoE (the rest dense)")
     parser.add_argument("--noise", type=float, default=0.02, help="relative noise on every expert weight")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     output = args.output or CACHE / f"smollm2-moe-{args.experts}"
-    model = upcycle(args.dense, args.experts, args.top_k, args.noise, args.seed)
+    model = upcycle(args.dense, args.experts, args.top_k, args.noise, args.seed, args.layout, args.moe_interval)
     model.save_pretrained(output)
     AutoTokenizer.from_pretrained(args.dense).save_pretrained(output)
     print(f"wrote {output}: {sum(p.numel() for p in model.parameters()):,} parameters")

@@ -1,6 +1,7 @@
 """MoE experts stored fused (transformers 5): every expert quantized, per expert, in one process and
 sharded; pooled Hessians for experts short of tokens; the orders and resume that do not cover them
-yet refuse them up front; FSDP2's per-rank load of per-expert files."""
+yet refuse them up front; FSDP2's per-rank load of per-expert files; the upcycling of
+scripts/upcycle_smollm2.py keeps the dense model."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import shutil
 import pytest
 import torch
 from accelerate import init_empty_weights
-from conftest import make_tiny_model
+from conftest import _load_script, make_tiny_model
 from safetensors.torch import save_file
 from sharded_helpers import REPO, dequantized, single_process, torchrun
 from test_models import EXPERT_LEAVES, check_dequantized, expert_slices, fused_experts, load_tensors
@@ -303,3 +304,20 @@ def test_sharded_load_reads_only_each_ranks_experts(world, experts, mixtral_dir,
             assert result["sharded"] == [] and result["rank0"] == [], (model_dir.name, rank, result)
             assert sorted(result["read"]) == mine, (model_dir.name, rank)
             assert [result["read"][k] for k in mine] == [tensors[k].nbytes for k in mine]
+
+
+@pytest.mark.parametrize("layout", ["mixtral", "ernie"])
+def test_upcycling_identical_experts_is_the_dense_model(tiny_llama_dir, layout):
+    """scripts/upcycle_smollm2.py with noise 0: every expert is the dense MLP and the top-2 weights
+    sum to 1, so the MoE computes the dense model's logits (ERNIE: its rotary pairs need the q/k
+    rows permuted; layer 0 stays dense, layer 1 is MoE)."""
+    upcycle = _load_script("upcycle_smollm2").upcycle
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    moe = upcycle(tiny_llama_dir, experts=4, top_k=2, noise=0.0, seed=0, layout=layout, moe_interval=2)
+    assert [hasattr(layer.mlp, "experts") for layer in moe.model.layers] == [layout == "mixtral", True]
+    ids = torch.randint(0, dense.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = dense(ids).logits
+        torch.testing.assert_close(moe(ids).logits, expected, rtol=0, atol=1e-5)
+        noisy = upcycle(tiny_llama_dir, experts=4, top_k=2, noise=0.02, seed=0, layout=layout, moe_interval=2)
+        assert not torch.allclose(noisy(ids).logits, expected, rtol=0, atol=1e-5)
