@@ -92,7 +92,8 @@ def test_moe_files_load_sharded_as_with_the_rank0_load(tmp_path, smollm2_dir, au
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptq_fsdp",
              "quantize", str(model_dir), "--dataset", str(austen / "emma.txt"), "--num-samples", "4",
-             "--max-seq-length", "32", "--group-size", "32", "--load", load, "--output", str(outputs[load])],
+             "--batch-size", "2", "--max-seq-length", "32", "--group-size", "32", "--load", load,
+             "--output", str(outputs[load])],
             capture_output=True, text=True, env=ENV,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-5000:]
