@@ -13,6 +13,22 @@ model is loaded with ``load_offloaded_model`` so that weights live in CPU shared
 memory: rank 0 reads the weights other ranks quantized (llm-compressor skips the
 qparam broadcast for CPU-offloaded modules and relies on that sharing). Saving is
 collective (all ranks call it, rank 0 writes); only rank 0 writes the JSON.
+
+MoE models (transformers 5's fused experts, e.g. Mixtral): llm-compressor's MoE path replaces each
+fused experts module by per-expert Linears (`linearize_moe`, what `load_quantizable_moe` falls back
+to for an architecture without a per-expert load mapping, Mixtral among them); it is called right
+after loading, timed as `linearize_s`, outside `quantize_s`. Saved so, a Mixtral's experts would be
+written as `experts.E.{gate,up,down}_proj.*`, names transformers' Mixtral loader does not know (its
+files say `w1`/`w3`/`w2`: the experts would reload at random). So the save mapping is set as
+`load_quantizable_moe` sets it for an architecture it has a per-expert mapping for (llm-compressor's
+`patch_moe_mappings` with the w1/w2/w3 renamings), and the checkpoint holds
+`block_sparse_moe.experts.E.w1.weight_packed` etc. (`load_quantizable_moe` itself cannot take such a
+mapping here: its class patching imports every transformers model, and transformers 5.17's Aria image
+processor needs torchvision, which this venv does not have.) `--moe-calibrate-all-experts` is
+oneshot's option of that name (default true: every expert calibrated on every token; false: on the
+tokens routed to it). Routers are not Linears (Mixtral's `MixtralTopKRouter`), so they are not
+targeted and stay full precision; llm-compressor lists them in the checkpoint's `ignore`. The JSON
+also records each rank's peak resident set size.
 """
 
 from __future__ import annotations
@@ -21,6 +37,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -30,8 +47,19 @@ from compressed_tensors.offload import load_offloaded_model
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from datasets import Dataset
 from llmcompressor import __version__, oneshot
+from llmcompressor.modeling.moe.conversion_mappings import (
+    get_linearize_load_mappings,
+    patch_moe_mappings,
+    set_save_conversion_mapping,
+)
+from llmcompressor.modeling.moe.linearize import get_non_linearized_moes, linearize_moe
 from llmcompressor.modifiers.quantization import GPTQModifier
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.core_model_loading import WeightRenaming
+
+# Per-expert tensor names in the model files where they differ from llm-compressor's per-expert Linears
+# (gate_proj, up_proj, down_proj).
+EXPERT_FILE_NAMES = {"mixtral": {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}}
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,6 +73,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--matmul-precision", default="highest", help="torch.set_float32_matmul_precision")
+    p.add_argument("--moe-calibrate-all-experts", default="true", choices=["true", "false"])
+    p.add_argument(
+        "--batched-quantization",
+        default="auto",
+        help="GPTQModifier's batching of same-shape modules: auto (its default; no batching on CPU), N or none",
+    )
     p.add_argument("--json", default=None)
     return p.parse_args()
 
@@ -52,6 +86,28 @@ def parse_args() -> argparse.Namespace:
 def make_dataset(ids: torch.Tensor) -> Dataset:
     rows = ids.tolist()
     return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
+
+
+def batched_quantization(value: str) -> str | int | None:
+    return {"auto": "auto", "none": None}[value] if value in ("auto", "none") else int(value)
+
+
+def linearize(model) -> bool:
+    """llm-compressor's MoE path: fused experts -> per-expert Linears; saved under the files' names.
+    False if the model has no fused experts."""
+    if not get_non_linearized_moes(model):
+        return False
+    linearize_moe(model)
+    model_type = model.config.model_type
+    if names := EXPERT_FILE_NAMES.get(model_type):
+        renamings = [
+            WeightRenaming(source_patterns=rf"\.experts\.(\d+)\.{stored}\.", target_patterns=rf".experts.\1.{linear}.")
+            for stored, linear in names.items()
+        ]
+        with patch_moe_mappings(model_type, renamings, remove_targets=[".experts.gate_up_proj", ".experts.down_proj"]):
+            *_, save_mappings = get_linearize_load_mappings(model_type)
+        set_save_conversion_mapping(model, save_mappings)
+    return True
 
 
 def add_barrier_after_gptq() -> None:
@@ -92,6 +148,9 @@ def main() -> None:
         kwargs = {"device_map": "auto_offload"} if world > 1 else {}
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    t0 = time.perf_counter()
+    moe = linearize(model)  # per-expert Linears (offloaded as the fused experts were: shared memory in DDP)
+    linearize_s = time.perf_counter() - t0
 
     weights = QuantizationArgs(
         num_bits=4,
@@ -106,6 +165,7 @@ def main() -> None:
         actorder=None if args.actorder == "none" else args.actorder,
         dampening_frac=args.dampening,
         block_size=args.block_size,
+        batched_quantization=batched_quantization(args.batched_quantization),
     )
 
     if world > 1:
@@ -120,6 +180,7 @@ def main() -> None:
         max_seq_length=seq_len,
         shuffle_calibration_samples=False,
         pipeline="sequential",
+        moe_calibrate_all_experts=args.moe_calibrate_all_experts == "true",
     )
     if world > 1:
         dist.barrier()
@@ -128,14 +189,23 @@ def main() -> None:
     # save_pretrained is collective under torch.distributed (rank 0 writes the files).
     t0 = time.perf_counter()
     model.save_pretrained(args.output, save_compressed=True)
+    save_s = time.perf_counter() - t0
+    peak_rss = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]
+    if world > 1:
+        peak_rss = [None] * world
+        dist.all_gather_object(peak_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     if rank == 0:
         tokenizer.save_pretrained(args.output)
-        save_s = time.perf_counter() - t0
         result = {
             "tool": "llmcompressor",
             "version": __version__,
             "quantize_s": round(quantize_s, 3),
             "save_s": round(save_s, 3),
+            "moe": moe,
+            "linearize_s": round(linearize_s, 3),
+            "moe_calibrate_all_experts": args.moe_calibrate_all_experts == "true",
+            "batched_quantization": args.batched_quantization,
+            "peak_rss_bytes_per_rank": peak_rss,
             "threads": args.threads,
             "matmul_precision": args.matmul_precision,
             "world_size": world,

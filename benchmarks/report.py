@@ -112,6 +112,25 @@ perplexity; llm-compressor has no such mode.""",
   (true-sequential: no gathered weight copies) of one process's.""",
     ),
     Benchmark(
+        "moe_upcycled",
+        "MoE against llm-compressor",
+        "the 8-expert upcycled SmolLM2 (Mixtral layout) in one process and on 2 ranks (FSDP2, ZeRO-3) against "
+        "llm-compressor's MoE path in one process and DDP: time, peak memory per rank, perplexity, checkpoint contents",
+        ("benchmarks/moe_upcycled.py",),
+        notes="""\
+- The model is SmolLM2-135M upcycled (`scripts/upcycle_smollm2.py`): every expert a perturbed copy of
+  the layer's dense MLP, the router seeded at random (no real MoE model can be had here). Its experts
+  are far more alike than a trained MoE's: read the calibration modes' perplexities with that in mind.
+- llm-compressor calibrates every expert on every token by default: 4x the expert forwards and XᵀX of
+  top-2 routing over 8 experts. gptq_fsdp calibrates each expert on the tokens routed to it, as the
+  model computes them; an expert slice with fewer tokens than input columns is quantized with its
+  layer's pooled Hessian ([design.md](design.md#moe-experts)).
+- llm-compressor needs its per-expert Linears (`linearize_moe`, timed apart) and, for Mixtral, the
+  w1/w2/w3 save mapping that `benchmarks/peer_llmcompressor.py` sets: without it its checkpoint names
+  the experts `gate_proj`/`up_proj`/`down_proj`, which transformers' Mixtral does not reload (the
+  experts come back at random).""",
+    ),
+    Benchmark(
         "hessian_gptq_speed_cpu",
         "Per Linear on the CPU",
         "XᵀX and GPTQ time and error for one Linear (16384 bf16 activation rows) against a straightforward "

@@ -32,13 +32,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-AUSTEN = Path(os.environ.get("GPTQ_FSDP_AUSTEN", REPO.parent / "shared" / "data" / "austen"))
-MODEL = Path(os.environ.get("GPTQ_FSDP_CACHE", Path.home() / ".cache" / "gptq_fsdp")) / "smollm2-135m"
-PEER_PYTHON = REPO / "benchmarks" / ".venv-llmc" / "bin" / "python"
-WORK = REPO / "benchmarks" / "work"
-RESULTS = REPO / "benchmarks" / "results"
-SCHEME = dict(group_size=64, actorder="static", dampening=0.01, block_size=128)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import AUSTEN, PEER_PYTHON, REPO, RESULTS, SCHEME, SMOLLM2, WORK, prepare_job, score  # noqa: E402
+
+MODEL = SMOLLM2
 # run name -> (matmul precision, true sequential); each of ours is compared with the peer run at the same
 # precision (llm-compressor's GPTQ has no true-sequential mode: its runs are the standard order)
 OURS = {
@@ -88,33 +85,6 @@ def run_ours(
             }
         )
     )
-
-
-def prepare_job(samples: int, seq_len: int):
-    """Check the peer's venv; write the calibration set (ours and the peer's token-id file); the tokenizer."""
-    if not PEER_PYTHON.exists():
-        sys.exit("llm-compressor's venv is missing: run benchmarks/setup_llmcompressor.sh first")
-    from transformers import AutoTokenizer
-
-    from gptq_fsdp.data import build_calibration, load_texts
-
-    WORK.mkdir(parents=True, exist_ok=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    texts = load_texts(str(AUSTEN / "emma.txt"))
-    calibration = build_calibration(texts, tokenizer, num_samples=samples, max_seq_length=seq_len)
-    calibration.save(WORK / "calibration.pt")
-    torch.save(calibration.input_ids, WORK / "calibration_ids.pt")
-    return tokenizer
-
-
-def score(model_dir: Path, tokens: torch.Tensor, threads: int) -> float:
-    from transformers import AutoModelForCausalLM
-
-    from gptq_fsdp.evaluate import perplexity
-
-    torch.set_num_threads(threads)
-    return perplexity(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), tokens)
 
 
 def timed_subprocess(command: list[str]) -> None:

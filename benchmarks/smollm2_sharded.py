@@ -27,20 +27,28 @@ Writes benchmarks/results/smollm2_sharded.{json,md}.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from smollm2_core import AUSTEN, MODEL, PEER_PYTHON, RESULTS, SCHEME, WORK, prepare_job, score  # noqa: E402
+from bench_common import (  # noqa: E402
+    AUSTEN,
+    RESULTS,
+    SMOLLM2,
+    WORK,
+    gptq_worker,
+    parameter_peak_bytes,
+    peer_command,
+    prepare_job,
+    run,
+    score,
+    torchrun,
+)
+
+MODEL = SMOLLM2
 
 RUNS = {  # name: (ranks, backend, matmul precision, true sequential)
     "gptq_fsdp_world1": (1, "single", "highest", False),
@@ -68,73 +76,9 @@ PEERS = {"llmcompressor_ddp_world2": "highest", "llmcompressor_ddp_world2_bf16_m
 
 
 def worker(backend: str, precision: str, true_sequential: bool, calibration: Path, output: Path, report: Path) -> None:
-    """Under torchrun (or alone): quantize with gptq_fsdp, save to `output` (unless it is "-") and write
-    rank 0's report."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from gptq_fsdp import CalibrationSet, GPTQConfig, quantize_model, save_quantized
-    from gptq_fsdp.distributed.launch import init_distributed
-    from gptq_fsdp.distributed.loading import load_sharded, load_zero3
-
-    torch.set_num_threads(1)
-    world = init_distributed(deepspeed_comm=backend == "zero3")
-    start = time.perf_counter()
-    if backend == "zero3":
-        model = load_zero3(MODEL)
-    elif backend == "fsdp2":
-        model = load_sharded(MODEL)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
-    load_s = time.perf_counter() - start
-    config = GPTQConfig.from_options(
-        group_size=SCHEME["group_size"],
-        actorder=SCHEME["actorder"],
-        dampening_frac=SCHEME["dampening"],
-        matmul_precision=precision,
-        true_sequential=true_sequential,
-    )
-    if world > 1:
-        torch.distributed.barrier()
-    start = time.perf_counter()
-    result = quantize_model(model, CalibrationSet.load(calibration), config)
-    quantize_s = time.perf_counter() - start
-    start = time.perf_counter()
-    if str(output) != "-":
-        save_quantized(model, output, result, tokenizer=AutoTokenizer.from_pretrained(MODEL), overwrite=True)
-    save_s = time.perf_counter() - start
-    timelines = result.backend.gather_objects(result.timeline)
-    if result.backend.rank == 0:
-        report.write_text(
-            json.dumps(
-                {
-                    "world": world,
-                    "load_s": load_s,
-                    "quantize_s": quantize_s,
-                    "save_s": save_s,
-                    "phases_s": result.phases,
-                    "memory_per_rank": [dataclasses.asdict(m) for m in result.memory_per_rank],
-                    "timelines": timelines,
-                }
-            )
-        )
-    if world > 1:
-        torch.distributed.destroy_process_group()  # as the CLI does: no process group left to tear down at exit
-
-
-def run(*commands: list[str]) -> None:
-    """Run the commands at the same time (1 thread each) and wait for all of them."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    # stderr to files, not pipes: a pipe read only after an earlier process ends could fill and stall
-    # a process that is still being timed.
-    with tempfile.TemporaryDirectory() as logs:
-        running = []
-        for i, command in enumerate(commands):
-            with open(Path(logs) / f"{i}.err", "w") as err:
-                running.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err))
-        for i, (command, process) in enumerate(zip(commands, running, strict=True)):
-            if process.wait() != 0:
-                stderr = (Path(logs) / f"{i}.err").read_text()
-                raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-4000:]}")
+    """Under torchrun (or alone): quantize SmolLM2 with gptq_fsdp, save to `output` (unless it is "-") and
+    write rank 0's report."""
+    gptq_worker(MODEL, backend, precision, true_sequential, calibration, output, report)
 
 
 def data_parallel_s(report: dict) -> float:
@@ -174,7 +118,7 @@ def one_round() -> tuple[dict, dict, dict]:
     reports = {}
     for name, (world, backend, precision, true_sequential) in RUNS.items():
         report = WORK / f"{name}.json"
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+        launcher = torchrun(world)
         order = "true-sequential" if true_sequential else "standard"
         run([*launcher, __file__, "--worker", backend, precision, order, str(WORK / "calibration.pt"),
              str(WORK / name), str(report)])  # fmt: skip
@@ -192,14 +136,8 @@ def one_round() -> tuple[dict, dict, dict]:
         halves[order] = (alone, [json.loads((WORK / f"half{h}_{order}.json").read_text()) for h in (0, 1)])
     peers = {}
     for name, precision in PEERS.items():
-        run(
-            [str(PEER_PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             str(Path(__file__).parent / "peer_llmcompressor.py"), "--model", str(MODEL),
-             "--calibration", str(WORK / "calibration_ids.pt"), "--output", str(WORK / name),
-             "--group-size", str(SCHEME["group_size"]), "--actorder", SCHEME["actorder"],
-             "--dampening", str(SCHEME["dampening"]), "--block-size", str(SCHEME["block_size"]),
-             "--matmul-precision", precision, "--threads", "1", "--json", str(WORK / f"{name}.json")]
-        )  # fmt: skip
+        run(peer_command(MODEL, WORK / "calibration_ids.pt", WORK / name, WORK / f"{name}.json", world=2,
+                         precision=precision))  # fmt: skip
         peers[name] = json.loads((WORK / f"{name}.json").read_text())
     return reports, halves, peers
 
@@ -234,8 +172,7 @@ def main() -> None:
     tokens = text_tokens(tokenizer, AUSTEN / "persuasion.txt", 20480)
     ppl = {"fp32": score(MODEL, tokens, 2)}
     ppl.update({name: score(WORK / name, tokens, 2) for name in (*RUNS, *PEERS)})
-    mem = {name: max(m["shard_bytes"] + m["layer_unsharded_bytes"] + m["owned_weight_bytes"]
-                     for m in reports[name]["memory_per_rank"]) for name in RUNS}  # fmt: skip
+    mem = {name: parameter_peak_bytes(reports[name]) for name in RUNS}
     world2 = [name for name, (ranks, *_) in RUNS.items() if ranks == 2]
     pairs = [(w1, name) for w1, names in SCALING.items() for name in names]
     per_round = [
