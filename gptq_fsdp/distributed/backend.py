@@ -77,6 +77,10 @@ class Backend:
         """What this rank stores of `param` (its rows, its flat partition, or all of it), as a tensor."""
         return param.detach()
 
+    def stored_values(self, param: torch.Tensor) -> torch.Tensor:
+        """The elements of `param` this rank stores, without padding (ZeRO-3's last partitions)."""
+        return self.local_part(param)
+
     def weight_shape(self, param: torch.Tensor) -> torch.Size:
         """The whole parameter's shape (ZeRO-3 shows (0,) while partitioned)."""
         return param.shape

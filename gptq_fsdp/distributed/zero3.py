@@ -100,5 +100,11 @@ class ZeRO3Backend(Backend):
     def local_part(self, param: torch.Tensor) -> torch.Tensor:
         return param.ds_tensor if is_zero3_param(param) else param.detach()
 
+    def stored_values(self, param: torch.Tensor) -> torch.Tensor:
+        if not is_zero3_param(param):
+            return param.detach()
+        size = param.ds_tensor.numel()  # the padding past ds_numel is uninitialized memory, not zeros
+        return param.ds_tensor[: max(0, min(size, param.ds_numel - self.rank * size))]
+
     def weight_shape(self, param: torch.Tensor) -> torch.Size:
         return param.ds_shape if is_zero3_param(param) else param.shape

@@ -136,7 +136,7 @@ def check_weights(model: nn.Module, backend: Backend) -> str:
     names = [name for name, _ in model.named_parameters()]
     per_param = [
         torch.stack([part.sum(dtype=torch.float64), torch.linalg.vector_norm(part, 1, dtype=torch.float64)])
-        for part in (backend.local_part(p) for _, p in model.named_parameters())
+        for part in (backend.stored_values(p) for _, p in model.named_parameters())
     ]
     sums = torch.stack([s.to(per_param[0].device) for s in per_param]).cpu()  # one host sync
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
