@@ -138,9 +138,9 @@ def gptq_worker(
         config = dataclasses.replace(GPTQConfig.from_options(**settings), **(options or {}))
     if world > 1:
         torch.distributed.barrier()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = quantize_model(model, CalibrationSet.load(calibration), config)
-    quantize_s = time.perf_counter() - start
+    quantize_s, quantize_cpu_s = time.perf_counter() - start, time.process_time() - cpu
     start = time.perf_counter()
     if str(output) != "-":
         save_quantized(model, output, result, tokenizer=AutoTokenizer.from_pretrained(model_dir), overwrite=True)
@@ -154,6 +154,7 @@ def gptq_worker(
                     "load": load,
                     "load_s": load_s,
                     "quantize_s": quantize_s,
+                    "quantize_cpu_s": quantize_cpu_s,  # rank 0's CPU time: how much of the wall time it ran
                     "save_s": save_s,
                     "phases_s": result.phases,
                     "memory_per_rank": [dataclasses.asdict(m) for m in result.memory_per_rank],

@@ -19,8 +19,10 @@ llm-compressor routed (`moe_calibrate_all_experts=False`, skip with `--no-peer-r
 (`GPTQConfig(expert_calibration="all_tokens")`).
 
 Reported per run: quantize wall time (llm-compressor's conversion of the fused experts into
-per-expert Linears and both tools' loading are outside it, and given apart), time / llm-compressor
-DDP, peak parameter memory per rank (gptq_fsdp's own count: its shards, the largest whole layer it
+per-expert Linears and both tools' loading are outside it, and given apart; so is DeepSpeed's JIT
+build of its shm op, minutes when its cache under ~/.cache/torch_extensions was built by another
+venv), rank 0's CPU seconds in that span (far below the wall time: the machine was busy), time /
+llm-compressor DDP, peak parameter memory per rank (gptq_fsdp's own count: its shards, the largest whole layer it
 unsharded, the weights it gathered for GPTQ; llm-compressor holds the whole model in CPU shared memory
 for all ranks), peak RSS per rank, perplexity, and what the checkpoint holds. Writes
 benchmarks/results/moe_upcycled.{json,md} (`--results` elsewhere, e.g. for smoke tests).
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import sys
@@ -190,9 +193,8 @@ def main() -> None:
         f"block {SCHEME['block_size']}, {args.samples} x {args.seq_len} tokens of emma.txt; perplexity on "
         f"{args.ppl_tokens} tokens of persuasion.txt (1024-token windows); 1 thread per process",
         "model": str(model),
-        "parameters": sum(p.numel() for p in _meta_model(model).parameters()),
+        "parameters": stored_parameters(model),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "threads": 1,
         "date": time.strftime("%Y-%m-%d"),
         "samples": args.samples,
         "seq_len": args.seq_len,
@@ -205,6 +207,8 @@ def main() -> None:
             **{name: {"ranks": n, "moe_calibrate_all_experts": every} for name, (n, every) in peers.items()},
         },
         "quantize_s": seconds,
+        # rank 0's CPU time in the same span: below the wall time where the machine was busy with other work
+        "quantize_cpu_s": {name: reports[name].get("quantize_cpu_s") for name in seconds},
         "time_ratio_over_peer_ddp": {name: seconds[name] / seconds[REFERENCE] for name in seconds},
         "perplexity": ppl,
         "perplexity_ratio_over_best_peer_default": {
@@ -230,12 +234,15 @@ def main() -> None:
     print(json.dumps({k: result[k] for k in ("quantize_s", "perplexity", "memory_ratio_over_world1")}, indent=2))
 
 
-def _meta_model(model_dir: Path):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+def stored_parameters(model_dir: Path) -> int:
+    """Parameters in the model's files (tied ones once), from the safetensors headers."""
+    from safetensors import safe_open
 
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    count = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            count += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    return count
 
 
 def label(name: str, run: dict) -> str:
@@ -247,9 +254,10 @@ def label(name: str, run: dict) -> str:
 
 
 RUN_HEADER = (
-    "| run | quantize wall time (s) | time / llm-compressor DDP | peak parameter MiB per rank (/ one process) "
-    "| peak RSS MiB per rank | perplexity | perplexity / llm-compressor's best default |\n"
-    "|---|---:|---:|---:|---:|---:|---:|"
+    "| run | quantize wall time (s) | rank 0 CPU s | time / llm-compressor DDP "
+    "| peak parameter MiB per rank (/ one process) | peak RSS MiB per rank | perplexity "
+    "| perplexity / llm-compressor's best default |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|"
 )
 CONTENTS_HEADER = (
     "| run | per-expert packed weights | per-expert full-precision weights | fused expert tensors | expert names "
@@ -260,7 +268,7 @@ CONTENTS_HEADER = (
 def markdown(result: dict) -> str:
     mib, q, ppl = 2**20, result["quantize_s"], result["perplexity"]
     ratio, rss = result["time_ratio_over_peer_ddp"], result["peak_rss_bytes_per_rank"]
-    mem = result["peak_parameter_bytes_per_rank"]
+    mem, cpu = result["peak_parameter_bytes_per_rank"], result["quantize_cpu_s"]
     mem_ratio, ppl_ratio = result["memory_ratio_over_world1"], result["perplexity_ratio_over_best_peer_default"]
     full_mib = result["parameters"] * 4 / mib
     rows = []
@@ -270,8 +278,8 @@ def markdown(result: dict) -> str:
         else:
             memory = f"whole model, shared ({full_mib:.0f})"
         rows.append(
-            f"| {label(name, spec)} | {q[name]:.1f} | {ratio[name]:.3f} | {memory} | {rss[name] / mib:.0f} "
-            f"| {ppl[name]:.3f} | {ppl_ratio[name]:.4f} |"
+            f"| {label(name, spec)} | {q[name]:.1f} | {cpu[name]:.1f} | {ratio[name]:.3f} | {memory} "
+            f"| {rss[name] / mib:.0f} | {ppl[name]:.3f} | {ppl_ratio[name]:.4f} |"
         )
     default = [n for n, r in result["runs"].items() if "backend" in r and not r["options"]]
     sharded = [n for n in default if result["runs"][n]["ranks"] == 2]
@@ -306,8 +314,9 @@ def markdown(result: dict) -> str:
     return f"""# MoE: the upcycled SmolLM2 with gptq_fsdp and llm-compressor ({result["date"]})
 
 {result["job"]}; {result["machine"]}. fp32 model perplexity {ppl["fp32"]:.3f}. One measurement per run
-(no rounds). "routed": each expert calibrated on the tokens routed to it; "all tokens": every expert on
-every token (llm-compressor's default).
+(no rounds); rank 0's CPU seconds well below its wall time mean the machine was busy with other work.
+"routed": each expert calibrated on the tokens routed to it; "all tokens": every expert on every token
+(llm-compressor's default).
 
 {RUN_HEADER}
 {chr(10).join(rows)}
