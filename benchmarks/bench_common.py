@@ -147,7 +147,8 @@ def gptq_worker(
     save_s = time.perf_counter() - start
     timelines = collectives.gather_objects(result.timeline)
     if result.backend.rank == 0:
-        report.write_text(
+        partial = report.with_name(report.name + ".partial")  # renamed when whole: a report is complete or absent
+        partial.write_text(
             json.dumps(
                 {
                     "world": world,
@@ -164,6 +165,7 @@ def gptq_worker(
                 }
             )
         )
+        partial.replace(report)
     if world > 1:
         torch.distributed.destroy_process_group()  # as the CLI does: no process group left to tear down at exit
 
