@@ -138,22 +138,24 @@ def gptq_worker(
         config = dataclasses.replace(GPTQConfig.from_options(**settings), **(options or {}))
     if world > 1:
         torch.distributed.barrier()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = quantize_model(model, CalibrationSet.load(calibration), config)
-    quantize_s = time.perf_counter() - start
+    quantize_s, quantize_cpu_s = time.perf_counter() - start, time.process_time() - cpu
     start = time.perf_counter()
     if str(output) != "-":
         save_quantized(model, output, result, tokenizer=AutoTokenizer.from_pretrained(model_dir), overwrite=True)
     save_s = time.perf_counter() - start
     timelines = collectives.gather_objects(result.timeline)
     if result.backend.rank == 0:
-        report.write_text(
+        partial = report.with_name(report.name + ".partial")  # renamed when whole: a report is complete or absent
+        partial.write_text(
             json.dumps(
                 {
                     "world": world,
                     "load": load,
                     "load_s": load_s,
                     "quantize_s": quantize_s,
+                    "quantize_cpu_s": quantize_cpu_s,  # rank 0's CPU time: how much of the wall time it ran
                     "save_s": save_s,
                     "phases_s": result.phases,
                     "memory_per_rank": [dataclasses.asdict(m) for m in result.memory_per_rank],
@@ -163,6 +165,7 @@ def gptq_worker(
                 }
             )
         )
+        partial.replace(report)
     if world > 1:
         torch.distributed.destroy_process_group()  # as the CLI does: no process group left to tear down at exit
 

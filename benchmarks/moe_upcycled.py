@@ -19,8 +19,10 @@ llm-compressor routed (`moe_calibrate_all_experts=False`, skip with `--no-peer-r
 (`GPTQConfig(expert_calibration="all_tokens")`).
 
 Reported per run: quantize wall time (llm-compressor's conversion of the fused experts into
-per-expert Linears and both tools' loading are outside it, and given apart), time / llm-compressor
-DDP, peak parameter memory per rank (gptq_fsdp's own count: its shards, the largest whole layer it
+per-expert Linears and both tools' loading are outside it, and given apart; so is DeepSpeed's JIT
+build of its shm op, minutes when its cache under ~/.cache/torch_extensions was built by another
+venv), rank 0's CPU seconds in that span (far below the wall time: the machine was busy), time /
+llm-compressor DDP, peak parameter memory per rank (gptq_fsdp's own count: its shards, the largest whole layer it
 unsharded, the weights it gathered for GPTQ; llm-compressor holds the whole model in CPU shared memory
 for all ranks), peak RSS per rank, perplexity, and what the checkpoint holds. Writes
 benchmarks/results/moe_upcycled.{json,md} (`--results` elsewhere, e.g. for smoke tests).
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import sys
@@ -72,6 +75,24 @@ OURS_ALL_TOKENS = {"gptq_fsdp_world1_all_tokens": (1, "single", {"expert_calibra
 PEERS = {"llmcompressor_world1": (1, True), "llmcompressor_ddp_world2": (2, True)}
 PEER_ROUTED = {"llmcompressor_world1_routed": (1, False)}
 REFERENCE = "llmcompressor_ddp_world2"  # the time ratios' denominator
+
+
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
+def run_reporting(command: list[str], report: Path, aborted_at_exit: list[str], name: str) -> dict:
+    """Run one launch and return its report. A rank that aborts at interpreter exit with gloo's
+    "terminate called without an active exception" (README, known limits) after the report was
+    written (so after the work and the save) is noted in `aborted_at_exit`, not fatal."""
+    report.unlink(missing_ok=True)
+    try:
+        run(command)
+    except RuntimeError as error:
+        if GLOO_EXIT_ABORT not in str(error) or not report.exists():
+            raise
+        print(f"{name}: a rank aborted at exit after its report was written ({GLOO_EXIT_ABORT!r})", flush=True)
+        aborted_at_exit.append(name)
+    return json.loads(report.read_text())
 
 
 def truncated(model_dir: Path, layers: int, work: Path) -> Path:
@@ -149,24 +170,24 @@ def main() -> None:
     ours = {**OURS, **(OURS_ALL_TOKENS if args.with_all_tokens else {})}
     peers = {**PEERS, **({} if args.no_peer_routed else PEER_ROUTED)}
 
-    reports, wall = {}, {}
+    reports, wall, aborted_at_exit = {}, {}, []
     for name, (world, backend, options) in ours.items():
         spec = {"model": str(model), "backend": backend, "options": options,
                 "calibration": str(work / "calibration.pt"), "output": str(work / name),
                 "report": str(work / f"{name}.json")}  # fmt: skip
         start = time.perf_counter()
-        run([*torchrun(world), __file__, "--worker", json.dumps(spec)])
+        command = [*torchrun(world), __file__, "--worker", json.dumps(spec)]
+        reports[name] = run_reporting(command, work / f"{name}.json", aborted_at_exit, name)
         wall[name] = time.perf_counter() - start
-        reports[name] = json.loads((work / f"{name}.json").read_text())
         print(f"{name}: quantize {reports[name]['quantize_s']:.1f} s", flush=True)
     for name, (world, all_experts) in peers.items():
         extra = ("--moe-calibrate-all-experts", "true" if all_experts else "false",
                  "--batched-quantization", args.peer_batched_quantization)  # fmt: skip
         start = time.perf_counter()
-        run(peer_command(model, work / "calibration_ids.pt", work / name, work / f"{name}.json", world=world,
-                         extra=extra))  # fmt: skip
+        command = peer_command(model, work / "calibration_ids.pt", work / name, work / f"{name}.json", world=world,
+                               extra=extra)  # fmt: skip
+        reports[name] = run_reporting(command, work / f"{name}.json", aborted_at_exit, name)
         wall[name] = time.perf_counter() - start
-        reports[name] = json.loads((work / f"{name}.json").read_text())
         print(f"{name}: quantize {reports[name]['quantize_s']:.1f} s", flush=True)
 
     from gptq_fsdp.evaluate import text_tokens
@@ -190,9 +211,8 @@ def main() -> None:
         f"block {SCHEME['block_size']}, {args.samples} x {args.seq_len} tokens of emma.txt; perplexity on "
         f"{args.ppl_tokens} tokens of persuasion.txt (1024-token windows); 1 thread per process",
         "model": str(model),
-        "parameters": sum(p.numel() for p in _meta_model(model).parameters()),
+        "parameters": stored_parameters(model),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "threads": 1,
         "date": time.strftime("%Y-%m-%d"),
         "samples": args.samples,
         "seq_len": args.seq_len,
@@ -205,6 +225,8 @@ def main() -> None:
             **{name: {"ranks": n, "moe_calibrate_all_experts": every} for name, (n, every) in peers.items()},
         },
         "quantize_s": seconds,
+        # rank 0's CPU time in the same span: below the wall time where the machine was busy with other work
+        "quantize_cpu_s": {name: reports[name].get("quantize_cpu_s") for name in seconds},
         "time_ratio_over_peer_ddp": {name: seconds[name] / seconds[REFERENCE] for name in seconds},
         "perplexity": ppl,
         "perplexity_ratio_over_best_peer_default": {
@@ -218,6 +240,7 @@ def main() -> None:
         "peer_linearize_s": {name: reports[name]["linearize_s"] for name in peers},
         "wall_s": wall,
         "score_s": score_s,
+        "aborted_at_exit": aborted_at_exit,  # runs with a rank that aborted after its work (gloo, at exit)
         "pooled_expert_slices": {name: reports[name]["pooled_expert_slices"] for name in ours},
         "phases_s": {name: reports[name]["phases_s"] for name in ours},
         "memory_per_rank": {name: reports[name]["memory_per_rank"] for name in ours},
@@ -230,12 +253,15 @@ def main() -> None:
     print(json.dumps({k: result[k] for k in ("quantize_s", "perplexity", "memory_ratio_over_world1")}, indent=2))
 
 
-def _meta_model(model_dir: Path):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+def stored_parameters(model_dir: Path) -> int:
+    """Parameters in the model's files (tied ones once), from the safetensors headers."""
+    from safetensors import safe_open
 
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    count = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            count += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    return count
 
 
 def label(name: str, run: dict) -> str:
@@ -247,9 +273,10 @@ def label(name: str, run: dict) -> str:
 
 
 RUN_HEADER = (
-    "| run | quantize wall time (s) | time / llm-compressor DDP | peak parameter MiB per rank (/ one process) "
-    "| peak RSS MiB per rank | perplexity | perplexity / llm-compressor's best default |\n"
-    "|---|---:|---:|---:|---:|---:|---:|"
+    "| run | quantize wall time (s) | rank 0 CPU s | time / llm-compressor DDP "
+    "| peak parameter MiB per rank (/ one process) | peak RSS MiB per rank | perplexity "
+    "| perplexity / llm-compressor's best default |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|"
 )
 CONTENTS_HEADER = (
     "| run | per-expert packed weights | per-expert full-precision weights | fused expert tensors | expert names "
@@ -260,7 +287,7 @@ CONTENTS_HEADER = (
 def markdown(result: dict) -> str:
     mib, q, ppl = 2**20, result["quantize_s"], result["perplexity"]
     ratio, rss = result["time_ratio_over_peer_ddp"], result["peak_rss_bytes_per_rank"]
-    mem = result["peak_parameter_bytes_per_rank"]
+    mem, cpu = result["peak_parameter_bytes_per_rank"], result["quantize_cpu_s"]
     mem_ratio, ppl_ratio = result["memory_ratio_over_world1"], result["perplexity_ratio_over_best_peer_default"]
     full_mib = result["parameters"] * 4 / mib
     rows = []
@@ -270,8 +297,8 @@ def markdown(result: dict) -> str:
         else:
             memory = f"whole model, shared ({full_mib:.0f})"
         rows.append(
-            f"| {label(name, spec)} | {q[name]:.1f} | {ratio[name]:.3f} | {memory} | {rss[name] / mib:.0f} "
-            f"| {ppl[name]:.3f} | {ppl_ratio[name]:.4f} |"
+            f"| {label(name, spec)} | {q[name]:.1f} | {cpu[name]:.1f} | {ratio[name]:.3f} | {memory} "
+            f"| {rss[name] / mib:.0f} | {ppl[name]:.3f} | {ppl_ratio[name]:.4f} |"
         )
     default = [n for n, r in result["runs"].items() if "backend" in r and not r["options"]]
     sharded = [n for n in default if result["runs"][n]["ranks"] == 2]
@@ -303,11 +330,19 @@ def markdown(result: dict) -> str:
     pooled = ", ".join(
         f"{label(n, result['runs'][n]).split(', ', 1)[1]} {k}" for n, k in result["pooled_expert_slices"].items()
     )
+    aborted = (
+        " Runs in which a rank aborted at interpreter exit after its work and save (gloo; README, known limits): "
+        + ", ".join(label(n, result["runs"][n]) for n in result["aborted_at_exit"])
+        + "."
+        if result.get("aborted_at_exit")
+        else ""
+    )
     return f"""# MoE: the upcycled SmolLM2 with gptq_fsdp and llm-compressor ({result["date"]})
 
 {result["job"]}; {result["machine"]}. fp32 model perplexity {ppl["fp32"]:.3f}. One measurement per run
-(no rounds). "routed": each expert calibrated on the tokens routed to it; "all tokens": every expert on
-every token (llm-compressor's default).
+(no rounds); rank 0's CPU seconds well below its wall time mean the machine was busy with other work.
+"routed": each expert calibrated on the tokens routed to it; "all tokens": every expert on every token
+(llm-compressor's default).
 
 {RUN_HEADER}
 {chr(10).join(rows)}
@@ -320,7 +355,7 @@ Outside the quantize times: llm-compressor's conversion of the fused experts int
 ({linearize} s, its runs in order) and loading (gptq_fsdp: {load}; FSDP2 loaded `{result["fsdp2_load"]}`).
 Peak RSS includes loading; with `rank0` loading FSDP2's rank 0 reads the whole model, and
 llm-compressor's RSS counts the shared-memory model pages each rank touched. Expert slices short of
-tokens, quantized with their layer's pooled Hessian (gptq_fsdp): {pooled}.
+tokens, quantized with their layer's pooled Hessian (gptq_fsdp): {pooled}.{aborted}
 
 What each checkpoint holds (tensor names; every one reloads in transformers with no tensor missing or
 unknown):
