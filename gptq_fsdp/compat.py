@@ -5,7 +5,9 @@ stops with a clear error at the first private call, rather than an AttributeErro
 run; GPTQ_FSDP_UNCHECKED_VERSIONS=1 turns that error into a warning (at your own risk).
 
 - torch FSDP2: the module state's lazy init, its parameter groups and their training state
-  (`torch.distributed.fsdp._fully_shard`); tensor storages' identity (`UntypedStorage._cdata`).
+  (`torch.distributed.fsdp._fully_shard`); tensor storages' identity (`UntypedStorage._cdata`);
+  the dispatch-mode base class and pytree leaves (`torch.utils._python_dispatch`, `_pytree`) that
+  let the planner see every tensor an op makes.
 - DeepSpeed ZeRO-3: its per-module fetch/release hooks, taken off a layer by editing torch's
   `Module._forward_pre_hooks` / `_forward_hooks`; the partition attributes of its parameters
   (`ds_id`, `ds_tensor`, `ds_numel`, `ds_shape`, used by distributed/zero3.py); the plain
@@ -88,6 +90,22 @@ def fsdp_mark_idle(groups: list) -> None:
 
     for group in groups:
         group._training_state = TrainingState.IDLE
+
+
+def dispatch_mode() -> type:
+    """torch's TorchDispatchMode: a subclass sees every op below autograd, with its outputs."""
+    require("torch")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+def tensor_leaves(tree) -> list[torch.Tensor]:
+    """The tensors of an op's output (a tensor, or nested tuples/lists of them)."""
+    require("torch")
+    import torch.utils._pytree as pytree
+
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
 def storage_key(tensor: torch.Tensor) -> int:

@@ -552,12 +552,12 @@ def test_meta_groups_equal_a_real_forward(family, tmp_path):
     hidden, calls = capture_layer_inputs(model, layers, [(ids, torch.ones_like(ids))])
     hooks = HessianHooks(modules, stop_early=False)  # as in true-sequential order
     paused = []
+    made = planner_shapes.NewTensors()
 
     def at_pause(_module, _args) -> None:
-        paused.append(planner_shapes.bytes_made_since(before, hooks, "cpu"))
+        paused.append(made.bytes_alive(hooks))
 
-    before = planner_shapes.live_storages("cpu")
-    with torch.no_grad(), hooks.attached(), hooks.forward(None):
+    with torch.no_grad(), hooks.attached(), hooks.forward(None), made:
         handles = [m.register_forward_pre_hook(at_pause) for m in modules.values()]
         args, kwargs = calls[0][0]
         layers[0](hidden[0], *args, **kwargs)

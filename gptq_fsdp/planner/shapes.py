@@ -4,8 +4,8 @@ paused true-sequential forward holds per token. How groups are found: docs/plann
 
 from __future__ import annotations
 
-import gc
 import math
+import weakref
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gptq_fsdp.compat import storage_key
+from gptq_fsdp.compat import dispatch_mode, storage_key, tensor_leaves
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.model.capture import StopForward
 from gptq_fsdp.model.hooks import HessianHooks
@@ -280,18 +280,18 @@ def _groups_by_forward(
         return [], 0.0
     hooks = HessianHooks(modules, stop_early=False)
     seen: set[str] = set()
-    before = live_storages("meta")
+    made = NewTensors()
     paused = 0
 
     def at_pause(name: str) -> None:
         nonlocal paused
-        paused = max(paused, bytes_made_since(before, hooks, "meta"))
+        paused = max(paused, made.bytes_alive(hooks))
         seen.add(name)
         if len(seen) == len(modules):
             raise StopForward
 
     args, kwargs = call
-    with hooks.attached():
+    with hooks.attached(), made:
         # Registered after HessianHooks' own hooks, as the pipeline's pausing hooks are.
         handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: at_pause(n)) for n, m in modules.items()]
         try:
@@ -309,22 +309,24 @@ def _groups_by_forward(
     return groups + [[n] for n in modules if n not in grouped], paused / PROBE_TOKENS
 
 
-def bytes_made_since(before: dict[int, int], hooks: HessianHooks, device_type: str) -> int:
-    """Bytes of the storages alive now that were not in `before` (a `live_storages` result), the
-    hooks' own Hessian buffers aside: what a forward paused here holds."""
-    own = {storage_key(t) for g in hooks.groups for t in g.buffers}
-    return sum(n for k, n in live_storages(device_type).items() if k not in before and k not in own)
+class NewTensors(dispatch_mode()):
+    """Sees every tensor the ops inside make; `bytes_alive` is what those still alive hold (each
+    storage once), the `hooks`' own Hessian buffers aside: what a forward paused there holds.
+    Weak references only: a tensor the forward has dropped no longer counts."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: list[weakref.ref] = []
 
-def live_storages(device_type: str) -> dict[int, int]:
-    """Bytes of every tensor storage alive on `device_type`, by storage (views count once)."""
-    storages = {}
-    for obj in gc.get_objects():
-        # type(), not isinstance(): the latter reads __class__, which deprecated torch objects warn on.
-        if issubclass(type(obj), torch.Tensor) and obj.device.type == device_type:
-            storage = obj.untyped_storage()
-            storages[storage_key(obj)] = storage.nbytes()
-    return storages
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._made += [weakref.ref(t) for t in tensor_leaves(out)]
+        return out
+
+    def bytes_alive(self, hooks: HessianHooks) -> int:
+        own = {storage_key(t) for g in hooks.groups for t in g.buffers}
+        alive = {storage_key(t): t.untyped_storage().nbytes() for t in (ref() for ref in self._made) if t is not None}
+        return sum(n for key, n in alive.items() if key not in own)
 
 
 def _groups_by_rule(modules: dict[str, nn.Linear]) -> list[list[str]]:
