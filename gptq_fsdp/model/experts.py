@@ -47,7 +47,8 @@ class ExpertParam:
         """The module names expert `expert`'s slice is saved under (in the model's in-memory layout)."""
         return [f"{self.module_name}.{expert}.{member}" for member in self.members]
 
-    def label(self, expert: int) -> str:
+    def label(self, expert: int | str) -> str:
+        """'...experts.3.gate_proj+up_proj'; label('*') names all the experts' slices."""
         return f"{self.module_name}.{expert}.{'+'.join(self.members)}"
 
 

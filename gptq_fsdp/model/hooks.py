@@ -66,7 +66,7 @@ class HessianHooks:
         self.all_tokens = all_tokens
         self.stop_early = stop_early and not self.experts
         shared = [p for p in self.experts if all_tokens and p.param_name == FUSED[0]]
-        self.shared_groups = {p: HessianGroup([p.label(0).replace(".0.", ".*.", 1)], p.columns, device) for p in shared}
+        self.shared_groups = {p: HessianGroup([p.label("*")], p.columns, device) for p in shared}
         self.expert_groups = {
             (param, e): HessianGroup(param.names(e), param.columns, device)
             for param in self.experts

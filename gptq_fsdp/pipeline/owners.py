@@ -233,7 +233,7 @@ def _pooled_hessians(units: list, tokens: list[int]) -> dict[ExpertParam, torch.
         pooled[param] = _hessian_of_experts(param, total, sum(n for _, n in members))
         logger.info(
             "%s: %d of %d experts have fewer tokens than its %d columns; they use the pooled Hessian",
-            _all_experts(param),
+            param.label("*"),
             sum(n < param.columns for _, n in members),
             len(members),
             param.columns,
@@ -255,14 +255,10 @@ def _shared_hessians(shared: list[tuple[ExpertParam, HessianGroup]], tokens: dic
 def _hessian_of_experts(param: ExpertParam, total: torch.Tensor, count: int) -> torch.Tensor:
     if count == 0:  # never quantize from nothing (an all-zero H would zero every weight)
         raise GPTQError(
-            f"no calibration token reached the experts of {_all_experts(param)}: their inputs were not "
+            f"no calibration token reached the experts of {param.label('*')}: their inputs were not "
             "seen (an experts implementation that does not call F.linear on each expert's slice?)"
         )
     return hessian_from_sum(total, count, param.columns)
-
-
-def _all_experts(param: ExpertParam) -> str:
-    return param.label(0).replace(".0.", ".*.", 1)
 
 
 def _only(owner: int, param: ExpertParam, world: int) -> list[int]:

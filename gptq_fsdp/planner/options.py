@@ -5,12 +5,11 @@ calibration samples over ranks. The model behind the numbers: docs/planner.md.""
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from dataclasses import dataclass, field, fields, replace
 
 from gptq_fsdp.config import CalibrationConfig, GPTQConfig
-from gptq_fsdp.data import near_equal_shares
+from gptq_fsdp.data import CalibrationDataError, near_equal_shares, rank_batches
 from gptq_fsdp.planner.shapes import ModelShape
 
 BACKENDS = ("fsdp2", "zero3")
@@ -157,20 +156,10 @@ class Plan:
 
 def split_samples(samples: int, world: int, batch_size: int) -> tuple[list[int], int, list[int], list[str]]:
     """Samples, most forward calls of a rank, and largest batch of each rank, as `data.rank_batches`
-    splits them (and the reason it would refuse the split, if any)."""
-    sizes = near_equal_shares(samples, math.ceil(samples / batch_size)) if samples else []
-    problems = []
-    if samples < world:
-        problems.append(f"{samples} calibration samples cannot be split across {world} ranks")
-    elif len(sizes) < world:
-        problems.append(
-            f"{samples} samples in batches of {batch_size} make {len(sizes)} forward calls, fewer than the {world} "
-            f"ranks (data.rank_batches refuses this): use a batch size (--batch-size) of {samples // world} or less"
-        )
-    if problems:  # planned as if each rank ran its near-equal share of the samples
+    splits them (and its reason to refuse the split, if any)."""
+    try:
+        split = [rank_batches(samples, rank, world, batch_size) for rank in range(world)]
+    except CalibrationDataError as error:  # planned as if each rank ran its near-equal share of the samples
         per_rank = near_equal_shares(samples, world)
-        return per_rank, math.ceil(max(per_rank) / batch_size), [min(n, batch_size) for n in per_rank], problems
-    counts = near_equal_shares(len(sizes), world)
-    starts = [0, *itertools.accumulate(counts)]
-    mine = [sizes[starts[r] : starts[r + 1]] for r in range(world)]
-    return [sum(m) for m in mine], max(counts), [max(m) for m in mine], problems
+        return per_rank, math.ceil(max(per_rank) / batch_size), [min(n, batch_size) for n in per_rank], [str(error)]
+    return [sum(map(len, b)) for b in split], max(map(len, split)), [max(map(len, b)) for b in split], []
