@@ -25,11 +25,12 @@ RESULTS = REPO / "benchmarks" / "results"
 SCHEME = dict(group_size=64, actorder="static", dampening=0.01, block_size=128)
 
 
-def prepare_job(samples: int, seq_len: int, model: Path = SMOLLM2, work: Path = WORK):
-    """Check the peer's venv; write the calibration set from Emma (ours, `calibration.pt`, and the same
-    token ids for the peer, `calibration_ids.pt`) into `work`; return the tokenizer."""
-    if not PEER_PYTHON.exists():
-        sys.exit("llm-compressor's venv is missing: run benchmarks/setup_llmcompressor.sh first")
+def prepare_job(samples: int, seq_len: int, model: Path = SMOLLM2, work: Path = WORK, peer: Path = PEER_PYTHON):
+    """Check the peer's venv (`peer`: its python, made by benchmarks/setup_<peer>.sh); write the
+    calibration set from Emma (ours, `calibration.pt`, and the same token ids for the peer,
+    `calibration_ids.pt`) into `work`; return the tokenizer."""
+    if not peer.exists():
+        sys.exit(f"the peer's venv is missing ({peer}): run the benchmarks/setup_*.sh that makes it first")
     from transformers import AutoTokenizer
 
     from gptq_fsdp.data import build_calibration, load_texts

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import prepare_job  # noqa: E402
 from smollm2_core import AUSTEN, MODEL, REPO, RESULTS, SCHEME, WORK, score, timed_subprocess  # noqa: E402
 
 GPTQMODEL_PYTHON = REPO / "benchmarks" / ".venv-gptqmodel" / "bin" / "python"
@@ -63,23 +64,6 @@ def run_child(command: list[str]) -> float:
     return round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 3)
 
 
-def prepare_job(work: Path, samples: int, seq_len: int):
-    """Write the calibration set (ours and the peer's token-id file); the tokenizer."""
-    if not GPTQMODEL_PYTHON.exists():
-        sys.exit("GPTQModel's venv is missing: run benchmarks/setup_gptqmodel.sh first")
-    from transformers import AutoTokenizer
-
-    from gptq_fsdp.data import build_calibration, load_texts
-
-    work.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    texts = load_texts(str(AUSTEN / "emma.txt"))
-    calibration = build_calibration(texts, tokenizer, num_samples=samples, max_seq_length=seq_len)
-    calibration.save(work / "calibration.pt")
-    torch.save(calibration.input_ids, work / "calibration_ids.pt")
-    return tokenizer
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -90,7 +74,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="where smollm2_gptqmodel.{json,md} go")
     args = parser.parse_args()
     work = WORK / "gptqmodel"
-    tokenizer = prepare_job(work, args.samples, args.seq_len)
+    tokenizer = prepare_job(args.samples, args.seq_len, MODEL, work, peer=GPTQMODEL_PYTHON)
     runs: dict[str, list[dict]] = {tool: [] for tool in (*OURS, *PEERS)}
     for _ in range(args.repeats):
         for tool, true_sequential in OURS.items():
