@@ -122,6 +122,18 @@ TINY_FAMILIES = {
         num_experts=4,
         num_experts_per_tok=2,
     ),
+    "qwen2_moe": dict(  # fused experts, a shared expert with its one-output shared_expert_gate, qkv biases
+        model_type="qwen2_moe",
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+    ),
     "deepseek_v3": dict(  # latent attention; a dense first layer, then shared expert + fused experts
         model_type="deepseek_v3",
         hidden_size=64,

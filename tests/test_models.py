@@ -64,14 +64,18 @@ def load_model(directory: Path) -> nn.Module:
 
 
 def layer_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every Linear inside the decoder layer stack (all families here keep it under `.layers.N.`)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    """Every Linear inside the decoder layer stack (all families here keep it under `.layers.N.`) but
+    the one-output gates (Qwen2-MoE's shared_expert_gate), which stay in full precision."""
+    return {
+        n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n and m.out_features > 1
+    }
 
 
 # The per-expert names the families' own files give the fused experts' [gate; up] and down rows.
 EXPERT_LEAVES = {
     "mixtral": ("w1", "w3", "w2"),
     "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+    "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
     "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
 }
 
@@ -233,6 +237,9 @@ def test_checkpoint_config(quantized):
     assert qc["format"] == "pack-quantized"
     assert qc["quantization_status"] == "compressed"
     assert "lm_head" in qc["ignore"]
+    if quantized.family == "qwen2_moe":  # its one-output gate stays full precision, as vLLM loads it
+        gates = {f"model.layers.{i}.mlp.{g}" for i in (0, 1) for g in ("gate", "shared_expert_gate")}
+        assert gates <= set(qc["ignore"])
     (group,) = qc["config_groups"].values()
     assert group["targets"] == ["Linear"]
     assert group["format"] == "pack-quantized"

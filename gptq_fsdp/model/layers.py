@@ -44,7 +44,8 @@ def target_modules(model: nn.Module, config: GPTQConfig) -> list[dict[str, nn.Li
     layers_name, layers = find_decoder_layers(model)
     per_layer: list[dict[str, nn.Linear]] = [{} for _ in layers]
     prefix = f"{layers_name}."
-    matched = list(match_named_modules(model, config.targets, config.ignore))
+    gates = set(routers(model))
+    matched = [(n, m) for n, m in match_named_modules(model, config.targets, config.ignore) if n not in gates]
     if not matched:
         raise GPTQError(
             f"targets {config.targets} (ignoring {config.ignore}) match no module of {type(model).__name__}"
@@ -113,8 +114,15 @@ def uncovered_matrices(
 
 
 def routers(model: nn.Module) -> list[str]:
-    """Full names of the MoE routers (transformers' `...TopKRouter` modules): left in full precision."""
-    return [name for name, module in model.named_modules() if any("Router" in c for c in _class_names(module))]
+    """Full names of the MoE routers, left in full precision: transformers' `...TopKRouter` modules, and
+    Linears of one output (Qwen2-MoE's `shared_expert_gate`, a per-token scalar gate that vLLM loads
+    unquantized; no GPTQ target has a single row)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if any("Router" in c for c in _class_names(module))
+        or (isinstance(module, nn.Linear) and module.out_features == 1)
+    ]
 
 
 def ignored_modules(model: nn.Module, config: GPTQConfig) -> set[str]:
