@@ -233,28 +233,29 @@ def eager_experts(module: nn.Module) -> Iterator[None]:
         config._experts_implementation = previous
 
 
-def fuses_weights_on_load(model: nn.Module) -> bool:
-    """Whether loading builds some parameters out of several stored tensors (fused MoE experts)."""
-    from transformers.core_model_loading import WeightConverter
+def _save_renamings(model: nn.Module) -> list:
+    from transformers.core_model_loading import WeightRenaming
 
-    return any(isinstance(c, WeightConverter) for c in weight_conversions(model))
+    return [c.reverse_transform() for c in reversed(weight_conversions(model)) if isinstance(c, WeightRenaming)]
 
 
 def in_file_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same tensors under the names the model's own files give them, as save_pretrained writes
-    them: transformers 5 renames some while loading (gpt_neox's `embed_out` is `lm_head` in memory).
+    them: transformers 5 renames some while loading (gpt_neox's `embed_out` is `lm_head` in memory,
+    Mixtral's `block_sparse_moe` is `mlp`). Per-expert tensors of fused MoE experts, named by their
+    in-memory module path (`mlp.experts.0.w1.weight_packed`), are renamed the same way."""
+    from transformers.core_model_loading import apply_renamings
 
-    Models whose loading also fuses per-expert MoE weights into 3-D parameters keep the in-memory
-    names: their experts are not quantized here, and transformers 5.24 loads a compressed-tensors
-    checkpoint's per-expert weights only when they are quantized.
-    """
-    from transformers.core_model_loading import WeightRenaming, apply_renamings
-
-    if fuses_weights_on_load(model):
-        return dict(tensors)
-    conversions = weight_conversions(model)
-    renamings = [c.reverse_transform() for c in reversed(conversions) if isinstance(c, WeightRenaming)]
+    renamings = _save_renamings(model)
     return {apply_renamings(name, renamings): tensor for name, tensor in tensors.items()}
+
+
+def file_module_name(model: nn.Module, name: str) -> str:
+    """In-memory module `name` as the model's files spell it (`in_file_layout` for modules)."""
+    from transformers.core_model_loading import apply_renamings
+
+    # Renaming patterns may need the dot after a module name (".block_sparse_moe."): rename a tensor of it.
+    return apply_renamings(f"{name}.weight", _save_renamings(model)).removesuffix(".weight")
 
 
 class FileNames:

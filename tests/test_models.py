@@ -80,6 +80,16 @@ EXPERT_LEAVES = {
 }
 
 
+# How the families' files spell in-memory module paths, where they differ (transformers renames on load).
+FILE_SPELLING = {"mixtral": (".mlp.", ".block_sparse_moe.")}
+
+
+def in_files(name: str, family: str) -> str:
+    """In-memory module `name` as `family`'s own files spell it."""
+    memory, files = FILE_SPELLING.get(family, (".", "."))
+    return name.replace(memory, files)
+
+
 def expert_slices(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
     """Each expert's projections, as views of the fused MoE parameters, under their checkpoint names."""
     if family not in EXPERT_LEAVES:
@@ -256,7 +266,8 @@ def test_checkpoint_tensors(quantized):
     weights = {name: module.weight for name, module in layer_linears(quantized.model).items()}
     weights |= expert_slices(quantized.model, quantized.family)
     biases = {name: module.bias for name, module in layer_linears(quantized.model).items()}
-    for name, weight in weights.items():
+    for memory_name, weight in weights.items():
+        name = in_files(memory_name, quantized.family)
         rows, cols = weight.shape
         assert f"{name}.weight" not in tensors
         packed = tensors[f"{name}.weight_packed"]
@@ -266,27 +277,24 @@ def test_checkpoint_tensors(quantized):
         assert tensors[f"{name}.weight_shape"].tolist() == [rows, cols]
         assert f"{name}.weight_zero_point" not in tensors  # symmetric
         assert f"{name}.weight_g_idx" not in tensors
-        torch.testing.assert_close(scale, quantized.result.modules[name].packed["weight_scale"], rtol=0, atol=0)
+        torch.testing.assert_close(scale, quantized.result.modules[memory_name].packed["weight_scale"], rtol=0, atol=0)
         # The packed integers times the scale give back exactly the in-memory weight.
         q = unpack_int4(packed, cols)
         assert q.min() >= QMIN and q.max() <= QMAX
         dequantized = q.float() * scale.float().repeat_interleave(GROUP, dim=1)
         assert torch.equal(dequantized, weight.float()), name  # the same fp32 products
-        if biases.get(name) is not None:
-            torch.testing.assert_close(tensors[f"{name}.bias"], quantized.original[f"{name}.bias"], rtol=0, atol=0)
+        if biases.get(memory_name) is not None:
+            torch.testing.assert_close(
+                tensors[f"{name}.bias"], quantized.original[f"{memory_name}.bias"], rtol=0, atol=0
+            )
     # Only the layer Linears and the experts are packed (each expert under its own names, none left
-    # fused); every other tensor has the name the model's own files give it (gpt_neox's lm_head is
-    # embed_out there), except in MoE models, whose other tensors keep their in-memory names.
+    # fused); every tensor has the name the model's own files give it (gpt_neox's lm_head is
+    # embed_out there, Mixtral's mlp is block_sparse_moe), so vLLM finds them under its names.
     packed = {k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed")}
-    assert packed == set(weights)
+    assert packed == {in_files(name, quantized.family) for name in weights}
     others = {k for k in tensors if not (k.rpartition(".")[0] in packed and k.rpartition(".")[2].startswith("weight"))}
     assert not fused_experts(quantized.model) & set(tensors)
-    if quantized.family in EXPERT_LEAVES:
-        tied = {"lm_head.weight"} if quantized.model.config.tie_word_embeddings else set()
-        in_layers = {f"{n}.weight" for n in layer_linears(quantized.model)} | fused_experts(quantized.model)
-        assert others == set(quantized.original) - in_layers - tied
-    else:
-        assert others == set(load_tensors(quantized.source)) - {f"{name}.weight" for name in packed}
+    assert others | {f"{name}.weight" for name in packed} == set(load_tensors(quantized.source))
     if not quantized.model.config.tie_word_embeddings:
         lm_head = quantized.original["lm_head.weight"]
         stored = [k for k, v in tensors.items() if v.shape == lm_head.shape and torch.equal(v, lm_head)]

@@ -15,7 +15,7 @@ from accelerate import init_empty_weights
 from conftest import _load_script, make_tiny_model
 from safetensors.torch import save_file
 from sharded_helpers import REPO, dequantized, single_process, torchrun
-from test_models import EXPERT_LEAVES, check_dequantized, expert_slices, fused_experts, load_tensors
+from test_models import EXPERT_LEAVES, check_dequantized, expert_slices, fused_experts, in_files, load_tensors
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.core_model_loading import Interleave
@@ -54,10 +54,12 @@ def test_every_expert_is_its_own_quantized_weight(one_process):
         check_dequantized(name, weight, result.modules[name], GROUP)
     tensors = load_tensors(out)
     assert not fused_experts(model) & set(tensors), "no fused full-precision experts left"
-    for name in slices:
+    for name in map(in_files, slices, ["mixtral"] * len(slices)):  # block_sparse_moe.experts.E.w1, as in its files
         assert {f"{name}.weight_packed", f"{name}.weight_scale", f"{name}.weight_shape"} <= set(tensors)
     ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
-    assert {"model.layers.0.mlp.gate", "model.layers.1.mlp.gate"} <= set(ignore), "routers stay full precision"
+    # Routers stay full precision, named as transformers (in memory) and vLLM (in the files) find them.
+    routers = {f"model.layers.{i}.{block}.gate" for i in (0, 1) for block in ("mlp", "block_sparse_moe")}
+    assert routers <= set(ignore)
 
 
 @pytest.mark.parametrize("samples", [12, 3])
@@ -180,7 +182,7 @@ def test_sharded_experts_equal_one_process(world, load, samples, experts, mixtra
         mixtral_dir, tmp_path / "single", austen / "emma.txt", samples, expert_calibration=experts
     )
     names = {k.removesuffix(".weight_packed") for k in load_tensors(output) if k.endswith(".weight_packed")}
-    assert {f"model.layers.1.mlp.experts.3.{leaf}" for leaf in EXPERT_LEAVES["mixtral"]} <= names
+    assert {f"model.layers.1.block_sparse_moe.experts.3.{leaf}" for leaf in EXPERT_LEAVES["mixtral"]} <= names
     _, sharded = dequantized(output)
     _, single = dequantized(expected)
     assert sharded.keys() == single.keys()

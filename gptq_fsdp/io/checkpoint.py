@@ -25,7 +25,7 @@ from torch import nn
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from gptq_fsdp import faults
-from gptq_fsdp.compat import in_file_layout
+from gptq_fsdp.compat import file_module_name, in_file_layout
 from gptq_fsdp.core.scheme import GPTQError
 from gptq_fsdp.distributed import collectives, unwrap_engine
 from gptq_fsdp.io.output import check_output_dir, move_into_place, shared_tmp_dir
@@ -38,12 +38,15 @@ logger = logging.getLogger("gptq_fsdp")
 
 def quantization_config(model: nn.Module, result: QuantizationResult) -> QuantizationConfig:
     """The `quantization_config` block: our scheme, and by name every target we did not quantize and
-    every MoE router (a Linear in the checkpoint's layout, left in full precision)."""
+    every MoE router (a Linear in the checkpoint's layout, left in full precision). Each is named as
+    transformers matches it on reload (in memory) and, where the files spell it otherwise (Mixtral's
+    `block_sparse_moe.gate`), also so: vLLM reads `ignore` as checkpoint names."""
     scheme = result.config.scheme.model_copy(deep=True)
     scheme.format = CompressionFormat.pack_quantized.value
     done = set(result.quantized)
-    skipped = [name for name, _ in match_named_modules(model, scheme.targets) if name not in done]
-    skipped += [name for name in routers(model) if name not in skipped]
+    left = [name for name, _ in match_named_modules(model, scheme.targets) if name not in done]
+    left += [name for name in routers(model) if name not in left]
+    skipped = list(dict.fromkeys(n for name in left for n in (name, file_module_name(model, name))))
     return QuantizationConfig(
         config_groups={"group_0": scheme},
         format=CompressionFormat.pack_quantized.value,
