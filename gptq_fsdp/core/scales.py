@@ -1,0 +1,114 @@
+"""Scales from a search over shrunk min-max ranges (the `mse` and `imatrix_mse` observers of
+llm-compressor; `scheme.scale_search` reads which one a scheme asks for).
+
+For each group of a weight (handed over as [group, ..., rows], as slices of Wᵀ hold it), every
+candidate range p·[min, max] is turned into a scale and zero point by compressed-tensors' own
+formula, the scale rounded to the model dtype as the checkpoint stores it; the group is quantized
+and dequantized with it, and the candidate with the least error Σ_i c_i·|w_i − q(w_i)|^norm is kept
+(c_i = 1, or column i's Hessian diagonal: the mean squared input that llm-compressor's imatrix
+measures, up to a factor). Among equal errors the widest range wins, so min-max (p = 1, the first
+candidate) is kept unless another is strictly better.
+
+The error is taken in steps of the scale, |w/s + z − level|^norm times s^norm, with IEEE-exact
+operations only (division, rounding, products, square roots: `norm` is a multiple of 1/2) and group
+sums in a fixed pairwise order: a group's scale is the same bits on every device, at any thread
+count, and whichever rows are searched with it (ranks that quantize shares of a weight's rows agree
+with one process). All groups and candidates go at once, a bounded number of rows at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.utils import calculate_qparams
+
+from gptq_fsdp.core.scheme import ScaleSearch
+
+# Elements of the [group, ..., rows] temporaries (two at a time) per candidate and chunk of rows: within
+# a CPU's cache; on a GPU large enough that kernel launches do not count (2 x 64 MiB).
+CHUNK_ELEMENTS = {"cpu": 2**20}
+DEVICE_CHUNK_ELEMENTS = 2**24
+
+
+class ScaleSearcher:
+    """`search` for one weight: its candidates on the weight's device, then `searcher(w)` per call."""
+
+    def __init__(
+        self, search: ScaleSearch, args: QuantizationArgs, dtype: torch.dtype, device: torch.device,
+        qmin: float, qmax: float,
+    ) -> None:  # fmt: skip
+        self.search, self.args, self.dtype = search, args, dtype
+        self.qmin, self.qmax = qmin, qmax
+        self.shrinks = torch.tensor(search.shrinks, dtype=torch.float32, device=device)
+        self.chunk = CHUNK_ELEMENTS.get(torch.device(device).type, DEVICE_CHUNK_ELEMENTS)
+
+    def __call__(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale (rounded to the model dtype, as fp32) and zero point of each group of `w`
+        [group, ..., rows] (its first dim, as a slice of Wᵀ holds it; rows contiguous), [..., rows];
+        `importance` (≥ 0, broadcast against `w` with one row) weights each element's error."""
+        rows = w.shape[-1]
+        scale = torch.empty(w.shape[1:], device=w.device)
+        zero_point = torch.empty_like(scale)
+        step = max(1, self.chunk // w[..., 0].numel())
+        work = torch.empty(2, w[..., 0].numel() * min(step, rows), device=w.device)
+        for r1 in range(0, rows, step):
+            part = w[..., r1 : r1 + step]
+            scales, zero_points = self.candidates(part)
+            errors = torch.stack(
+                [self.errors(part, s, z, importance, work) for s, z in zip(scales, zero_points, strict=True)]
+            )
+            best = errors.argmin(dim=0, keepdim=True)  # the first least error: the widest range among equals
+            scale[..., r1 : r1 + step] = scales.gather(0, best)[0]
+            zero_point[..., r1 : r1 + step] = zero_points.gather(0, best)[0]
+        return scale, zero_point
+
+    def candidates(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every candidate's scale and zero point for each group of `w` [group, ...]: [candidates, ...]."""
+        shrinks = self.shrinks.view(-1, *[1] * (w.dim() - 1))
+        scales, zero_points = calculate_qparams(w.amin(dim=0) * shrinks, w.amax(dim=0) * shrinks, self.args)
+        return scales.to(self.dtype).float(), zero_points.round()
+
+    def errors(
+        self, w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, importance: torch.Tensor | None = None,
+        work: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Σ c·|w − q(w)|^norm over each group of `w` [group, ...] with the qparams `scale`/`zero_point`
+        [...]: the objective the search minimizes. `work`: two buffers of at least w's elements."""
+        work = torch.empty(2, w.numel(), device=w.device) if work is None else work
+        steps, levels = (buffer[: w.numel()].view(w.shape) for buffer in work)
+        torch.div(w, scale, out=steps)
+        if not self.args.symmetric:
+            steps.add_(zero_point)
+        torch.round(steps, out=levels).clamp_(self.qmin, self.qmax)
+        error = power(steps.sub_(levels).abs_(), self.search.norm, levels)  # |w/s + z − level|: in steps
+        if importance is not None:
+            error.mul_(importance)
+        return pairwise_sum(error) * power(scale.clone(), self.search.norm)  # a new tensor: `work` is reused
+
+
+def power(x: torch.Tensor, norm: float, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """x^norm in place for x ≥ 0 and `norm` a multiple of 1/2 (at least 1/2), by products and a square
+    root (IEEE-exact operations, unlike a general power: the same bits on every device and layout);
+    `scratch`, of x's shape, may be overwritten."""
+    whole, half = divmod(round(2 * norm), 2)
+    spare = scratch if scratch is not None else torch.empty_like(x)
+    root = torch.sqrt(x, out=spare) if half else None
+    if whole == 0:
+        return x.copy_(root)
+    base = (x.clone() if half else spare.copy_(x)) if whole > 2 else None  # x³ = x²·x, x⁴ = x²·x·x, ...
+    if whole >= 2:
+        x.mul_(x)
+    for _ in range(whole - 2):
+        x.mul_(base)
+    return x.mul_(root) if half else x
+
+
+def pairwise_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the first dim in a fixed pairwise order, whatever the device, layout or thread count
+    (in place: `x` is overwritten)."""
+    n = len(x)
+    while n > 1:
+        half = n // 2
+        x[:half] += x[n - half : n]
+        n -= half
+    return x[0]
