@@ -1,15 +1,17 @@
 """The scale search (observer mse / imatrix_mse) on its own: its objective, a hand-checked case,
-bit-for-bit independence of the rows searched together and of the thread count, validation."""
+bit-for-bit independence of the rows searched together and of the thread count, validation, the
+config option. Against the float64 reference: tests/test_gptq.py; a checkpoint: tests/test_models.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
+from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.core.gptq import gptq_quantize
 from gptq_fsdp.core.scales import ScaleSearcher, pairwise_sum, power
-from gptq_fsdp.core.scheme import GPTQError, dequantize, qparams, scale_search
+from gptq_fsdp.core.scheme import OBSERVER_DEFAULTS, GPTQError, dequantize, qparams, scale_search
 
 
 def searcher_for(bits: int, symmetric: bool, group_size: int | None, observer: str, **kwargs) -> ScaleSearcher:
@@ -139,3 +141,16 @@ def test_candidates_are_llm_compressors():
     assert imatrix.shrinks == tuple(1 - i / 20 for i in range(20)) and imatrix.norm == 3 and imatrix.weighted
     assert scale_search(QuantizationArgs(num_bits=4, observer="minmax")) is None
     assert scale_search(QuantizationArgs(num_bits=4)) is None
+
+
+def test_config_names_the_search_and_refuses_others_up_front():
+    config = GPTQConfig.from_options(scale_search="imatrix_mse")
+    assert config.scale_search == "imatrix_mse" and config.weights.observer_kwargs == OBSERVER_DEFAULTS["imatrix_mse"]
+    assert GPTQConfig.from_options().scale_search == "minmax"
+    with pytest.raises(GPTQError, match="scale_search must be one of"):
+        GPTQConfig.from_options(scale_search="hessian_mse")
+    weights = QuantizationArgs(
+        num_bits=4, strategy="group", group_size=32, observer="mse", observer_kwargs={"norm": 2.4}
+    )
+    with pytest.raises(GPTQError, match="scheme: the mse search needs"):
+        GPTQConfig(scheme=QuantizationScheme(targets=["Linear"], weights=weights))
