@@ -80,27 +80,38 @@ class ScaleSearcher:
         if not self.args.symmetric:
             steps.add_(zero_point)
         torch.round(steps, out=levels).clamp_(self.qmin, self.qmax)
-        error = power(steps.sub_(levels).abs_(), self.search.norm, levels)  # |w/s + z − level|: in steps
+        error = power(steps.sub_(levels), self.search.norm, levels)  # |w/s + z − level|^norm, in steps
         if importance is not None:
             error.mul_(importance)
         return pairwise_sum(error) * power(scale.clone(), self.search.norm)  # a new tensor: `work` is reused
 
 
 def power(x: torch.Tensor, norm: float, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """x^norm in place for x ≥ 0 and `norm` a multiple of 1/2 (at least 1/2), by products and a square
-    root (IEEE-exact operations, unlike a general power: the same bits on every device and layout);
-    `scratch`, of x's shape, may be overwritten."""
-    whole, half = divmod(round(2 * norm), 2)
-    spare = scratch if scratch is not None else torch.empty_like(x)
-    root = torch.sqrt(x, out=spare) if half else None
-    if whole == 0:
-        return x.copy_(root)
-    base = (x.clone() if half else spare.copy_(x)) if whole > 2 else None  # x³ = x²·x, x⁴ = x²·x·x, ...
-    if whole >= 2:
-        x.mul_(x)
-    for _ in range(whole - 2):
-        x.mul_(base)
-    return x.mul_(root) if half else x
+    """|x|^norm in place for `norm` a multiple of 1/2 (at least 1), by products and square roots
+    (IEEE-exact operations, unlike a general power: the same bits on every device and layout), as
+    few passes as it takes: x² by x·x (no |x|), x^2.5 = x²·√|x|, x³ = x²·|x|. `scratch`, of x's
+    shape, may be overwritten."""
+    squares, halves = divmod(round(2 * norm), 4)  # norm = 2·squares + halves/2
+    if halves == 0 and squares & (squares - 1) == 0:  # x², x⁴, x⁸, ...: squared in place
+        while squares:
+            x.mul_(x)
+            squares //= 2
+        return x
+    square = None
+    if squares:
+        square = torch.mul(x, x, out=scratch) if scratch is not None else x * x
+    if halves == 0:
+        x.copy_(square)
+        squares -= 1
+    else:
+        x.abs_()
+        if halves == 1:
+            x.sqrt_()
+        elif halves == 3:
+            x.mul_(x.sqrt())
+    for _ in range(squares):
+        x.mul_(square)
+    return x
 
 
 def pairwise_sum(x: torch.Tensor) -> torch.Tensor:
