@@ -13,7 +13,7 @@ The error is taken in steps of the scale, |w/s + z − level|^norm times s^norm,
 operations only (division, rounding, products, square roots: `norm` is a multiple of 1/2) and group
 sums in a fixed pairwise order: a group's scale is the same bits on every device, at any thread
 count, and whichever rows are searched with it (ranks that quantize shares of a weight's rows agree
-with one process). All groups and candidates go at once, a bounded number of rows at a time.
+with one process). All groups go at once, candidate by candidate, a bounded number of rows at a time.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from compressed_tensors.quantization.utils import calculate_qparams
 from gptq_fsdp.core.scheme import ScaleSearch
 
 # Elements of each of the two [group, ..., rows] work buffers (one chunk of rows): on a CPU the size that
-# measured fastest (smaller chunks pay more per-op overhead, 2^18 is 25 % slower); on a GPU large enough
+# measured fastest (smaller chunks pay more per-op overhead: 2^18 was about 20 % slower); on a GPU large enough
 # that kernel launches do not count (2 x 64 MiB).
 CHUNK_ELEMENTS = {"cpu": 2**20}
 DEVICE_CHUNK_ELEMENTS = 2**24
