@@ -15,9 +15,10 @@ from compressed_tensors.quantization import (
 )
 
 from gptq_fsdp.core.linalg import MATMUL_PRECISIONS
-from gptq_fsdp.core.scheme import GPTQError, validate_args
+from gptq_fsdp.core.scheme import OBSERVER_DEFAULTS, OBSERVERS, GPTQError, validate_args
 
 ACTORDER_CHOICES = ("none", "static", "weight")
+SCALE_SEARCHES = OBSERVERS  # "minmax", "mse", "imatrix_mse": compressed-tensors' `observer` names them
 EXPERT_CALIBRATIONS = ("routed", "all_tokens")
 # Model dtypes by the names the CLI takes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,6 +111,11 @@ class GPTQConfig:
         return list(self.scheme.targets)
 
     @property
+    def scale_search(self) -> str:
+        """How the scales are chosen: the scheme's `observer` ("minmax" when unset; docs/design.md)."""
+        return self.weights.observer or "minmax"
+
+    @property
     def static_scales(self) -> bool:
         """Scales fixed before GPTQ (one per channel, or act-order static): GPTQ's one-Cholesky form."""
         return self.weights.strategy == QuantizationStrategy.CHANNEL or self.weights.actorder is not None
@@ -131,12 +137,15 @@ class GPTQConfig:
         offload_activations: bool = False,
         true_sequential: bool = False,
         expert_calibration: str = "routed",
+        scale_search: str = "minmax",
         num_samples: int = 128,
         max_seq_length: int = 2048,
         seed: int = 0,
         pack: bool = True,
     ) -> GPTQConfig:
-        """W{bits}A16: group strategy when `group_size` is given, else one scale per output channel."""
+        """W{bits}A16: group strategy when `group_size` is given, else one scale per output channel.
+        `scale_search` is the scheme's `observer`: "minmax", or "mse"/"imatrix_mse" with the search's
+        settings written out as its `observer_kwargs` (so the checkpoint says what was searched)."""
         if actorder == "group":
             raise GPTQError(
                 "act-order 'group' (a g_idx per column) was removed from compressed-tensors 0.20, so its "
@@ -144,6 +153,8 @@ class GPTQConfig:
             )
         if actorder not in ACTORDER_CHOICES:
             raise GPTQError(f"actorder must be one of {ACTORDER_CHOICES}, got {actorder!r}")
+        if scale_search not in SCALE_SEARCHES:
+            raise GPTQError(f"scale_search must be one of {SCALE_SEARCHES}, got {scale_search!r}")
         try:
             weights = QuantizationArgs(
                 num_bits=bits,
@@ -152,7 +163,8 @@ class GPTQConfig:
                 strategy=QuantizationStrategy.GROUP if group_size else QuantizationStrategy.CHANNEL,
                 group_size=group_size or None,
                 actorder=None if actorder == "none" else actorder,
-                observer="minmax",
+                observer=scale_search,
+                observer_kwargs=dict(OBSERVER_DEFAULTS.get(scale_search, {})),
             )
         except ValueError as error:
             raise GPTQError(f"invalid quantization options: {error}") from error

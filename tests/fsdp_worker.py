@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--true-sequential", action="store_true")
     parser.add_argument("--expert-calibration", default="routed")
     parser.add_argument("--group-size", type=int, default=32, help="0: one scale per output channel")
+    parser.add_argument("--scale-search", default="minmax")
     args = parser.parse_args()
     torch.set_num_threads(1)
     zero3 = args.load.startswith("zero3")
@@ -49,6 +50,7 @@ def main() -> None:
         matmul_precision=args.matmul_precision,
         true_sequential=args.true_sequential,
         expert_calibration=args.expert_calibration,
+        scale_search=args.scale_search,
     )
     result = quantize_model(model, calibration, config)
     save_quantized(model, args.output, result, tokenizer=tokenizer)

@@ -12,7 +12,9 @@ import torch
 from sharded_helpers import dequantized, rank_threads, single_process
 from transformers import AutoModelForCausalLM
 
-from gptq_fsdp.cli import main
+from gptq_fsdp.cli import build_parser, main
+from gptq_fsdp.cli.common import config_from_args
+from gptq_fsdp.core.scheme import OBSERVER_DEFAULTS
 
 
 def quantize_args(model_dir, output, austen, *extra: str) -> list[str]:
@@ -73,6 +75,7 @@ BAD_OPTIONS = [
     (["--backend", "fsdp2"], "needs several processes"),
     (["--matmul-precision", "low"], "matmul_precision must be one of"),  # FSDP2 asked for, but no launcher
     (["--offload-activations", "--true-sequential"], "offloading would save nothing: use one of the two"),
+    (["--scale-search", "imatrix"], "invalid choice: 'imatrix'"),
 ]
 
 
@@ -86,6 +89,17 @@ def test_bad_options_fail_clearly_and_write_nothing(
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [], "nothing may be written on a bad option"
+
+
+@pytest.mark.parametrize("choice,observer", [("minmax", "minmax"), ("mse", "mse"), ("imatrix-mse", "imatrix_mse")])
+def test_scale_search_option(tiny_llama_dir, austen, tmp_path, choice, observer):
+    args = build_parser().parse_args(quantize_args(tiny_llama_dir, tmp_path / "out", austen, "--scale-search", choice))
+    config = config_from_args(args)
+    assert config.scale_search == observer == config.weights.observer
+    assert config.weights.observer_kwargs == OBSERVER_DEFAULTS.get(observer, {})
+    assert config_from_args(
+        build_parser().parse_args(quantize_args(tiny_llama_dir, tmp_path, austen))
+    ).scale_search == ("minmax")
 
 
 def test_world_size_without_a_launcher(tiny_llama_dir, austen, tmp_path, capsys, monkeypatch):

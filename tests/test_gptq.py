@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
-from bounds import FP32_U, assert_within, cholesky_backward_bound
+from bounds import FP32_U, assert_within, cholesky_backward_bound, gamma
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
 
@@ -14,7 +15,7 @@ from gptq_fsdp.core.gptq import gptq_quantize
 from gptq_fsdp.core.linalg import BLOCKED_CHOLESKY_FROM, CHOLESKY_BLOCK, cholesky, float32_matmul_precision
 from gptq_fsdp.core.reference import ReferenceGPTQ
 from gptq_fsdp.core.reference import reference_gptq as float64_gptq
-from gptq_fsdp.core.scheme import GPTQError
+from gptq_fsdp.core.scheme import GPTQError, ScaleSearch, scale_search
 from gptq_fsdp.core.scheme import dequantize as gptq_dequantize
 
 
@@ -42,20 +43,64 @@ class Reference(ReferenceGPTQ):
         this float64 run: `feedback_rtol` of levels up to 2^(b-1)."""
         return self.feedback_rtol * 2 ** (bits - 1)
 
-    def assert_agrees(self, weight: torch.Tensor, other: torch.Tensor, step: torch.Tensor, bits: int) -> None:
+    def assert_agrees(
+        self, weight: torch.Tensor, other: torch.Tensor, step: torch.Tensor, bits: int, skip: torch.Tensor | None = None
+    ) -> None:
         """`weight` and `other` (two fp32 runs) agree level for level, except that a row may take
         another level where this run's unrounded value lies within `tie_margin` of a rounding
         boundary; after that a row follows other error feedback, so only each row's first difference
-        (in GPTQ's column order) can be held to it."""
+        (in GPTQ's column order) can be held to it. Rows in `skip` are not compared."""
         differs = ((weight - other).abs() / step > 0.5)[:, self.order]
         near_tie = ((self.unrounded - self.unrounded.floor() - 0.5).abs() <= self.tie_margin(bits))[:, self.order]
+        if skip is not None:
+            differs[skip] = False
         for row in differs.any(dim=1).nonzero().flatten().tolist():
             first = int(differs[row].nonzero()[0])
             assert near_tie[row, first], f"row {row} differs at its column {int(self.order[first])}, not a tie"
         # Rows that agree throughout hold equal levels; a scale taken on entry to a group from updated
         # columns carries their feedback error, plus 4u (its rounding and the level times it).
-        same = ~differs.any(dim=1)
+        same = ~differs.any(dim=1) if skip is None else ~differs.any(dim=1) & ~skip
         torch.testing.assert_close(weight[same], other[same], rtol=self.feedback_rtol + 4 * FP32_U, atol=0)
+
+    def search_tolerance(self, search: ScaleSearch, bits: int, dynamic: bool) -> torch.Tensor:
+        """[rows, groups, candidates]: how far fp32 GPTQ's error of each candidate may lie from this
+        run's, so the fast search may pick another candidate only where this run's errors of the two
+        lie within their tolerances of each other.
+
+        In steps of a candidate's scale s (p times the min-max range), |w/s + z| ≤ M = 2^b/p + 2^b.
+        fp32 division, zero-point addition and subtracting the level move d = w/s + z − level by at most
+        3u·M; a scale taken on entry to a group from updated columns (`dynamic`) adds their feedback
+        error and its own (relative `feedback_rtol` and ρ = `feedback_rtol` + 4u): δ = M·(3u + [2·feedback_rtol
+        + 4u]). t ↦ t^n moves by n·(t + δ)^(n-1)·δ, and Σ c·(|d| + δ)^(n-1) ≤ (L^(1/n) + δ·I^(1/n))^(n-1)·I^(1/n)
+        (Hölder, Minkowski) for L = Σ c·|d|^n = E / s^n and I = Σ c over the group. The products, the
+        weights' normalization and the pairwise sum add γ_k relative (k = ⌈log₂ g⌉ + 2⌈n⌉ + 4), and s^n
+        n·ρ + γ_(⌈n⌉+2)."""
+        n = search.norm
+        p = torch.tensor(search.shrinks, dtype=torch.float64)
+        steps = 2**bits / p + 2**bits
+        rho = self.feedback_rtol + 4 * FP32_U if dynamic else 0.0
+        delta = steps * (3 * FP32_U + (self.feedback_rtol + rho if dynamic else 0.0))
+        scale_n = self.search_scales.double() ** n
+        in_steps = self.search_errors / scale_n
+        weights = self.group_importance[None, :, None]
+        group = self.order.numel() // self.search_errors.shape[1]
+        k = math.ceil(math.log2(group)) + 2 * math.ceil(n) + 4
+        moved = n * delta * (in_steps ** (1 / n) + delta * weights ** (1 / n)) ** (n - 1) * weights ** (1 / n)
+        return scale_n * (moved + gamma(k) * in_steps) + self.search_errors * (n * rho + gamma(math.ceil(n) + 2))
+
+    def assert_search_agrees(self, scale: torch.Tensor, search: ScaleSearch, bits: int, dynamic: bool) -> torch.Tensor:
+        """fp32 GPTQ's scales `scale` [rows, groups] are this run's candidates (the nearest one: they are
+        1/grid apart, the runs' scales of one candidate far closer), the same as this run picked except
+        where the two candidates' errors lie within `search_tolerance`; returns the rows that picked otherwise."""
+        picked = (self.search_scales - scale[..., None].float()).abs().argmin(dim=-1, keepdim=True)
+        best = self.search_errors.argmin(dim=-1, keepdim=True)
+        tolerance = self.search_tolerance(search, bits, dynamic)
+        errors = self.search_errors
+        gap = errors.gather(-1, picked) - errors.gather(-1, best)
+        allowed = tolerance.gather(-1, picked) + tolerance.gather(-1, best)
+        other = (picked != best)[..., 0]
+        assert (gap[other] <= allowed[other]).all(), (gap[other], allowed[other])
+        return other.any(dim=1)
 
 
 def correlated_problem(rows: int, cols: int, tokens: int = 512, seed: int = 0, dead: int = 0):
@@ -89,6 +134,31 @@ def test_matches_reference(bits, symmetric, group_size, actorder):
     # Levels, not bits: a scale computed on entry to a group from fp32 vs float64 columns differs in
     # its last bits (4u relative: the scale's own rounding plus the level times it).
     expected.assert_agrees(result.weight, expected.weight, step, bits)
+
+
+@pytest.mark.parametrize(
+    "bits,observer,symmetric,group_size,actorder",
+    [
+        (*b, *o)
+        for b in [(3, "imatrix_mse"), (4, "mse")]
+        for o in itertools.product([True, False], [None, 16], [None, "weight", "group"])
+    ],
+)
+def test_scale_search_matches_reference(bits, observer, symmetric, group_size, actorder):
+    """Searched scales, on the original weight (static) or on each group's updated columns (dynamic),
+    against the float64 reference's plain search: the same candidates unless two lie within rounding."""
+    W, _, H = correlated_problem(rows=24, cols=64, dead=3, seed=bits)
+    args = args_for(bits, symmetric, group_size).model_copy(update={"observer": observer})
+    search = scale_search(args)
+    result = gptq_quantize(W, H, args, actorder=actorder, block_size=16)
+    expected = reference_gptq(W, H, bits, symmetric, group_size, actorder, search=search)
+    dynamic = group_size is not None and actorder != "weight"
+    picked_otherwise = expected.assert_search_agrees(result.scale, search, bits, dynamic)
+    assert (expected.search_errors.argmin(dim=-1) > 0).float().mean() > 0.1, "the search should move scales"
+    step = result.scale.repeat_interleave(group_size or 64, dim=1)
+    if result.g_idx is not None:
+        step = torch.gather(result.scale, 1, result.g_idx.long().expand(W.shape[0], -1))
+    expected.assert_agrees(result.weight, expected.weight, step, bits, skip=picked_otherwise)
 
 
 @pytest.mark.parametrize("block_size", [1, 7, 64, 128])
@@ -240,12 +310,12 @@ def test_non_finite_hessian_is_an_error():
         gptq_quantize(torch.randn(4, 16), H, args_for(4, True, None), name="m")
 
 
-@pytest.mark.parametrize("actorder", [None, "static", "weight"])
-def test_host_syncs_do_not_grow_with_columns(actorder):
+@pytest.mark.parametrize("actorder,observer", [(None, None), ("static", None), ("weight", None), (None, "imatrix_mse")])
+def test_host_syncs_do_not_grow_with_columns(actorder, observer):
     """No per-column or per-group `.item()`-like op: on a GPU each would stall the host."""
     from host_syncs import HostSyncs
 
-    quant = QuantizationArgs(num_bits=4, strategy="group", group_size=32, actorder=actorder)
+    quant = QuantizationArgs(num_bits=4, strategy="group", group_size=32, actorder=actorder, observer=observer)
     counts = []
     for cols in (128, 512):
         x = torch.randn(1024, cols)

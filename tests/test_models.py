@@ -17,7 +17,7 @@ from torch import nn
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.core.gptq import gptq_quantize
 from gptq_fsdp.core.linalg import float32_matmul_precision
-from gptq_fsdp.core.scheme import GPTQError
+from gptq_fsdp.core.scheme import OBSERVER_DEFAULTS, GPTQError
 from gptq_fsdp.data import build_calibration, load_texts
 from gptq_fsdp.io.checkpoint import save_quantized
 from gptq_fsdp.io.output import OutputDirError
@@ -427,6 +427,29 @@ def test_channel_strategy_round_trip(model_dirs, calibration, tokenizer, tmp_pat
     assert torch.equal(
         logits(load_model(out), calibration), logits(model, calibration)
     )  # same weights, ids and threads
+
+
+@pytest.mark.parametrize("scale_search,actorder", [("imatrix_mse", "static"), ("mse", "none")])
+def test_scale_search_round_trip(model_dirs, calibration, tokenizer, tmp_path, small_quantized, scale_search, actorder):
+    """Searched scales are still GPTQ's own (levels in range, dequantizing bit for bit), the checkpoint
+    config names the observer and its settings, and transformers reloads it with the in-memory logits."""
+    model, _, result = quantize(
+        model_dirs("llama"), calibration, group_size=GROUP, scale_search=scale_search, actorder=actorder
+    )
+    minmax_model, minmax_result = small_quantized  # act-order static, min-max scales
+    for name, module in layer_linears(model).items():
+        check_dequantized(name, module.weight, result.modules[name], GROUP)
+    moved = [
+        not torch.equal(record_qparams(result.modules[n], m.weight.shape[0])[0],
+                        record_qparams(minmax_result.modules[n], m.weight.shape[0])[0])
+        for n, m in layer_linears(model).items()
+    ]  # fmt: skip
+    assert all(moved), "every Linear should have some searched scale that min-max would not give"
+    out = save_quantized(model, tmp_path / "searched", result, tokenizer=tokenizer)
+    weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert weights["weights"]["observer"] == scale_search
+    assert weights["weights"]["observer_kwargs"] == OBSERVER_DEFAULTS[scale_search]
+    assert torch.equal(logits(load_model(out), calibration), logits(model, calibration))
 
 
 def test_matmul_precision_reaches_the_forwards_and_is_restored(model_dirs, calibration, small_quantized):

@@ -91,20 +91,25 @@ def test_differs_from_the_standard_order_but_not_by_much(tiny_llama_dir, calibra
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world,load", [(3, "sharded"), (3, "zero3")])
-def test_sharded_equals_single_process(world, load, tiny_llama_dir, austen, tmp_path):
+@pytest.mark.parametrize(
+    "world,load,scale_search", [(3, "sharded", "minmax"), (3, "zero3", "minmax"), (3, "sharded", "imatrix_mse")]
+)
+def test_sharded_equals_single_process(world, load, scale_search, tiny_llama_dir, austen, tmp_path):
     """Against one process: the same bits. At 3 ranks the batches (7 samples: 2, 1 and 1 batches of 2)
-    and the row shares (32 k_proj rows: 11, 11, 10) are uneven; each row's GPTQ does not depend on
-    the rows quantized beside it. 2 ranks run in test_faults (resume) and test_vllm (served)."""
+    and the row shares (32 k_proj rows: 11, 11, 10) are uneven; each row's GPTQ (searched scales too)
+    does not depend on the rows quantized beside it. 2 ranks run in test_faults (resume) and test_vllm (served)."""
     output, report_path = tmp_path / "ckpt", tmp_path / "report.json"
     torchrun(
         world, str(REPO / "tests" / "fsdp_worker.py"), str(tiny_llama_dir), str(output), str(report_path),
         "--text", str(austen / "emma.txt"), "--load", load, "--true-sequential", "--samples", "7",
+        "--scale-search", scale_search,
     )  # fmt: skip
     report = json.loads(report_path.read_text())
     assert report["world"] == world and report["backend"] == ("zero3" if load == "zero3" else "fsdp2")
     assert len(set(report["owners"].values())) == world
-    single = single_process(tiny_llama_dir, tmp_path / "single", austen / "emma.txt", 7, true_sequential=True)
+    single = single_process(
+        tiny_llama_dir, tmp_path / "single", austen / "emma.txt", 7, true_sequential=True, scale_search=scale_search
+    )
     sharded_model, sharded = dequantized(output)
     _, expected = dequantized(single)
     assert sharded.keys() == expected.keys()

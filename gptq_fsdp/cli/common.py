@@ -33,7 +33,8 @@ def positive(kind, zero: bool = False):
 
 def add_config_options(parser: argparse.ArgumentParser, *, quantizing: bool) -> None:
     """The run configuration's options, spelled the same for `quantize` and `plan` (`quantizing`
-    adds the ones that change no planned figure: scheme details, damping, targets, matmul precision)."""
+    adds the ones that change no planned figure: scheme details, damping, scale search, targets,
+    matmul precision)."""
     size = parser.add_argument_group("calibration")
     size.add_argument("--num-samples", "--samples", type=positive(int), default=128, help="calibration samples")
     size.add_argument("--max-seq-length", "--seq-len", type=positive(int), default=2048, help="tokens per sample")
@@ -81,6 +82,14 @@ def add_config_options(parser: argparse.ArgumentParser, *, quantizing: bool) -> 
         default=0.01,
         help="fraction of mean diag(H) added to H's diagonal",
     )
+    scheme.add_argument(
+        "--scale-search",
+        choices=["minmax", "mse", "imatrix-mse"],
+        default="minmax",
+        help="how each group's scale is chosen: minmax = its min-max range (default); mse = the shrunk range "
+        "(20 candidates, 1 to 0.81) with the least Σ|w - q(w)|^2.5; imatrix-mse = 20 candidates, 1 to 0.05, "
+        "least Σ diag(H)·|w - q(w)|^3 (llm-compressor's observers of those names; recorded in the checkpoint)",
+    )
     scheme.add_argument("--block-size", type=positive(int), default=128, help="GPTQ lazy-update block (columns)")
     scheme.add_argument("--targets", nargs="+", default=["Linear"], help="module classes, names or re: patterns")
     scheme.add_argument("--ignore", nargs="*", default=["lm_head"], help="modules left unquantized")
@@ -109,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> GPTQConfig:
             symmetric=symmetric and not args.asymmetric,
             dampening_frac=args.dampening,
             pack=not args.no_pack,
+            scale_search=args.scale_search.replace("-", "_"),
         )
     return GPTQConfig.from_options(**options)
 

@@ -14,7 +14,8 @@ Scale semantics (per strategy / act-order), chosen so the result does not depend
 
 The two kinds of scales run two forms of the same column loop (`quantize_columns`): static scales
 the one-Cholesky V form (`_quantize_static_scales`), scales taken on entry to a group the usual U
-form (`_quantize_dynamic_scales`).
+form (`_quantize_dynamic_scales`). Either kind is min-max, or searched (`scales.ScaleSearcher`) where
+`args.observer` is mse or imatrix_mse: on the original weight, or on the group's updated columns.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationStrate
 from compressed_tensors.quantization.utils import calculate_range
 
 from gptq_fsdp.core.linalg import ColumnLoopGraph, float32_matmul_precision, quantize_columns, reversed_hessian_factor
-from gptq_fsdp.core.scheme import GPTQError, qparams, resolve_actorder, validate_args
+from gptq_fsdp.core.scales import ScaleSearcher
+from gptq_fsdp.core.scheme import GPTQError, qparams, resolve_actorder, scale_search, validate_args
 
 # Damping fractions tried in turn after the configured one when Cholesky fails.
 DAMPING_RETRY_FACTORS = (10.0, 100.0)
@@ -68,6 +70,10 @@ class _Columns:
     symmetric: bool
     levels_t: torch.Tensor
     losses: torch.Tensor
+    # The scale search (`args.observer` mse/imatrix_mse; None: min-max) and its error weight per column
+    # in processing order (imatrix_mse: diag(H) over its mean; else None).
+    searcher: ScaleSearcher | None = None
+    importance: torch.Tensor | None = None
 
     def rows_of(self, i1: int, i2: int) -> torch.Tensor:
         """A copy of the factor's rows i1:i2 from column i1 on, in processing order (V or U [i1:i2, i1:])."""
@@ -154,7 +160,8 @@ def _prepare(
     static_scales: bool, dampening_frac: float, overwrite_hessian: bool, name: str,
 ) -> tuple[_Columns, torch.Tensor, float]:  # fmt: skip
     """Checks, static scales, the processing order, the damped Hessian's one Cholesky factor: the
-    weight's `_Columns`, the order (`perm`) and the dampening fraction used."""
+    weight's `_Columns`, the order (`perm`) and the dampening fraction used. Searched static scales
+    come from Wᵀ, after the factorization, when the Hessian's working copy is gone."""
     rows, cols = weight.shape
     W = weight.detach().to(torch.float32).clone()
     # The working copy is permuted and damped in place.
@@ -170,9 +177,16 @@ def _prepare(
     # Columns no calibration token touched: their weights cannot affect outputs; quantize them to 0.
     dead = torch.diag(H) == 0
     W.masked_fill_(dead, 0)
+    search = scale_search(args, name)
+    searcher = importance = None
+    if search is not None:
+        searcher = ScaleSearcher(search, args, weight.dtype, W.device, qmin, qmax)
+        if search.weighted:  # each column's mean squared input, up to a factor (imatrix); dead ones 0
+            importance = torch.diag(H).clone()
+            importance /= importance.mean().clamp_min(torch.finfo(torch.float32).tiny)
     scale = torch.zeros(rows, num_groups, device=W.device)
     zero_point = torch.zeros(rows, num_groups, device=W.device)
-    if static_scales:
+    if static_scales and searcher is None:
         s, z = qparams(W.reshape(rows, num_groups, group), args, weight.dtype)
         scale[:], zero_point[:] = s, z
 
@@ -203,6 +217,11 @@ def _prepare(
     Wt = W.T.contiguous()
     del W
     device = Wt.device
+    if static_scales and searcher is not None:  # searched on the original weight, by groups of Wᵀ's rows
+        by_group = Wt.view(num_groups, group, rows).transpose(0, 1)  # [group, groups, rows]
+        weights = None if importance is None else importance.view(num_groups, group).T[..., None]
+        s, z = searcher(by_group, weights)
+        scale[:], zero_point[:] = s.T, z.T
     columns = _Columns(
         Wt=Wt.index_select(0, perm),
         # Stored reversed: V[i, j] = T[cols-1-i, cols-1-j] with T = L (V) or L⁻¹ (U = V⁻¹).
@@ -216,6 +235,8 @@ def _prepare(
         symmetric=args.symmetric,
         levels_t=torch.empty(cols, rows, dtype=torch.int8, device=device),
         losses=torch.zeros(rows, device=device),
+        searcher=searcher,
+        importance=None if importance is None else importance[perm],
     )
     return columns, perm, damping
 
@@ -266,7 +287,13 @@ def _quantize_dynamic_scales(
         Q1, D1 = torch.empty_like(W1), torch.empty_like(W1)
         for start in range(0, i2 - i1, group):
             g = (i1 + start) // group
-            columns.scale_t[g], columns.zero_point_t[g] = qparams(W1[start : start + group].T, args, out_dtype)
+            current = W1[start : start + group]  # the group's columns as GPTQ's updates left them
+            if columns.searcher is None:
+                columns.scale_t[g], columns.zero_point_t[g] = qparams(current.T, args, out_dtype)
+            else:
+                weights = columns.importance
+                weights = None if weights is None else weights[i1 + start : i1 + start + group, None]
+                columns.scale_t[g], columns.zero_point_t[g] = columns.searcher(current, weights)
             scales = columns.scale_t[g].expand_as(W1)
             zero_points = None if columns.symmetric else columns.zero_point_t[g].expand_as(W1)
             quantize_columns(

@@ -1,7 +1,11 @@
-"""The weight-quantization scheme as GPTQ uses it: checks, act-order, min-max scales (compressed-tensors'
-own formula) and dequantization, bit for bit as compressed-tensors reconstructs a packed weight."""
+"""The weight-quantization scheme as GPTQ uses it: checks, act-order, the scale search a scheme's
+`observer` asks for, min-max scales (compressed-tensors' own formula) and dequantization, bit for bit
+as compressed-tensors reconstructs a packed weight."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 from compressed_tensors.quantization import (
@@ -16,6 +20,67 @@ class GPTQError(RuntimeError):
     """GPTQ cannot quantize a module (invalid shape, non-finite or non-PD Hessian)."""
 
 
+# The weight observers GPTQ takes scales from, by the names llm-compressor gives them (its
+# src/llmcompressor/observers/): min-max, or a search over shrunk min-max ranges for the least error
+# Σ|w − q(w)|^norm per group, weighted by each column's mean squared input for imatrix_mse.
+OBSERVERS = ("minmax", "mse", "imatrix_mse")
+# llm-compressor's defaults for those observers' `observer_kwargs`, except mse's norm (2.4 there): the
+# norm must be a multiple of 1/2 (`scales.power`). The checkpoint records the ones used.
+OBSERVER_DEFAULTS = {
+    "mse": {"maxshrink": 0.2, "grid": 100, "norm": 2.5},
+    "imatrix_mse": {"maxshrink": 0.95, "grid": 20, "norm": 3.0},
+}
+
+
+@dataclass(frozen=True)
+class ScaleSearch:
+    """Candidate ranges p·[min, max] for each p in `shrinks` (1 first, then falling), the error's
+    exponent `norm`, and whether each column's error counts by its Hessian diagonal (`weighted`)."""
+
+    observer: str
+    shrinks: tuple[float, ...]
+    norm: float
+    weighted: bool
+
+
+def scale_search(args: QuantizationArgs, name: str = "scheme") -> ScaleSearch | None:
+    """The search `args.observer` asks for (None: min-max scales), with its `observer_kwargs`
+    (`maxshrink`, `grid`, `norm`; llm-compressor's defaults where absent). The candidates are those
+    llm-compressor's observer of that name tries: p = 1 - i/grid, i = 0, 1, ... while i < maxshrink·grid
+    (`mse`) or ≤ it (`imatrix_mse`). Every candidate is tried for every group: an early stop (llm-compressor's
+    `patience`, which stops when no group of the tensor improved) would make a row's scales depend on
+    the rows searched with it."""
+    observer = args.observer or "minmax"
+    kwargs = dict(args.observer_kwargs or {})
+    if observer not in OBSERVERS:
+        raise GPTQError(f"{name}: observer must be one of {OBSERVERS} (the scale search), got {observer!r}")
+    if observer == "minmax":
+        if kwargs:
+            raise GPTQError(f"{name}: the minmax observer takes no observer_kwargs, got {sorted(kwargs)}")
+        return None
+    unknown = sorted(set(kwargs) - set(OBSERVER_DEFAULTS[observer]))
+    if unknown:
+        raise GPTQError(
+            f"{name}: observer_kwargs {unknown} not supported (only maxshrink, grid and norm; every candidate "
+            "is tried, with no early stop)"
+        )
+    settings = {**OBSERVER_DEFAULTS[observer], **kwargs}
+    maxshrink, grid, norm = (settings[k] for k in ("maxshrink", "grid", "norm"))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in settings.values()):
+        raise GPTQError(f"{name}: observer_kwargs maxshrink, grid and norm must be finite numbers, got {settings}")
+    if not (0 <= maxshrink < 1 and grid >= 1 and 1 <= norm <= 8 and float(2 * norm).is_integer()):
+        raise GPTQError(
+            f"{name}: the {observer} search needs 0 <= maxshrink < 1, grid >= 1 and a norm in 1, 1.5, 2, ..., 8 "
+            f"(the error is raised to it by exact products and square roots), got maxshrink {maxshrink}, "
+            f"grid {grid}, norm {norm}"
+        )
+    steps = max(1, int(maxshrink * grid)) + (observer == "imatrix_mse")
+    shrinks = tuple(1 - i / grid for i in range(steps))
+    if shrinks[-1] <= 0:
+        raise GPTQError(f"{name}: a {observer} search with grid {grid} would try an empty range: use a finer grid")
+    return ScaleSearch(observer, shrinks, float(norm), weighted=observer == "imatrix_mse")
+
+
 def validate_args(args: QuantizationArgs, columns: int, name: str = "weight") -> None:
     """Raise a clear error for settings this GPTQ implementation does not support."""
     if args.type != QuantizationType.INT:
@@ -24,6 +89,7 @@ def validate_args(args: QuantizationArgs, columns: int, name: str = "weight") ->
         raise GPTQError(f"{name}: num_bits must be in 2..8, got {args.num_bits}")
     if args.dynamic:
         raise GPTQError(f"{name}: dynamic weight quantization is not a GPTQ scheme")
+    scale_search(args, name)
     if args.strategy not in (QuantizationStrategy.CHANNEL, QuantizationStrategy.GROUP):
         raise GPTQError(f"{name}: strategy must be 'channel' or 'group', got {args.strategy}")
     if args.strategy == QuantizationStrategy.GROUP:
