@@ -1,6 +1,8 @@
-"""Run under torchrun by tests/test_fsdp2.py: load a model into FSDP2 shards, quantize, save, report.
+"""Run under torchrun by the sharded tests: load a model into FSDP2 shards or ZeRO-3 partitions,
+quantize, save, report.
 
-torchrun --nproc_per_node N tests/fsdp_worker.py MODEL_DIR OUTPUT_DIR REPORT.json --load sharded|rank0
+torchrun --nproc_per_node N tests/fsdp_worker.py MODEL_DIR OUTPUT_DIR REPORT.json --load sharded|rank0|zero3
+torchrun --nproc_per_node N tests/fsdp_worker.py --jobs JOBS.json
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +23,7 @@ from gptq_fsdp.distributed.loading import load_rank0_broadcast, load_sharded, lo
 from gptq_fsdp.model.layers import find_decoder_layers
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", type=Path)
     parser.add_argument("output", type=Path)
@@ -34,10 +37,25 @@ def main() -> None:
     parser.add_argument("--expert-calibration", default="routed")
     parser.add_argument("--group-size", type=int, default=32, help="0: one scale per output channel")
     parser.add_argument("--scale-search", default="minmax")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    """One job (its arguments), or `--jobs FILE`: the jobs a JSON list of argument lists holds, one
+    after another in this one launch (sharded_helpers.run_workers)."""
+    argv = sys.argv[1:]
+    jobs = json.loads(Path(argv[1]).read_text()) if argv[:1] == ["--jobs"] else [argv]
+    # ZeRO-3 jobs last: once a ZeRO-3 model is made, transformers keeps DeepSpeed's config as a global
+    # (HfDeepSpeedConfig), and the models made after it would be built under zero.Init.
+    runs = sorted((parser().parse_args(job) for job in jobs), key=lambda args: args.load.startswith("zero3"))
     torch.set_num_threads(1)
+    init_distributed(deepspeed_comm=any(args.load.startswith("zero3") for args in runs))
+    for args in runs:
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     zero3 = args.load.startswith("zero3")
-    init_distributed(deepspeed_comm=zero3)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     calibration = build_calibration(load_texts(str(args.text)), tokenizer, num_samples=args.samples, max_seq_length=32)
     if zero3:

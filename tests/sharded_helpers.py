@@ -10,6 +10,7 @@ rounding boundary, about 2^-28 per entry.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,15 @@ from gptq_fsdp import GPTQConfig, build_calibration, load_texts, quantize_model,
 REPO = Path(__file__).resolve().parents[1]
 RANK_THREADS = 1
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(RANK_THREADS), "TQDM_DISABLE": "1"}
+
+
+def run_workers(world: int, jobs: list[list[str]], directory: Path) -> None:
+    """tests/fsdp_worker.py's `jobs` (each its argument list) one after another in one launch of
+    `world` ranks: starting them (imports, process group: 10-17 s on 2 cores) costs more than a tiny
+    model's run."""
+    jobs_file = directory / "jobs.json"
+    jobs_file.write_text(json.dumps(jobs))
+    torchrun(world, str(REPO / "tests" / "fsdp_worker.py"), "--jobs", str(jobs_file))
 
 
 def torchrun(world: int, *args: str, module: bool = False) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import torch
 from accelerate import init_empty_weights
 from conftest import _load_script, make_tiny_model
 from safetensors.torch import save_file
-from sharded_helpers import REPO, dequantized, single_process, torchrun
+from sharded_helpers import REPO, dequantized, run_workers, single_process, torchrun
 from test_models import EXPERT_LEAVES, check_dequantized, expert_slices, fused_experts, in_files, load_tensors
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -161,23 +161,34 @@ def test_all_tokens_in_the_run_table(mixtral_dir, one_process):
     assert not torch.equal(model.model.layers[1].mlp.experts.down_proj, routed)
 
 
+# case: (--load, --expert-calibration), all at 3 ranks on 7 samples, in one launch
+SHARDED_CASES = {
+    "fsdp2-3": ("rank0", "routed"),
+    "zero3-3": ("zero3", "routed"),
+    "fsdp2-3-all-tokens": ("rank0", "all_tokens"),
+}
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(mixtral_dir, austen, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sharded-moe")
+    jobs = [
+        [str(mixtral_dir), str(directory / case), str(directory / f"{case}.json"), "--text", str(austen / "emma.txt"),
+         "--load", load, "--samples", "7", "--expert-calibration", experts]
+        for case, (load, experts) in SHARDED_CASES.items()
+    ]  # fmt: skip
+    run_workers(3, jobs, directory)
+    return directory
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    "world,load,samples,experts",
-    [(3, "rank0", 7, "routed"), (3, "zero3", 7, "routed"), (3, "rank0", 7, "all_tokens")],
-    ids=["fsdp2-3", "zero3-3", "fsdp2-3-all-tokens"],
-)
-def test_sharded_experts_equal_one_process(world, load, samples, experts, mixtral_dir, austen, tmp_path):
+@pytest.mark.parametrize("case", SHARDED_CASES)
+def test_sharded_experts_equal_one_process(case, sharded_runs, mixtral_dir, austen, tmp_path):
     """FSDP2 (each rank owns the experts it stores: only their Hessians travel) and ZeRO-3 (flat
     partitions: owners balanced, results sent to every rank) write the one-process checkpoint, at 3
     ranks with uneven numbers of batches (FSDP2 at 2 ranks: test_fsdp2); so does
     all-tokens calibration (its shared gate/up Hessian all-reduced)."""
-    output = tmp_path / "ckpt"
-    torchrun(
-        world, str(REPO / "tests" / "fsdp_worker.py"), str(mixtral_dir), str(output), str(tmp_path / "r.json"),
-        "--text", str(austen / "emma.txt"), "--load", load, "--samples", str(samples),
-        "--expert-calibration", experts,
-    )  # fmt: skip
+    output, (_, experts), samples = sharded_runs / case, SHARDED_CASES[case], 7
     expected = single_process(
         mixtral_dir, tmp_path / "single", austen / "emma.txt", samples, expert_calibration=experts
     )

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from sharded_helpers import REPO, dequantized, logits_at_rank_threads, single_process, torchrun
+from sharded_helpers import dequantized, logits_at_rank_threads, run_workers, single_process
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gptq_fsdp import GPTQConfig, build_calibration, load_texts, quantize_model
@@ -90,21 +90,43 @@ def test_differs_from_the_standard_order_but_not_by_much(tiny_llama_dir, calibra
     assert abs(losses[True] - losses[False]) / losses[False] < 0.02
 
 
+# case: (--load, --scale-search); 7 samples at 3 ranks: 2, 1 and 1 batches of 2
+SHARDED_CASES = {"sharded-minmax": ("sharded", "minmax"), "zero3-minmax": ("zero3", "minmax"),
+                 "sharded-imatrix_mse": ("sharded", "imatrix_mse")}  # fmt: skip
+NARROW = dict(hidden_size=2, intermediate_size=4, num_attention_heads=1, num_key_value_heads=1, head_dim=2)
+NARROW_LOADS = ("sharded", "zero3")
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tiny_llama_dir, smollm2_dir, austen, tmp_path_factory):
+    """Every 3-rank run of this file in one launch: the cases of test_sharded_equals_single_process,
+    and a Llama 2 features wide (test_units_with_fewer_rows_than_ranks...) in each backend."""
+    from conftest import make_tiny_model
+
+    directory = tmp_path_factory.mktemp("true-sequential-3-ranks")
+    narrow = make_tiny_model("llama", directory / "narrow", smollm2_dir, **NARROW)
+    text = ["--text", str(austen / "emma.txt"), "--true-sequential"]
+    jobs = [
+        [str(tiny_llama_dir), str(directory / case), str(directory / f"{case}.json"), *text, "--load", load,
+         "--samples", "7", "--scale-search", scale_search]
+        for case, (load, scale_search) in SHARDED_CASES.items()
+    ] + [
+        [str(narrow), str(directory / f"narrow-{load}"), str(directory / f"narrow-{load}.json"), *text, "--load", load,
+         "--group-size", "0"]
+        for load in NARROW_LOADS
+    ]  # fmt: skip
+    run_workers(3, jobs, directory)
+    return directory
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    "world,load,scale_search", [(3, "sharded", "minmax"), (3, "zero3", "minmax"), (3, "sharded", "imatrix_mse")]
-)
-def test_sharded_equals_single_process(world, load, scale_search, tiny_llama_dir, austen, tmp_path):
+@pytest.mark.parametrize("case", SHARDED_CASES)
+def test_sharded_equals_single_process(case, sharded_runs, tiny_llama_dir, austen, tmp_path):
     """Against one process: the same bits. At 3 ranks the batches (7 samples: 2, 1 and 1 batches of 2)
     and the row shares (32 k_proj rows: 11, 11, 10) are uneven; each row's GPTQ (searched scales too)
     does not depend on the rows quantized beside it. 2 ranks run in test_faults (resume) and test_vllm (served)."""
-    output, report_path = tmp_path / "ckpt", tmp_path / "report.json"
-    torchrun(
-        world, str(REPO / "tests" / "fsdp_worker.py"), str(tiny_llama_dir), str(output), str(report_path),
-        "--text", str(austen / "emma.txt"), "--load", load, "--true-sequential", "--samples", "7",
-        "--scale-search", scale_search,
-    )  # fmt: skip
-    report = json.loads(report_path.read_text())
+    (load, scale_search), world = SHARDED_CASES[case], 3
+    output, report = sharded_runs / case, json.loads((sharded_runs / f"{case}.json").read_text())
     assert report["world"] == world and report["backend"] == ("zero3" if load == "zero3" else "fsdp2")
     assert len(set(report["owners"].values())) == world
     single = single_process(
@@ -120,22 +142,13 @@ def test_sharded_equals_single_process(world, load, scale_search, tiny_llama_dir
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("load", ["sharded", "zero3"])
-def test_units_with_fewer_rows_than_ranks_are_quantized_whole_on_every_rank(load, smollm2_dir, austen, tmp_path):
+@pytest.mark.parametrize("load", NARROW_LOADS)
+def test_units_with_fewer_rows_than_ranks_are_quantized_whole_on_every_rank(load, sharded_runs, austen, tmp_path):
     """A Llama 2 features wide at 3 ranks: o_proj and down_proj have 2 rows, too few to split over the
     ranks, so every rank quantizes all of them (q/k/v with 6 rows and gate/up with 8 are split)."""
-    from conftest import make_tiny_model
-
-    narrow = dict(hidden_size=2, intermediate_size=4, num_attention_heads=1, num_key_value_heads=1, head_dim=2)
-    model_dir = make_tiny_model("llama", tmp_path / "narrow", smollm2_dir, **narrow)
-    output, report_path = tmp_path / "ckpt", tmp_path / "report.json"
-    torchrun(
-        3, str(REPO / "tests" / "fsdp_worker.py"), str(model_dir), str(output), str(report_path),
-        "--text", str(austen / "emma.txt"), "--load", load, "--true-sequential", "--group-size", "0",
-    )  # fmt: skip
-    report = json.loads(report_path.read_text())
+    output, report = sharded_runs / f"narrow-{load}", json.loads((sharded_runs / f"narrow-{load}.json").read_text())
     single = single_process(
-        model_dir, tmp_path / "single", austen / "emma.txt", 12, true_sequential=True, group_size=None
+        sharded_runs / "narrow", tmp_path / "single", austen / "emma.txt", 12, true_sequential=True, group_size=None
     )
     sharded_model, sharded = dequantized(output)
     _, expected = dequantized(single)
