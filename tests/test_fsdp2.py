@@ -10,30 +10,40 @@ import sys
 import pytest
 import torch
 from conftest import make_tiny_model
-from sharded_helpers import ENV, REPO, dequantized, logits_at_rank_threads, single_process, torchrun
+from sharded_helpers import ENV, REPO, dequantized, logits_at_rank_threads, run_workers, single_process
 from test_models import load_tensors
 from transformers import AutoModelForCausalLM
 
 from gptq_fsdp.distributed.schedule import assign_owners, gptq_cost, packing_cost
 
+# case: (world, samples); --load rank0: test_moe_files_load_sharded_as_with_the_rank0_load
+CASES = {"2-ranks": (2, 12), "3-ranks-uneven-samples": (3, 7), "3-ranks-64-samples": (3, 64)}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama_dir, smollm2_dir, austen, tmp_path_factory):
+    """This file's worker runs, one launch per world size: the CASES, and at 2 ranks bf16 matmuls
+    (`medium`) and a GPT-NeoX (files with renamed tensors)."""
+    directory = tmp_path_factory.mktemp("fsdp2-runs")
+    text = ["--text", str(austen / "emma.txt")]
+
+    def job(model, name, *extra):
+        return [str(model), str(directory / name), str(directory / f"{name}.json"), *text, *extra]
+
+    gpt_neox = make_tiny_model("gpt_neox", directory / "gpt_neox", smollm2_dir)
+    for world in (2, 3):
+        jobs = [job(tiny_llama_dir, case, "--samples", str(n)) for case, (w, n) in CASES.items() if w == world]
+        if world == 2:
+            jobs += [job(tiny_llama_dir, "medium", "--matmul-precision", "medium"), job(gpt_neox, "gpt_neox-ckpt")]
+        run_workers(world, jobs, directory)
+    return directory
+
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    "world,load,samples",
-    [(2, "sharded", 12), (3, "sharded", 7), (3, "sharded", 64)],
-    ids=[
-        "2-ranks",
-        "3-ranks-uneven-samples",
-        "3-ranks-64-samples",
-    ],  # --load rank0: test_moe_files_load_sharded_as_with_the_rank0_load
-)
-def test_sharded_equals_single_process(world, load, samples, tiny_llama_dir, austen, tmp_path, reference):
-    output, report_path = tmp_path / "ckpt", tmp_path / "report.json"
-    torchrun(
-        world, str(REPO / "tests" / "fsdp_worker.py"), str(tiny_llama_dir), str(output), str(report_path),
-        "--text", str(austen / "emma.txt"), "--load", load, "--samples", str(samples),
-    )  # fmt: skip
-    report = json.loads(report_path.read_text())
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_equals_single_process(case, runs, reference):
+    (world, samples), output = CASES[case], runs / case
+    report = json.loads((runs / f"{case}.json").read_text())
     assert report["backend"] == "fsdp2" and report["world"] == world
     rows, cols = report["k_proj_shape"]
     k_proj_rows = [n // cols for n in report["k_proj_local_numels"]]
@@ -66,13 +76,9 @@ def test_sharded_equals_single_process(world, load, samples, tiny_llama_dir, aus
 
 
 @pytest.mark.distributed
-def test_fast_matmul_precision_keeps_sharded_equal_to_single_process(tiny_llama_dir, austen, tmp_path):
+def test_fast_matmul_precision_keeps_sharded_equal_to_single_process(runs, tiny_llama_dir, austen, tmp_path):
     """bf16 products in the forwards and XᵀX (matmul_precision='medium'): 2 ranks == 1 process, bit for bit."""
-    output = tmp_path / "ckpt"
-    torchrun(
-        2, str(REPO / "tests" / "fsdp_worker.py"), str(tiny_llama_dir), str(output), str(tmp_path / "report.json"),
-        "--text", str(austen / "emma.txt"), "--matmul-precision", "medium",
-    )  # fmt: skip
+    output = runs / "medium"
     single = single_process(tiny_llama_dir, tmp_path / "single", austen / "emma.txt", 12, matmul_precision="medium")
     _, sharded = dequantized(output)
     _, expected = dequantized(single)
@@ -103,15 +109,10 @@ def test_moe_files_load_sharded_as_with_the_rank0_load(tmp_path, smollm2_dir, au
 
 
 @pytest.mark.distributed
-def test_files_with_renamed_tensors_load_sharded(tmp_path, smollm2_dir, austen):
+def test_files_with_renamed_tensors_load_sharded(runs, austen, tmp_path):
     """GPT-NeoX's files name the lm_head embed_out (transformers 5 renames it while loading): each
     rank still reads only its slices, and the result is the one-process one."""
-    model_dir = make_tiny_model("gpt_neox", tmp_path / "gpt_neox", smollm2_dir)
-    output = tmp_path / "ckpt"
-    torchrun(
-        2, str(REPO / "tests" / "fsdp_worker.py"), str(model_dir), str(output), str(tmp_path / "report.json"),
-        "--text", str(austen / "emma.txt"),
-    )  # fmt: skip
+    model_dir, output = runs / "gpt_neox", runs / "gpt_neox-ckpt"
     sharded_model, _ = dequantized(output)
     single_model, _ = dequantized(single_process(model_dir, tmp_path / "single", austen / "emma.txt", 12))
     sharded, single = sharded_model.state_dict(), single_model.state_dict()

@@ -652,14 +652,41 @@ def test_cli_rejects_a_missing_config(tmp_path, capsys):
     assert exit_info.value.code == 2 and "config.json" in capsys.readouterr().err
 
 
+# case: (model, true_sequential, expert calibration)
+MEASURED_CASES = {
+    "standard": ("smollm2", False, "routed"),
+    "true-sequential": ("smollm2", True, "routed"),
+    "moe-experts": ("mixtral", False, "routed"),
+    "moe-experts-all-tokens": ("mixtral", False, "all_tokens"),
+}
+
+
+@pytest.fixture(scope="module")
+def measured_runs(smollm2_dir, austen, tmp_path_factory):
+    """2-rank FSDP2 runs of the MEASURED_CASES, in one launch: SmolLM2's config cut to 2 of its 30
+    layers (random weights) and the tiny Mixtral."""
+    from conftest import make_tiny_model
+    from sharded_helpers import run_workers
+
+    directory = tmp_path_factory.mktemp("measured")
+    make_tiny_model("mixtral", directory / "mixtral-2-layers", smollm2_dir)
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(smollm2_dir, num_hidden_layers=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory / "smollm2-2-layers")
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(directory / "smollm2-2-layers")
+    jobs = [
+        [str(directory / f"{model}-2-layers"), str(directory / case), str(directory / f"{case}.json"),
+         "--text", str(austen / "emma.txt"), "--samples", "6", "--batch-size", "2",
+         *(["--true-sequential"] if true_sequential else []), "--expert-calibration", experts]
+        for case, (model, true_sequential, experts) in MEASURED_CASES.items()
+    ]  # fmt: skip
+    run_workers(2, jobs, directory)
+    return directory
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    "model,true_sequential,experts",
-    [("smollm2", False, "routed"), ("smollm2", True, "routed"), ("mixtral", False, "routed"),
-     ("mixtral", False, "all_tokens")],
-    ids=["standard", "true-sequential", "moe-experts", "moe-experts-all-tokens"],
-)  # fmt: skip
-def test_memory_model_equals_a_measured_two_rank_run(model, true_sequential, experts, smollm2_dir, austen, tmp_path):
+@pytest.mark.parametrize("case", MEASURED_CASES)
+def test_memory_model_equals_a_measured_two_rank_run(case, measured_runs):
     """The planner's per-rank shards, unsharded layer, Hessians and activations against the
     MemoryStats that a real 2-rank FSDP2 run of SmolLM2's shapes (its config, 2 of its 30 layers,
     random weights: the figures are per layer, and the shards follow the config) measured from its
@@ -671,24 +698,9 @@ def test_memory_model_equals_a_measured_two_rank_run(model, true_sequential, exp
     chunks, the whole layer, HessianGroup's float64 upper blocks and fp32 block of XᵀX in the CPU
     layout, the rank's calibration hidden states in and out of a layer), shapes times element sizes,
     nothing estimated."""
-    from conftest import make_tiny_model
-    from sharded_helpers import REPO, torchrun
-
-    model_dir, report_path = tmp_path / f"{model}-2-layers", tmp_path / "report.json"
-    if model == "mixtral":
-        make_tiny_model("mixtral", model_dir, smollm2_dir)
-    else:
-        torch.manual_seed(0)
-        config = AutoConfig.from_pretrained(smollm2_dir, num_hidden_layers=2)
-        AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-        AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(model_dir)
-    torchrun(
-        2, str(REPO / "tests" / "fsdp_worker.py"), str(model_dir), str(tmp_path / "ckpt"), str(report_path),
-        "--text", str(austen / "emma.txt"), "--samples", "6", "--batch-size", "2",
-        *(["--true-sequential"] if true_sequential else []),
-        "--expert-calibration", experts,
-    )  # fmt: skip
-    report = json.loads(report_path.read_text())
+    model, true_sequential, experts = MEASURED_CASES[case]
+    model_dir = measured_runs / f"{model}-2-layers"
+    report = json.loads((measured_runs / f"{case}.json").read_text())
     measured = report["memory_per_rank"]
     config = GPTQConfig.from_options(
         group_size=32, num_samples=6, max_seq_length=32, batch_size=2, true_sequential=true_sequential,

@@ -8,28 +8,38 @@ import sys
 
 import pytest
 import torch
-from sharded_helpers import ENV, REPO, dequantized, logits_at_rank_threads, torchrun
+from sharded_helpers import ENV, REPO, dequantized, logits_at_rank_threads, run_workers
 from transformers import AutoModelForCausalLM
 
+# case: (world, --load, samples)
+CASES = {
+    "2-ranks": (2, "zero3", 12),
+    "3-ranks-uneven-samples": (3, "zero3", 7),
+    "2-ranks-offload": (2, "zero3-offload", 12),
+}
 
-def run_worker(world: int, load: str, model_dir, output, report_path, austen, samples: int = 12) -> dict:
-    torchrun(
-        world, str(REPO / "tests" / "fsdp_worker.py"), str(model_dir), str(output), str(report_path),
-        "--text", str(austen / "emma.txt"), "--load", load, "--samples", str(samples),
-    )  # fmt: skip
-    return json.loads(report_path.read_text())
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama_dir, austen, tmp_path_factory):
+    """The CASES' worker runs, one launch per world size."""
+    directory = tmp_path_factory.mktemp("zero3-runs")
+    for world in (2, 3):
+        jobs = [
+            [str(tiny_llama_dir), str(directory / case), str(directory / f"{case}.json"), "--text",
+             str(austen / "emma.txt"), "--load", load, "--samples", str(samples)]
+            for case, (w, load, samples) in CASES.items() if w == world
+        ]  # fmt: skip
+        run_workers(world, jobs, directory)
+    return directory
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    "world,load,samples",
-    [(2, "zero3", 12), (3, "zero3", 7), (2, "zero3-offload", 12)],
-    ids=["2-ranks", "3-ranks-uneven-samples", "2-ranks-offload"],
-)
-def test_zero3_equals_single_process(world, load, samples, tiny_llama_dir, austen, tmp_path, reference):
+@pytest.mark.parametrize("case", CASES)
+def test_zero3_equals_single_process(case, runs, reference):
     """Bit for bit the one-process run, as FSDP2 is (test_fsdp2): so the two backends write the same
     checkpoint, at 2 ranks and at 3 ranks with uneven numbers of batches."""
-    report = run_worker(world, load, tiny_llama_dir, tmp_path / "ckpt", tmp_path / "r.json", austen, samples)
+    (world, _, samples), output = CASES[case], runs / case
+    report = json.loads((runs / f"{case}.json").read_text())
     assert report["backend"] == "zero3" and report["world"] == world
     rows, cols = report["k_proj_shape"]
     partition = report["k_proj_local_numels"][0]  # ceil(numel / world) elements on every rank
@@ -37,7 +47,7 @@ def test_zero3_equals_single_process(world, load, samples, tiny_llama_dir, auste
     if world == 3:  # this run's flat partitions end inside a row, and inside a 32-column group
         assert partition % cols != 0 and partition % cols % 32 != 0
     assert len(set(report["owners"].values())) == world
-    zero3_model, zero3 = dequantized(tmp_path / "ckpt")
+    zero3_model, zero3 = dequantized(output)
     single_model, single = reference[samples]
     assert all(torch.equal(zero3[k], single[k]) for k in single), "the same batches: bit-identical"
     ids = torch.tensor(report["input_ids"])
