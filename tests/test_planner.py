@@ -474,6 +474,86 @@ def test_expert_hessians_are_what_more_ranks_cannot_shrink(shapes):
     )
 
 
+# ---------------------------------------------------------------- giant MoE models, expert parallel
+
+GIANT_MOE = ("qwen3-235b-a22b", "deepseek-v3", "kimi-k2")
+# Qwen3-235B-A22B by hand: 64 heads and 4 KV heads of 128, q/k norms, 128 experts of 3 x 1536 x 4096.
+Q235_EXPERTS = 128 * 3 * 1536 * 4096
+Q235_LAYER = 4096 * 8192 + 2 * 512 * 4096 + 8192 * 4096 + 2 * 128 + Q235_EXPERTS + 128 * 4096 + 2 * 4096
+Q235_EXPERT_HESSIANS = 128 * 12 * (4096**2 + 1536**2)  # gate/up read 4096 columns, down 1536
+
+
+@pytest.fixture(scope="module")
+def giant_moe() -> dict[str, planner.ModelShape]:
+    return {name: load_model_shape(CONFIGS / f"{name}.json") for name in GIANT_MOE}
+
+
+def test_giant_moe_parameter_counts(giant_moe):
+    """The public configs give the published sizes (DeepSeek-V3 671 B without its MTP layer, which
+    transformers does not build; Kimi-K2 about 1 T)."""
+    assert giant_moe["qwen3-235b-a22b"].total_params == 94 * Q235_LAYER + 2 * 151936 * 4096 + 4096 == 235_093_634_560
+    assert round(giant_moe["deepseek-v3"].total_params / 1e9) == 671
+    assert round(giant_moe["kimi-k2"].total_params / 1e9) == 1026
+
+
+def test_expert_parallel_holds_only_each_ranks_own_experts(giant_moe):
+    """Qwen3-235B-A22B on 8 x 80 GiB, 128 x 2048 tokens: every rank holds all 128 experts' Hessians
+    (27.4 GiB) and unshards all experts of a layer, so it needs 10 ranks; expert-parallel, a rank
+    holds its 16 experts' Hessians, the layer without experts, and one batch's dispatch buffers
+    (8 x 2048 tokens x top-8: hidden states out and in, gate/up and expert outputs), so 8 fit. Its
+    Hessians are summed where they are used (no reduce); the routed hidden states travel instead."""
+    shape = giant_moe["qwen3-235b-a22b"]
+    options = PlanOptions(world_size=8, gpu_memory=MEM80)
+    plain, parallel = plan(shape, options), plan(shape, options.with_(expert_parallel=True))
+    assert [r.expert_hessians for r in plain.ranks] == [Q235_EXPERT_HESSIANS] * 8
+    assert not plain.fits and plain.suggestions[0].startswith("more ranks: --world-size 10 fits")
+    assert [r.expert_hessians for r in parallel.ranks] == [Q235_EXPERT_HESSIANS // 8] * 8
+    assert all(r.layer == (Q235_LAYER - Q235_EXPERTS) * 2 for r in parallel.ranks)
+    routed = 8 * 2048 * 8
+    assert all(r.dispatch == routed * (2 * 4096 + 3072 + 4096) * 2 for r in parallel.ranks)
+    traffic = parallel.traffic[0]
+    assert traffic.expert_reduce == 0 and plain.traffic[0].expert_reduce == Q235_EXPERT_HESSIANS * 2 // 3
+    assert traffic.dispatch == 2 * 2 * (16 * 2048 * 8) * 4096 * 2 * 7 // 8  # 2 passes, out and back, 7/8 away
+    assert traffic.layer_gather == 7 * (Q235_LAYER - Q235_EXPERTS) * 2 // 8
+    assert parallel.fits
+    assert parallel.time.dispatch == pytest.approx(94 * traffic.dispatch / 200e9)
+    assert "modelled only: quantize does not run it yet" in planner.format_plan(parallel)
+
+
+def test_deepseek_v3_fits_8_gpus_only_expert_parallel_with_offloaded_parameters(giant_moe):
+    """DeepSeek-V3 at 8 x 80 GiB: all 512 expert Hessians of a layer (97.75 GiB) on every rank fit
+    at no world size; expert-parallel, the parameter shards (156 GiB per rank) are what is left, and
+    in host memory (FSDP2 CPUOffloadPolicy / ZeRO-3 offload_param) the rest fits."""
+    shape = giant_moe["deepseek-v3"]
+    options = PlanOptions(world_size=8, gpu_memory=MEM80)
+    plain = plan(shape, options)
+    assert not plain.fits and plain.suggestions[0].startswith("more ranks: no world size up to 128")
+    assert not plan(shape, options.with_(param_offload=True), advise=False).fits
+    parallel = plan(shape, options.with_(expert_parallel=True))
+    assert not parallel.fits and "--offload-param fits at --world-size 8" in "".join(parallel.suggestions)
+    both = plan(shape, options.with_(expert_parallel=True, param_offload=True))
+    assert both.fits
+    assert [(r.shards, r.host_shards) for r in both.ranks] == [(0, r.shards) for r in plain.ranks]
+    assert [r.expert_hessians for r in both.ranks] == [plain.ranks[0].expert_hessians // 8] * 8
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(backend="zero3"), "expert-parallel calibration needs each expert whole on one rank: FSDP2"),
+        (dict(expert_calibration="all_tokens"), "all-tokens calibration runs every expert on every token"),
+    ],
+)
+def test_expert_parallel_needs_fsdp2_and_routed_calibration(giant_moe, changes, message):
+    options = PlanOptions(world_size=8, gpu_memory=MEM80, expert_parallel=True).with_(**changes)
+    assert any(message in p for p in plan(giant_moe["qwen3-235b-a22b"], options, advise=False).problems)
+
+
+def test_parameter_offload_needs_a_sharded_run(giant_moe):
+    result = plan(giant_moe["qwen3-235b-a22b"], PlanOptions(world_size=1, gpu_memory=MEM80, param_offload=True))
+    assert "give 2 or more ranks" in result.problems[0]
+
+
 def test_ignored_experts_are_listed_as_not_quantized():
     ignore = GPTQConfig.from_options(ignore=["lm_head", "re:.*mlp.experts$"])
     shape = load_model_shape(CONFIGS / "mixtral-8x7b.json", config=ignore)

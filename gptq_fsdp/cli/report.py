@@ -29,12 +29,25 @@ def add_parsers(commands) -> None:
         "--device", choices=["cuda", "cpu"], default="cuda", help="where the run computes (Hessian block layout)"
     )
     plan.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    plan.add_argument(
+        "--offload-param",
+        action="store_true",
+        help="parameter shards in host memory (FSDP2 CPUOffloadPolicy, ZeRO-3 offload_param)",
+    )
+    plan.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="model expert-parallel calibration (tokens sent to their experts' ranks; quantize does not run it yet)",
+    )
     add_config_options(plan, quantizing=False)
     rates = plan.add_argument_group("rates")
     rates.add_argument("--matmul-tflops", type=positive(float), default=400.0, help="dense matmul rate per GPU")
     rates.add_argument("--cholesky-tflops", type=positive(float), default=20.0, help="Cholesky/inverse rate per GPU")
     rates.add_argument(
         "--bandwidth-gbps", type=positive(float), default=200.0, help="collective bandwidth per rank in GB/s (bytes)"
+    )
+    rates.add_argument(
+        "--host-bandwidth-gbps", type=positive(float), default=25.0, help="host <-> GPU copies (--offload-param)"
     )
     rates.add_argument(
         "--column-latency-us",
@@ -73,12 +86,15 @@ def plan_command(args: argparse.Namespace) -> None:
             "matmul_tflops",
             "cholesky_tflops",
             "bandwidth_gbps",
+            "host_bandwidth_gbps",
             "column_latency_us",
+            "expert_parallel",
         )
         options = PlanOptions(
             gpu_memory=parse_size(args.gpu_memory),
             config=config_from_args(args),
             device_type=args.device,
+            param_offload=args.offload_param,
             **{name: getattr(args, name) for name in planner_own},
         )
         result = plan_from_config(model_config, options, args.dtype)

@@ -69,7 +69,7 @@ def _advice(result: Plan) -> list[str]:
             f"with more ranks already needs {_gib(floor)} on one rank"
         )
         structure = shape.structures[result.largest]
-        if structure.experts:
+        if structure.experts and not options.expert_parallel:
             experts = _expert_hessians(structure.experts, options)
             sums = sum(expert_sums(e, options) for e in structure.experts)
             advice.append(
@@ -97,6 +97,11 @@ def _advice(result: Plan) -> list[str]:
             both = smallest_world_size(shape, offload)
             tail = f"; with it, {world_size_flags(both, options)} fits" if both is not None else ""
             advice.append(f"--offload-activations alone does not fit (peak {_gib(peak)}){tail}")
+    if not options.param_offload and options.world_size > 1:
+        offload = options.with_(param_offload=True)
+        peak, problems = peak_bytes(shape, offload)
+        if not problems and peak <= options.gpu_memory:
+            advice.append(f"--offload-param fits at --world-size {options.world_size} (peak {_gib(peak)})")
     samples = most_samples(shape, options)
     if samples is not None:
         per_rank = math.ceil(samples / options.world_size)

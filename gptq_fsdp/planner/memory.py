@@ -121,6 +121,20 @@ class _Experts:
         """Σ over the slices `rank` owns of `value(their fused parameter)`."""
         return sum(n * value(q) for n, q in zip(self.counts[rank], self.params, strict=True))
 
+    def weight_bytes(self, element_size: int, rank: int | None = None, world: int = 1) -> int:
+        """Bytes of the fused expert parameters: all of them, or the rows `rank` stores (FSDP2)."""
+        if rank is None:
+            return sum(math.prod(q.shape) for q in self.params) * element_size
+        return sum(_local(q.shape, world, rank, "fsdp2") for q in self.params) * element_size
+
+    def dispatch_bytes(self, batch_tokens: int, element_size: int) -> int:
+        """Expert-parallel buffers of one batch on a rank, routing balanced: its routed hidden states
+        sent and as many received, and for those the owner's gate/up output and expert output."""
+        routed = batch_tokens * max(q.top_k for q in self.params)
+        gate_up = next(q for q in self.params if q.param_name == FUSED[0])
+        hidden, up_rows = gate_up.columns, gate_up.total_rows
+        return routed * (2 * hidden + up_rows + hidden) * element_size
+
     def pieces(self, rank: int, options: PlanOptions, element_size: int) -> int:
         """Bytes of this rank's pieces of the quantized fused parameters (`backend.piece_of`), kept
         till the layer is done (0 in one process: the whole copy is the parameter)."""
@@ -170,6 +184,21 @@ class _Context:
         ]
         self.owner_sets += [set(e.owners) for e in self.experts if e]
         first = next((i for i, x in enumerate(shape.layer_structure) if shape.structures[x].experts), None)
+        if options.param_offload and world == 1:
+            self.problems.append(
+                "parameter offload keeps the shards of a sharded run in host memory: give 2 or more ranks"
+            )
+        if options.expert_parallel and first is not None:
+            if options.backend != "fsdp2":
+                self.problems.append(
+                    "expert-parallel calibration needs each expert whole on one rank: FSDP2 (ZeRO-3's flat "
+                    "partitions cut through experts)"
+                )
+            if options.config.expert_calibration == "all_tokens":
+                self.problems.append(
+                    "expert-parallel calibration sends each token to the experts it is routed to; all-tokens "
+                    "calibration runs every expert on every token: choose one"
+                )
         self.refusal = ""
         if options.true_sequential and first is not None:
             module = shape.structures[shape.layer_structure[first]].experts[0].module
@@ -209,12 +238,14 @@ def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
     shape, options = ctx.shape, ctx.options
     world, backend, b = options.world_size, options.backend, shape.element_size
     shards = sum(count * _local(s, world, rank, backend) for s, count in ctx.param_counts.items()) * b
+    host_shards = shards if options.param_offload and ctx.sharded else 0
+    shards -= host_shards
     token_bytes = options.max_seq_length * shape.hidden * b
     act_samples = ctx.batch[rank] if options.offload_activations else ctx.per_rank[rank]
     activations = act_samples * token_bytes
     batch_tokens = ctx.batch[rank] * options.max_seq_length
 
-    best = RankMemory(rank, shards, 0, activations, 0, 0, 0, 0, 0, 0, "", {})
+    best = RankMemory(rank, shards, 0, activations, 0, 0, 0, 0, 0, 0, "", {}, host_shards=host_shards)
     capture = {"shards": shards, "outer params": ctx.outer_bytes, "activations": activations}
     phases: list[tuple[str, dict[str, int]]] = [("capture", capture)]
     for s, structure in enumerate(shape.structures):
@@ -261,10 +292,21 @@ def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
             workspace = max((_unit_workspace(g, b, options) for g in mine), default=0)
             experts = ctx.experts[s]
             expert_h = experts.hessians if experts else 0
+            forward_extra = {}
+            if experts and options.expert_parallel and ctx.sharded:
+                # The experts stay out of the layer's unshard: a rank holds its own experts only (on
+                # the GPU, and so in "layer", when their shards live in host memory), their Hessians
+                # only, and the dispatch buffers of one batch.
+                layer -= experts.weight_bytes(b)
+                layer += experts.weight_bytes(b, rank, world) if options.param_offload else 0
+                expert_h = experts.owned_hessians[rank]
+                forward_extra = {"dispatch buffers": experts.dispatch_bytes(batch_tokens, b)}
+                best.dispatch = max(best.dispatch, forward_extra["dispatch buffers"])
             unsharded = {"shards": shards, "layer": layer, "activations": activations}
-            # Every expert slice's Hessian is on every rank, from the forwards till it is reduced.
+            # Every expert slice's Hessian is on every rank, from the forwards till it is reduced
+            # (expert-parallel: the rank's own experts' only).
             all_h = {"Hessians": hessians} | ({"expert Hessians": expert_h} if experts else {})
-            phases.append((f"Hessian forward, {where}", unsharded | {"working set": working} | all_h))
+            phases.append((f"Hessian forward, {where}", unsharded | {"working set": working} | all_h | forward_extra))
             gptq = {"shards": shards, "activations": activations, "Hessians": hessians}
             gptq |= {"owned weights": buffers, "GPTQ workspace": workspace}
             if experts:  # quantized inside the unsharded layer, before the Linear groups
@@ -287,7 +329,8 @@ def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
                 (f"GPTQ, {where}", gptq),
                 (
                     f"propagate, {where}",
-                    {"shards": shards, "layer": layer, "activations x2": 2 * activations, "working set": working},
+                    {"shards": shards, "layer": layer, "activations x2": 2 * activations, "working set": working}
+                    | forward_extra,
                 ),
             ]
         best.layer = max(best.layer, layer)

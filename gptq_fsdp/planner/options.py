@@ -35,9 +35,16 @@ class PlanOptions:
     config: GPTQConfig = field(default_factory=GPTQConfig.from_options)
     backend: str = "fsdp2"
     device_type: str = "cuda"
+    # Parameter shards at rest in host memory (FSDP2 CPUOffloadPolicy, ZeRO-3 offload_param), copied
+    # to the GPU layer by layer.
+    param_offload: bool = False
+    # Expert-parallel calibration, modelled only (quantize does not run it yet): each routed token
+    # travels to the rank storing its expert, which alone holds that expert's weights and Hessians.
+    expert_parallel: bool = False
     matmul_tflops: float = 400.0
     cholesky_tflops: float = 20.0
     bandwidth_gbps: float = 200.0
+    host_bandwidth_gbps: float = 25.0  # host <-> GPU copies of offloaded shards
     column_latency_us: float = 25.0
 
     def __post_init__(self) -> None:
@@ -48,7 +55,7 @@ class PlanOptions:
         for name in ("world_size", "gpu_memory"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("matmul_tflops", "cholesky_tflops", "bandwidth_gbps", "column_latency_us"):
+        for name in ("matmul_tflops", "cholesky_tflops", "bandwidth_gbps", "host_bandwidth_gbps", "column_latency_us"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -78,7 +85,7 @@ class RankMemory:
     """Bytes one rank holds; per-layer items are the largest over the layers."""
 
     rank: int
-    shards: int
+    shards: int  # on the GPU (0 when offloaded to host memory: `host_shards`)
     layer: int
     activations: int  # at rest (x2 while propagating)
     working: int  # forward working set of one batch
@@ -90,6 +97,8 @@ class RankMemory:
     peak_phase: str
     peak_parts: dict[str, int]
     expert_hessians: int = 0  # the part of `hessians` that is the expert slices'
+    host_shards: int = 0  # parameter shards in host memory (param_offload)
+    dispatch: int = 0  # expert-parallel send, receive and expert buffers of one batch
 
 
 @dataclass
@@ -102,6 +111,7 @@ class LayerTraffic:
     gathers: int  # all-gathers of the layer per layer
     expert_reduce: int = 0  # float64 sums of the expert slices, reduced to their owners
     expert_gather: int = 0  # ZeRO-3: the slices' int8 results, received per rank (padded: an upper bound)
+    dispatch: int = 0  # expert-parallel: routed hidden states sent to their experts' ranks and back, per rank
 
 
 @dataclass
@@ -113,10 +123,11 @@ class TimeEstimate:
     gathers: float
     gptq: float  # GPTQ phases, transfers overlapped
     expert_gptq: float = 0.0  # the part of `gptq` that quantizes fused MoE experts
+    dispatch: float = 0.0  # expert-parallel: routed hidden states to their experts' ranks and back
 
     @property
     def total(self) -> float:
-        return self.forward + self.xtx + self.gathers + self.gptq
+        return self.forward + self.xtx + self.gathers + self.gptq + self.dispatch
 
 
 @dataclass

@@ -45,8 +45,15 @@ def format_plan(result: Plan) -> str:
         f"{o.max_seq_length} tokens "
         f"({result.samples_per_rank[0]} on rank 0 in {result.batches} forward call(s) per pass), "
         f"batch size {o.batch_size}{', activations offloaded' if o.offload_activations else ''}"
-        f"{', true-sequential' if o.true_sequential else ''}",
+        f"{', true-sequential' if o.true_sequential else ''}"
+        f"{', parameters offloaded to host memory' if o.param_offload else ''}",
     ]
+    if o.expert_parallel:
+        lines.append(
+            "expert-parallel calibration (modelled only: quantize does not run it yet): each routed token's hidden "
+            "state goes to the rank storing its expert and the expert's output comes back; the experts stay out "
+            "of the layer's unshard"
+        )
     ts = o.true_sequential
     for s, structure in enumerate(shape.structures):
         layers = [i for i, x in enumerate(shape.layer_structure) if x == s]
@@ -86,11 +93,19 @@ def format_plan(result: Plan) -> str:
     else:
         lines.append("  acts: layer inputs of the rank's samples (x2 while propagating); working: one batch's forward")
     moe = any(e is not None for e in result.expert_owners)
-    if moe:
+    if moe and o.expert_parallel:
+        lines.append(
+            "  Hessians: the Linear groups' (every rank) and its own experts' slices'; layer: without the experts; "
+            f"dispatch buffers of one batch (routing balanced): {_gib(max(r.dispatch for r in result.ranks))}; "
+            "GPTQ ws: largest owned group or expert slice"
+        )
+    elif moe:
         lines.append(
             "  Hessians: the Linear groups' and every expert slice's (all on every rank, from the forwards till "
             "reduced); GPTQ ws: largest owned group or expert slice"
         )
+    if o.param_offload and result.ranks[0].host_shards:
+        lines.append(f"  shards: in host memory, {_gib(max(r.host_shards for r in result.ranks))} per rank")
     lines.append("")
     big = result.largest
     t = result.traffic[big]
@@ -111,6 +126,8 @@ def format_plan(result: Plan) -> str:
             "rank's piece padded to the owner's rows)"
         )
     passes = "1 pass" if ts else "2 passes"
+    if t.dispatch:
+        lines.append(f"    expert dispatch + combine     {_gib(t.dispatch)} sent per rank ({passes}, routing balanced)")
     lines.append(
         f"    layer all-gather              {_gib(t.layer_gather)} received per rank, x{t.gathers} per layer "
         + (f"({passes})" if o.backend == "fsdp2" else "(every forward call: ZeRO-3 does not pin the layer)")
@@ -133,12 +150,14 @@ def format_plan(result: Plan) -> str:
         f"estimated time {_seconds(tm.total)}: forward {_seconds(tm.forward)}, XᵀX {_seconds(tm.xtx)}, "
         f"layer all-gathers {_seconds(tm.gathers)}, GPTQ {_seconds(tm.gptq)}"
         + (f" (experts {_seconds(tm.expert_gptq)})" if tm.expert_gptq else "")
+        + (f", expert dispatch {_seconds(tm.dispatch)}" if tm.dispatch else "")
     )
     lines += [
         f"    at {o.matmul_tflops:g} matmul TFLOP/s, {o.cholesky_tflops:g} Cholesky TFLOP/s, {o.bandwidth_gbps:g} GB/s "
         "per rank (10⁹ bytes/s), for the rank with the most samples; per layer:",
         f"    forward = {passes} x (2·active params·tokens + 2·samples·seq²·heads·head_dim) / matmul",
-        "    XᵀX = Σ groups 2·tokens·cols² / matmul;  all-gathers = bytes / bandwidth",
+        "    XᵀX = Σ groups 2·tokens·cols² / matmul;  all-gathers = bytes / bandwidth"
+        + (f" (+ the rank's shard / {o.host_bandwidth_gbps:g} GB/s host copy)" if o.param_offload else ""),
         (
             f"    GPTQ = Σ units k·cols³/Cholesky + rows/N·cols²/matmul + {o.column_latency_us:g} µs·cols "
             "+ (Hessian all-reduce + rows all-gather) / bandwidth, on every rank"
@@ -154,7 +173,10 @@ def format_plan(result: Plan) -> str:
             if o.config.expert_calibration == "all_tokens"
             else "    experts: XᵀX = Σ projections 2·tokens·top_k·cols² / matmul "
             "(each expert: tokens·top_k/E of them);",
-            "    GPTQ = max(slowest holder's Σ slices, expert Hessian reduces / bandwidth)"
+            "    GPTQ = slowest holder's Σ slices (each owner summed its own experts' Hessians); "
+            "dispatch = 2 passes x 2·tokens·top_k·hidden·bytes·(N-1)/N / bandwidth"
+            if o.expert_parallel
+            else "    GPTQ = max(slowest holder's Σ slices, expert Hessian reduces / bandwidth)"
             if o.backend == "fsdp2" or world == 1
             else "    GPTQ = max(slowest owner's Σ slices, expert Hessian reduces / bandwidth) + all-gathers / bw",
         ]
@@ -190,7 +212,8 @@ def _expert_lines(result: Plan, s: int) -> list[str]:
         calibrated = "on every token" if o.config.expert_calibration == "all_tokens" else "on their routed tokens"
         lines.append(
             f"    {module}: {params[0].num_experts} experts x ({each}) quantized per expert, {calibrated}, "
-            f"{sum(expert_sums(e, o) for e in params)} Hessians {_gib(hessians)} on every rank"
+            f"{sum(expert_sums(e, o) for e in params)} Hessians {_gib(hessians)} "
+            + ("in all, each on its expert's rank only" if o.expert_parallel and o.world_size > 1 else "on every rank")
         )
     if owners is None:
         return [*lines, "        owners: none, the true-sequential order refuses them (below)"]
@@ -203,7 +226,8 @@ def _expert_lines(result: Plan, s: int) -> list[str]:
         spread = (
             f"{per_rank[0]} on each rank" if len(set(per_rank)) == 1 else f"{min(per_rank)}-{max(per_rank)} per rank"
         )
-        who = f"the ranks storing them (FSDP2 rows: {spread}); only the Hessians travel"
+        travel = "the routed tokens travel to them" if o.expert_parallel else "only the Hessians travel"
+        who = f"the ranks storing them (FSDP2 rows: {spread}); {travel}"
     else:
         who = (
             f"balanced by GPTQ cost (assign_owners, max/mean {result.expert_balance[s]:.2f}); every result is "

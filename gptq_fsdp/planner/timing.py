@@ -4,6 +4,7 @@ where the run does not fit, the advice. The formulas: docs/planner.md."""
 
 from __future__ import annotations
 
+from gptq_fsdp.model.experts import FUSED
 from gptq_fsdp.planner.advice import _advice
 from gptq_fsdp.planner.memory import (
     REDUCE_BYTES,
@@ -35,7 +36,7 @@ def plan(shape: ModelShape, options: PlanOptions, advise: bool = True) -> Plan:
     world, backend, b = options.world_size, options.backend, shape.element_size
     ranks = [_rank_memory(ctx, r) for r in range(world)]
     traffic, balance = [], []
-    forward = xtx = gathers = gptq = expert_gptq = 0.0
+    forward = xtx = gathers = gptq = expert_gptq = dispatch = 0.0
     mm, bw = options.matmul_tflops * 1e12, options.bandwidth_gbps * 1e9
     samples0 = ctx.per_rank[0]
     tokens = samples0 * options.max_seq_length
@@ -50,12 +51,26 @@ def plan(shape: ModelShape, options: PlanOptions, advise: bool = True) -> Plan:
             weight_transfer = sum((world - 1) * n * g.columns for g, n in zip(structure.groups, shares, strict=True))
         else:
             weight_transfer = sum(2 * (world - 1) * p for _, p in pieces)
-        layer_gather = (world - 1) * sum(_piece(p, world, backend) for p in structure.params) * b
+        gathered = list(structure.params)
+        if options.expert_parallel and ctx.experts[s]:  # the experts stay out of the layer's unshard
+            for q in ctx.experts[s].params:
+                gathered.remove(q.shape)
+        layer_gather = (world - 1) * sum(_piece(p, world, backend) for p in gathered) * b
         n_gathers = 0 if world == 1 else (passes if backend == "fsdp2" else passes * ctx.batches)
         traffic.append(LayerTraffic(hessian_reduce, weight_transfer, layer_gather, n_gathers))
         balance.append(ctx.assignments[s].balance if ctx.assignments[s] else 1.0)
+        if options.param_offload and world > 1:  # every unshard first copies the rank's shard to the GPU
+            shard = sum(_piece(p, world, backend) for p in structure.params) * b
+            gathers += count * n_gathers * shard / (options.host_bandwidth_gbps * 1e9)
         if experts := ctx.experts[s]:  # quantized per expert before the Linear groups
             seconds, xtx_flops = _expert_phase(experts, traffic[-1], tokens, options)
+            if options.expert_parallel and world > 1:
+                # Each routed hidden state to its expert's rank and its output back, in both passes;
+                # the (world - 1) / world of them whose expert is elsewhere, routing balanced.
+                hidden = next(q.columns for q in experts.params if q.param_name == FUSED[0])
+                routed = tokens * max(q.top_k for q in experts.params)
+                traffic[-1].dispatch = round(passes * 2 * routed * hidden * b * (world - 1) / world)
+                dispatch += count * traffic[-1].dispatch / bw
             xtx += count * xtx_flops / mm
             if options.config.expert_calibration == "all_tokens":  # the calibration pass runs every expert too
                 every_expert = sum(q.num_experts * q.total_rows * q.columns for q in experts.params)
@@ -88,7 +103,7 @@ def plan(shape: ModelShape, options: PlanOptions, advise: bool = True) -> Plan:
         owners=[ctx.owners(s) for s in range(len(shape.structures))],
         balance=balance,
         traffic=traffic,
-        time=TimeEstimate(forward, xtx, gathers, gptq, expert_gptq),
+        time=TimeEstimate(forward, xtx, gathers, gptq, expert_gptq, dispatch),
         problems=list(ctx.problems),
         expert_owners=[e.owners if e else None for e in ctx.experts],
         expert_balance=[e.balance if e else None for e in ctx.experts],
@@ -122,6 +137,8 @@ def _expert_phase(experts: _Experts, traffic: LayerTraffic, tokens: int, options
     def slice_seconds(q: ExpertShape) -> float:
         return _gptq_seconds(q.total_rows, q.columns, options)
 
+    if options.expert_parallel:  # each owner summed its own experts' tokens: nothing to reduce
+        traffic.expert_reduce = 0
     reduce = (world - 1) / world * traffic.expert_reduce / bw
     if experts.held:
         return max(max(experts.per_rank(slice_seconds, r) for r in range(world)), reduce), xtx_flops
