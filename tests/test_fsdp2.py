@@ -104,7 +104,7 @@ def test_moe_files_load_sharded_as_with_the_rank0_load(tmp_path, smollm2_dir, au
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-5000:]
     sharded, rank0 = (load_tensors(outputs[load]) for load in ("sharded", "rank0"))
-    assert sharded.keys() == rank0.keys() and "model.layers.1.mlp.experts.3.w3.weight_packed" in sharded
+    assert sharded.keys() == rank0.keys() and "model.layers.1.block_sparse_moe.experts.3.w3.weight_packed" in sharded
     assert [k for k in rank0 if not torch.equal(sharded[k], rank0[k])] == []
 
 
