@@ -112,6 +112,22 @@ perplexity; llm-compressor has no such mode.""",
   (true-sequential: no gathered weight copies) of one process's.""",
     ),
     Benchmark(
+        "smollm2_draws",
+        "Accuracy over calibration draws",
+        "perplexity of SmolLM2-135M quantized by gptq_fsdp (both orders, MSE and imatrix-MSE scales), "
+        "llm-compressor and GPTQModel, each on 3 disjoint calibration draws, on a novel and on licence texts",
+        ("benchmarks/smollm2_draws.py",),
+        notes="""One run's perplexity moves with the last bits of its arithmetic (GPTQ's levels flip and the flips
+cascade through the layers), so a single run says little about which tool is more accurate: the
+ranges over the draws are the scale against which a difference of means is read.""",
+    ),
+    Benchmark(
+        "smollm2_gptqmodel",
+        "One process against GPTQModel",
+        "quantize time and perplexity of SmolLM2-135M against GPTQModel 7.7 on the CPU, both orders",
+        ("benchmarks/smollm2_gptqmodel.py",),
+    ),
+    Benchmark(
         "moe_upcycled",
         "MoE against llm-compressor",
         "the 8-expert upcycled SmolLM2 (Mixtral layout) in one process and on 2 ranks (FSDP2, ZeRO-3) against "

@@ -49,7 +49,13 @@ PEER_OF = {ours: next(p for p, prec in PEERS.items() if prec == precision) for o
 
 
 def run_ours(
-    calibration: Path, output: Path, threads: int, report: Path, matmul_precision: str, true_sequential: bool
+    calibration: Path,
+    output: Path,
+    threads: int,
+    report: Path,
+    matmul_precision: str,
+    true_sequential: bool,
+    scale_search: str = "minmax",
 ) -> None:
     """Worker: quantize with gptq_fsdp in this process and write timings to `report`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -66,6 +72,7 @@ def run_ours(
         block_size=SCHEME["block_size"],
         matmul_precision=matmul_precision,
         true_sequential=true_sequential,
+        scale_search=scale_search,
     )
     start, start_cpu = time.perf_counter(), time.process_time()
     result = quantize_model(model, CalibrationSet.load(calibration), config)
@@ -78,6 +85,7 @@ def run_ours(
                 "tool": "gptq_fsdp",
                 "matmul_precision": matmul_precision,
                 "true_sequential": true_sequential,
+                "scale_search": scale_search,
                 "quantize_s": quantize_s,
                 "quantize_cpu_s": quantize_cpu_s,
                 "save_s": time.perf_counter() - start,
@@ -107,9 +115,13 @@ def main() -> None:
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--matmul-precision", default="highest", help=argparse.SUPPRESS)
     parser.add_argument("--true-sequential", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--scale-search", default="minmax", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "ours":
-        run_ours(args.calibration, args.output, args.threads, args.report, args.matmul_precision, args.true_sequential)
+        run_ours(
+            args.calibration, args.output, args.threads, args.report, args.matmul_precision, args.true_sequential,
+            args.scale_search,
+        )  # fmt: skip
         return
     tokenizer = prepare_job(args.samples, args.seq_len)
     runs: dict[str, list[dict]] = {tool: [] for tool in (*OURS, *PEERS)}
