@@ -23,7 +23,7 @@ CASES = {"2-ranks": (2, 12), "3-ranks-uneven-samples": (3, 7), "3-ranks-64-sampl
 @pytest.fixture(scope="module")
 def runs(tiny_llama_dir, smollm2_dir, austen, tmp_path_factory):
     """This file's worker runs, one launch per world size: the CASES, and at 2 ranks bf16 matmuls
-    (`medium`) and a GPT-NeoX (files with renamed tensors)."""
+    (`medium`), a GPT-NeoX (files with renamed tensors) and a Mixtral loaded both ways."""
     directory = tmp_path_factory.mktemp("fsdp2-runs")
     text = ["--text", str(austen / "emma.txt")]
 
@@ -31,10 +31,12 @@ def runs(tiny_llama_dir, smollm2_dir, austen, tmp_path_factory):
         return [str(model), str(directory / name), str(directory / f"{name}.json"), *text, *extra]
 
     gpt_neox = make_tiny_model("gpt_neox", directory / "gpt_neox", smollm2_dir)
+    mixtral = make_tiny_model("mixtral", directory / "mixtral", smollm2_dir)
     for world in (2, 3):
         jobs = [job(tiny_llama_dir, case, "--samples", str(n)) for case, (w, n) in CASES.items() if w == world]
         if world == 2:
             jobs += [job(tiny_llama_dir, "medium", "--matmul-precision", "medium"), job(gpt_neox, "gpt_neox-ckpt")]
+            jobs += [job(mixtral, f"mixtral-{load}", "--load", load, "--samples", "4") for load in ("sharded", "rank0")]
         run_workers(world, jobs, directory)
     return directory
 
@@ -87,22 +89,11 @@ def test_fast_matmul_precision_keeps_sharded_equal_to_single_process(runs, tiny_
 
 
 @pytest.mark.distributed
-def test_moe_files_load_sharded_as_with_the_rank0_load(tmp_path, smollm2_dir, austen):
-    """Mixtral's files hold per-expert weights that transformers 5 fuses while loading: the CLI's
-    default load reads each rank's experts from them (tests/test_moe.py checks the shards and the
-    tensors read), and its checkpoint is --load rank0's, tensor for tensor."""
-    model_dir = make_tiny_model("mixtral", tmp_path / "mixtral", smollm2_dir)
-    outputs = {}
-    for load in ("sharded", "rank0"):
-        outputs[load] = tmp_path / load
-        done = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptq_fsdp",
-             "quantize", str(model_dir), "--dataset", str(austen / "emma.txt"), "--num-samples", "4",
-             "--batch-size", "2", "--max-seq-length", "32", "--group-size", "32", "--load", load,
-             "--output", str(outputs[load])],
-            capture_output=True, text=True, env=ENV,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-5000:]
+def test_moe_files_load_sharded_as_with_the_rank0_load(runs):
+    """Mixtral's files hold per-expert weights that transformers 5 fuses while loading: the default
+    (sharded) load reads each rank's experts from them (tests/test_moe.py checks the shards and the
+    tensors read), and its checkpoint is the rank-0 load's, tensor for tensor."""
+    outputs = {load: runs / f"mixtral-{load}" for load in ("sharded", "rank0")}
     sharded, rank0 = (load_tensors(outputs[load]) for load in ("sharded", "rank0"))
     assert sharded.keys() == rank0.keys() and "model.layers.1.block_sparse_moe.experts.3.w3.weight_packed" in sharded
     assert [k for k in rank0 if not torch.equal(sharded[k], rank0[k])] == []
