@@ -99,6 +99,49 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
 
 
+def write_results(args, records: dict[str, list[dict]], fp32: dict[str, float]) -> list[str]:
+    """Write smollm2_draws.{json,md} for the runs recorded so far (after every run: a run cut short
+    leaves the draws it finished); returns the report's lines."""
+    held_out = list(fp32)
+    done = {run: rs for run, rs in records.items() if rs}
+    result = {
+        "job": f"SmolLM2-135M fp32, W4A16 group {SCHEME['group_size']} symmetric, act-order {SCHEME['actorder']}, "
+        f"{args.draws} disjoint draws of {args.samples} x {args.seq_len} tokens of emma.txt; perplexity on "
+        f"{args.eval_tokens} tokens each of persuasion.txt and of licence texts ({', '.join(LICENCE_FILES)}), "
+        "1024-token windows",
+        "threads": args.threads,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+        "perplexity_fp32": fp32,
+        "draws_completed": {run: len(rs) for run, rs in done.items()},
+        "perplexity": {run: {t: summary([r[t] for r in rs]) for t in held_out} for run, rs in done.items()},
+        "quantize_s": {run: summary([r["quantize_s"] for r in rs]) for run, rs in done.items()},
+        "runs": records,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "smollm2_draws.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    def cell(s: dict[str, float]) -> str:
+        return f"{s['mean']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
+
+    lines = [
+        f"# SmolLM2-135M over disjoint calibration draws ({result['date']})"
+        + ("" if all(len(rs) == args.draws for rs in records.values()) else f" (partial: {args.draws} planned)"),
+        "",
+        f"{result['job']}; {args.threads} threads each, {result['machine']}.",
+        f"fp32 model perplexity: Persuasion {fp32['persuasion']:.3f}, licences {fp32['licences']:.3f}.",
+        "",
+        "| run | draws | Persuasion: mean (min-max) | licences: mean (min-max) | quantize time (s), mean |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for run in done:
+        p = result["perplexity"][run]
+        lines.append(f"| {LABELS[run]} | {len(done[run])} | {cell(p['persuasion'])} | {cell(p['licences'])} | "
+                     f"{result['quantize_s'][run]['mean']:.1f} |")  # fmt: skip
+    (args.results / "smollm2_draws.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draws", type=int, default=3, help="disjoint calibration draws (default 3)")
@@ -151,41 +194,9 @@ def main() -> None:
             ppl = {text: score(folder, tokens, args.threads, strict=True) for text, tokens in held_out.items()}
             records[run].append({"draw": draw, "quantize_s": json.loads(report.read_text())["quantize_s"], **ppl})
             print(f"draw {draw} {run}: {ppl}", flush=True)
+            write_results(args, records, fp32)
 
-    result = {
-        "job": f"SmolLM2-135M fp32, W4A16 group {SCHEME['group_size']} symmetric, act-order {SCHEME['actorder']}, "
-        f"{args.draws} disjoint draws of {args.samples} x {args.seq_len} tokens of emma.txt; perplexity on "
-        f"{args.eval_tokens} tokens each of persuasion.txt and of licence texts ({', '.join(LICENCE_FILES)}), "
-        "1024-token windows",
-        "threads": args.threads,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d"),
-        "perplexity_fp32": fp32,
-        "perplexity": {run: {t: summary([r[t] for r in records[run]]) for t in held_out} for run in runs},
-        "quantize_s": {run: summary([r["quantize_s"] for r in records[run]]) for run in runs},
-        "runs": records,
-    }
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "smollm2_draws.json").write_text(json.dumps(result, indent=2) + "\n")
-
-    def cell(s: dict[str, float]) -> str:
-        return f"{s['mean']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
-
-    lines = [
-        f"# SmolLM2-135M over {args.draws} calibration draws ({result['date']})",
-        "",
-        f"{result['job']}; {args.threads} threads each, {result['machine']}.",
-        f"fp32 model perplexity: Persuasion {fp32['persuasion']:.3f}, licences {fp32['licences']:.3f}.",
-        "",
-        "| run | Persuasion: mean (min-max) | licences: mean (min-max) | quantize time (s), mean |",
-        "|---|---:|---:|---:|",
-    ]
-    for run in runs:
-        p = result["perplexity"][run]
-        lines.append(f"| {LABELS[run]} | {cell(p['persuasion'])} | {cell(p['licences'])} | "
-                     f"{result['quantize_s'][run]['mean']:.1f} |")  # fmt: skip
-    (args.results / "smollm2_draws.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(write_results(args, records, fp32)))
 
 
 if __name__ == "__main__":
