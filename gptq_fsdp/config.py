@@ -73,6 +73,10 @@ class GPTQConfig:
     # runs) or "all_tokens" (every token of the layer, the layer's output still gated as the model
     # computes it; llm-compressor's moe_calibrate_all_experts). See docs/design.md, "MoE experts".
     expert_calibration: str = "routed"
+    # Expert-parallel calibration (FSDP2, several ranks): each MoE experts module stays sharded, whole
+    # experts on each rank, and each routed token travels to its expert's rank, which alone holds that
+    # expert's Hessians (distributed/expert_parallel.py). The result is the same.
+    expert_parallel: bool = False
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
@@ -91,6 +95,11 @@ class GPTQConfig:
             raise GPTQError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
         if self.expert_calibration not in EXPERT_CALIBRATIONS:
             raise GPTQError(f"expert_calibration must be one of {EXPERT_CALIBRATIONS}, got {self.expert_calibration!r}")
+        if self.expert_parallel and self.expert_calibration == "all_tokens":
+            raise GPTQError(
+                "expert-parallel calibration sends each token to the experts it is routed to, and all-tokens "
+                "calibration runs every expert on every token: use one of the two"
+            )
         if self.true_sequential and self.offload_activations:
             # Each batch's forward holds its input (fetched to the device) and intermediates while paused.
             raise GPTQError(
@@ -137,6 +146,7 @@ class GPTQConfig:
         offload_activations: bool = False,
         true_sequential: bool = False,
         expert_calibration: str = "routed",
+        expert_parallel: bool = False,
         scale_search: str = "minmax",
         num_samples: int = 128,
         max_seq_length: int = 2048,
@@ -178,5 +188,6 @@ class GPTQConfig:
             offload_activations=offload_activations,
             true_sequential=true_sequential,
             expert_calibration=expert_calibration,
+            expert_parallel=expert_parallel,
             calibration=CalibrationConfig(num_samples, max_seq_length, seed, pack),
         )

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from gptq_fsdp import GPTQConfig, build_calibration, load_texts, quantize_model, save_quantized
-from gptq_fsdp.distributed.launch import init_distributed, zero3_config
+from gptq_fsdp.distributed.launch import FSDPSettings, init_distributed, zero3_config
 from gptq_fsdp.distributed.loading import load_rank0_broadcast, load_sharded, load_zero3
 from gptq_fsdp.model.layers import find_decoder_layers
 
@@ -35,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--matmul-precision", default="highest")
     parser.add_argument("--true-sequential", action="store_true")
     parser.add_argument("--expert-calibration", default="routed")
+    parser.add_argument("--expert-parallel", action="store_true")
     parser.add_argument("--group-size", type=int, default=32, help="0: one scale per output channel")
     parser.add_argument("--scale-search", default="minmax")
     return parser
@@ -61,13 +62,15 @@ def run(args: argparse.Namespace) -> None:
     if zero3:
         model = load_zero3(args.model, config=zero3_config(offload_param=args.load == "zero3-offload")).module
     else:
-        model = (load_sharded if args.load == "sharded" else load_rank0_broadcast)(args.model)
+        settings = FSDPSettings(expert_parallel=args.expert_parallel)
+        model = (load_sharded if args.load == "sharded" else load_rank0_broadcast)(args.model, settings=settings)
     config = GPTQConfig.from_options(
         group_size=args.group_size or None,
         batch_size=args.batch_size,
         matmul_precision=args.matmul_precision,
         true_sequential=args.true_sequential,
         expert_calibration=args.expert_calibration,
+        expert_parallel=args.expert_parallel,
         scale_search=args.scale_search,
     )
     result = quantize_model(model, calibration, config)

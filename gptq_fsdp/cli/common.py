@@ -69,6 +69,12 @@ def add_config_options(parser: argparse.ArgumentParser, *, quantizing: bool) -> 
         help="tokens that calibrate each MoE expert: routed = those its router sends it (default); all-tokens = "
         "every token of the layer (outputs still gated; E/top-k times the expert compute, one shared gate/up Hessian)",
     )
+    order.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="MoE under FSDP2: each rank keeps its own experts (never unsharded) and the routed tokens travel to "
+        "them; a rank holds only its own experts' Hessians (same result)",
+    )
     if not quantizing:
         return
     size.add_argument("--no-pack", action="store_true", help="one padded sample per document instead of packing")
@@ -105,7 +111,8 @@ def add_config_options(parser: argparse.ArgumentParser, *, quantizing: bool) -> 
 def config_from_args(args: argparse.Namespace) -> GPTQConfig:
     """The run configuration the options of `add_config_options` describe (GPTQError if invalid)."""
     # Options named as GPTQConfig.from_options names its keywords.
-    same = ["actorder", "batch_size", "offload_activations", "true_sequential", "num_samples", "max_seq_length"]
+    same = ["actorder", "batch_size", "offload_activations", "true_sequential", "expert_parallel", "num_samples"]
+    same += ["max_seq_length"]
     if hasattr(args, "scheme"):  # quantize
         same += ["targets", "ignore", "block_size", "matmul_precision", "seed"]
     options = {name: getattr(args, name) for name in same}

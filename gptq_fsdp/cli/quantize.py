@@ -134,8 +134,14 @@ def quantize_command(args: argparse.Namespace) -> None:
         skeleton = AutoModelForCausalLM.from_config(model_config)
     try:
         target_modules(skeleton, config)
-        if any(target_experts(skeleton, config)) and args.resume:
+        experts = any(target_experts(skeleton, config))
+        if experts and args.resume:
             raise GPTQError("--resume does not restore quantized MoE experts yet: run without --resume")
+        if experts and config.expert_parallel and zero3 and world > 1:
+            raise GPTQError(
+                "--expert-parallel needs each expert whole on one rank: FSDP2 (ZeRO-3's flat partitions cut "
+                "through experts); drop --expert-parallel under ZeRO-3"
+            )
         if world > 1 and not zero3 and args.load == "sharded":
             from torch.distributed.checkpoint import HuggingFaceStorageReader
 
@@ -177,6 +183,7 @@ def quantize_command(args: argparse.Namespace) -> None:
         from gptq_fsdp.distributed.loading import load_rank0_broadcast, load_sharded
 
         settings = FSDPSettings.from_env()
+        settings.expert_parallel = config.expert_parallel
         loader = functools.partial(load_sharded if args.load == "sharded" else load_rank0_broadcast, settings=settings)
     else:
         from gptq_fsdp.distributed.loading import load_pretrained

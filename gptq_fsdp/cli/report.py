@@ -34,11 +34,6 @@ def add_parsers(commands) -> None:
         action="store_true",
         help="parameter shards in host memory (FSDP2 CPUOffloadPolicy, ZeRO-3 offload_param)",
     )
-    plan.add_argument(
-        "--expert-parallel",
-        action="store_true",
-        help="model expert-parallel calibration (tokens sent to their experts' ranks; quantize does not run it yet)",
-    )
     add_config_options(plan, quantizing=False)
     rates = plan.add_argument_group("rates")
     rates.add_argument("--matmul-tflops", type=positive(float), default=400.0, help="dense matmul rate per GPU")
@@ -88,7 +83,6 @@ def plan_command(args: argparse.Namespace) -> None:
             "bandwidth_gbps",
             "host_bandwidth_gbps",
             "column_latency_us",
-            "expert_parallel",
         )
         options = PlanOptions(
             gpu_memory=parse_size(args.gpu_memory),

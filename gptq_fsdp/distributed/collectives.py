@@ -95,6 +95,25 @@ def all_gather_rows(piece: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(pieces, counts, strict=True)])
 
 
+def all_to_all_rows(rows: torch.Tensor, send_counts: list[int], receive_counts: list[int]) -> torch.Tensor:
+    """Rows of `rows` to every rank (the first `send_counts[0]` to rank 0, and so on); returns the
+    rows every rank sent here (`receive_counts[r]` from rank r), in rank order."""
+    if world_size() == 1:
+        return rows
+    out = rows.new_empty((sum(receive_counts), *rows.shape[1:]))
+    dist.all_to_all_single(out, rows.contiguous(), receive_counts, send_counts)
+    return out
+
+
+def all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` (the same shape everywhere), stacked as [world, *tensor.shape], on every rank."""
+    if world_size() == 1:
+        return tensor.unsqueeze(0)
+    out = tensor.new_empty((world_size(), *tensor.shape))
+    dist.all_gather(list(out.unbind(0)), tensor.contiguous())
+    return out
+
+
 def sum_ints(values: list[int]) -> list[int]:
     """Element-wise sums over ranks, in one collective."""
     if world_size() == 1:

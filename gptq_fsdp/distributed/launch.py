@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
+from gptq_fsdp.model.experts import expert_params
 from gptq_fsdp.model.layers import find_decoder_layers
 
 
@@ -97,6 +98,8 @@ class FSDPSettings:
     layer_classes: list[str] | None = None  # default: the model's decoder-layer class
     reshard_after_forward: bool = True
     offload_params: bool = False
+    # Each MoE experts module its own FSDP2 module (expert-parallel calibration keeps it sharded).
+    expert_parallel: bool = False
 
     @classmethod
     def from_env(cls) -> FSDPSettings:
@@ -109,7 +112,8 @@ class FSDPSettings:
 
 
 def apply_fully_shard(model: nn.Module, settings: FSDPSettings) -> nn.Module:
-    """`fully_shard` every wrap-class module (default: each decoder layer), then the root."""
+    """`fully_shard` every wrap-class module (default: each decoder layer), then the root; with
+    `expert_parallel`, each fused MoE experts module first."""
     kwargs = {"reshard_after_forward": settings.reshard_after_forward}
     if settings.offload_params:
         kwargs["offload_policy"] = CPUOffloadPolicy()
@@ -119,6 +123,11 @@ def apply_fully_shard(model: nn.Module, settings: FSDPSettings) -> nn.Module:
             raise ValueError(f"no module of class {settings.layer_classes} to wrap in {type(model).__name__}")
     else:
         wrapped = list(find_decoder_layers(model)[1])
+    if settings.expert_parallel:  # before their layers: a module's parameters join its innermost fully_shard
+        layers_name, layers = find_decoder_layers(model)
+        params = [p for i, layer in enumerate(layers) for p in expert_params(model, layer, f"{layers_name}.{i}.")]
+        for module in dict.fromkeys(p.module for p in params):
+            fully_shard(module, **kwargs)
     for module in wrapped:
         fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)

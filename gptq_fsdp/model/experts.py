@@ -138,6 +138,34 @@ def _slice_of(fused: torch.Tensor, weight: torch.Tensor) -> int | None:
     return offset // fused.stride(0) if offset % fused.stride(0) == 0 else None
 
 
+def local_experts(params: list[ExpertParam], local: dict[str, torch.Tensor], cls: type) -> list[ExpertParam]:
+    """`params` (the fused projections of one experts module) as a shallow copy of that module, of
+    class `cls` (the model's own experts class), that holds only `local[param_name]`, the slice of
+    the experts one rank stores: its forward runs those experts, numbered from 0, and none of the
+    module's hooks (`run_experts` calls `forward` itself)."""
+    module = params[0].module
+    view = object.__new__(cls)
+    view.__dict__.update(module.__dict__)
+    view.__dict__["_parameters"] = {**module._parameters, **local}  # plain tensors: views of the rank's shards
+    count = next(iter(local.values())).shape[0]
+    view.__dict__["num_experts"] = count
+    return [ExpertParam(p.module_name, view, p.param_name, count, p.members, p.rows, p.columns) for p in params]
+
+
+def run_experts(
+    params: list[ExpertParam], hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    on_input: Callable[[ExpertParam, int, torch.Tensor], None] | None = None, kept: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The experts module of `params` run as the model runs it, eager per-expert loop, outside its
+    hooks; with `on_input`, every expert projection's input rows (those `kept` marks) go to it."""
+    module = params[0].module
+    with compat.eager_experts(module), compat.plain_linear():
+        if on_input is None:
+            return module.forward(hidden_states, top_k_index, top_k_weights)
+        with _ExpertLinears(params, on_input, top_k_index, kept):
+            return module.forward(hidden_states, top_k_index, top_k_weights)
+
+
 # Experts per synthetic routing in all-tokens calibration: the eager loop's one-hot mask is
 # [tokens, chunk, E], so chunks bound it for models with hundreds of experts.
 ALL_TOKENS_CHUNK = 8

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -51,6 +51,10 @@ class HessianHooks:
     ones whichever experts its tokens reach), from the tokens routed to it. With `all_tokens`, every
     expert is calibrated on every token: the first projection (gate/up), whose input is then the same
     for all experts, has one Hessian for all of them (`shared_groups[param]`).
+
+    With `owned` (expert-parallel calibration), slice e of `param` gets a Hessian only where
+    `e in owned(param)`, and the experts modules are left alone: their inputs come from whoever runs
+    the experts, through `expert_input`.
     """
 
     def __init__(
@@ -60,18 +64,21 @@ class HessianHooks:
         experts: list[ExpertParam] = (),
         device: torch.device | None = None,
         all_tokens: bool = False,
+        owned: Callable[[ExpertParam], range] | None = None,
     ) -> None:
         self.modules = modules
+        self.device = device
         self.experts = list(experts)
         self.all_tokens = all_tokens
         self.stop_early = stop_early and not self.experts
         shared = [p for p in self.experts if all_tokens and p.param_name == FUSED[0]]
         self.shared_groups = {p: HessianGroup([p.label("*")], p.columns, device) for p in shared}
+        self.dispatched = owned is not None
         self.expert_groups = {
             (param, e): HessianGroup(param.names(e), param.columns, device)
             for param in self.experts
             if param not in self.shared_groups
-            for e in range(param.num_experts)
+            for e in (owned(param) if owned is not None else range(param.num_experts))
         }
         self.groups: list[HessianGroup] = []
         self._group_of: dict[str, HessianGroup] = {}
@@ -152,13 +159,15 @@ class HessianHooks:
         group.add(rows)
         self.seconds += time.perf_counter() - start
 
-    def _expert_input(self, param: ExpertParam, expert: int | None, rows: torch.Tensor) -> None:
+    def expert_input(self, param: ExpertParam, expert: int | None, rows: torch.Tensor) -> None:
+        """Rows of expert `expert`'s input to `param` (None: the input shared by all its experts)."""
         start = time.perf_counter()
         group = self.shared_groups[param] if expert is None else self.expert_groups[param, expert]
         group.add(rows)
         self.seconds += time.perf_counter() - start
 
-    def _kept_tokens(self) -> torch.Tensor | None:
+    def kept_tokens(self) -> torch.Tensor | None:
+        """This forward's non-padding tokens, flat over its batch (None: all)."""
         mask = self._forward.mask
         return None if mask is None else mask.reshape(-1)
 
@@ -167,7 +176,8 @@ class HessianHooks:
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(lambda m, a, n=name: self._hook(n, m, a)))
         try:
-            with expert_inputs(self.experts, self._expert_input, self._kept_tokens, self.all_tokens):
+            experts = [] if self.dispatched else self.experts
+            with expert_inputs(experts, self.expert_input, self.kept_tokens, self.all_tokens):
                 yield self
         finally:
             for handle in self._handles:

@@ -13,6 +13,7 @@ from torch import nn
 
 from gptq_fsdp.config import GPTQConfig
 from gptq_fsdp.distributed import Backend
+from gptq_fsdp.distributed.expert_parallel import ExpertParallel
 from gptq_fsdp.model.capture import layer_output
 from gptq_fsdp.model.experts import ExpertParam
 from gptq_fsdp.model.hooks import HessianHooks
@@ -77,6 +78,7 @@ class Run:
     store: ActivationStore
     clock: Clock
     masks: list[torch.Tensor]  # attention mask of each of this rank's batches
+    forward_calls: int  # the most forward calls of a layer that any rank makes per pass
     # True-sequential: the GPTQ units (Hessian groups) of the first layer of each kind.
     units_of: dict[tuple, list[tuple[str, ...]]] = field(default_factory=dict)
 
@@ -101,6 +103,8 @@ class LayerJob:
     hidden: list[torch.Tensor]  # its input per batch
     calls: list[tuple[tuple, dict]]  # its other call arguments per batch
     experts: list[ExpertParam] = field(default_factory=list)  # its fused MoE projections to quantize
+    # Expert-parallel calibration: the experts stay sharded and their tokens travel to them.
+    dispatch: ExpertParallel | None = None
 
     @contextmanager
     def measured(self) -> Iterator[None]:
@@ -109,8 +113,14 @@ class LayerJob:
 
         def measure(layer: nn.Module, args) -> None:
             if backend.copies_weights:
+                # Dispatched experts modules are swapped out of the layer (parameters: none) meanwhile.
                 unsharded = sum(backend.weight_shape(p).numel() * p.element_size() for p in layer.parameters())
                 memory.layer_unsharded_bytes = max(memory.layer_unsharded_bytes, unsharded)
+
+        stored = sum(backend.local_part(p.weight).numel() * p.weight.element_size() for p in self.experts)
+        copied = backend.copies_weights and self.dispatch is None
+        whole = sum(backend.weight_shape(p.weight).numel() * p.weight.element_size() for p in self.experts)
+        memory.expert_weight_bytes = max(memory.expert_weight_bytes, stored + (whole if copied else 0))
 
         handle = self.layer.register_forward_pre_hook(measure)
         try:
@@ -123,8 +133,22 @@ class LayerJob:
         memory, phases = self.run.memory, self.run.result.phases
         groups = [*hooks.groups, *hooks.expert_groups.values(), *hooks.shared_groups.values()]
         memory.hessian_bytes = max(memory.hessian_bytes, sum(g.nbytes for g in groups))
+        expert_groups = [*hooks.expert_groups.values(), *hooks.shared_groups.values()]
+        memory.expert_hessian_bytes = max(memory.expert_hessian_bytes, sum(g.nbytes for g in expert_groups))
         phases["forward"] -= hooks.seconds
         phases["hessian"] += hooks.seconds
+
+    @contextmanager
+    def experts_dispatched(self, hooks: HessianHooks | None = None) -> Iterator[None]:
+        """Expert-parallel: inside, the layer's experts run on their ranks (feeding `hooks`); this rank
+        runs one forward per batch inside, and on leaving serves the other ranks' remaining ones."""
+        if self.dispatch is None:
+            yield
+            return
+        on_input, kept = (hooks.expert_input, hooks.kept_tokens) if hooks is not None else (None, None)
+        with self.dispatch.dispatching(len(self.hidden), on_input, kept):
+            yield
+        self.run.memory.dispatch_bytes = max(self.run.memory.dispatch_bytes, self.dispatch.peak_bytes)
 
     def forward(self, b: int) -> torch.Tensor:
         """Batch b's output of the layer, kept where the store keeps activations."""
@@ -134,7 +158,7 @@ class LayerJob:
 
     def propagate(self) -> list[torch.Tensor]:
         """The layer's outputs for every batch: the next layer's inputs."""
-        with self.run.clock("propagate"), self.run.backend.layer_unsharded(self.layer):
+        with self.run.clock("propagate"), self.run.backend.layer_unsharded(self.layer), self.experts_dispatched():
             outputs = [self.forward(b) for b in range(len(self.hidden))]
             self.run.store.settle()
         return outputs

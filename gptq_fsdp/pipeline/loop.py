@@ -20,6 +20,7 @@ from gptq_fsdp.core.linalg import float32_matmul_precision
 from gptq_fsdp.core.scheme import GPTQError
 from gptq_fsdp.data import CalibrationSet, rank_batches
 from gptq_fsdp.distributed import Backend, collectives, detect_backend, unwrap_engine
+from gptq_fsdp.distributed.expert_parallel import ExpertParallel, check_expert_parallel
 from gptq_fsdp.io.resume import LayerState, run_identity
 from gptq_fsdp.model.capture import capture_layer_inputs
 from gptq_fsdp.model.layers import find_decoder_layers, target_experts, target_modules, warn_uncovered
@@ -59,6 +60,10 @@ def quantize_model(
     if rank == 0:
         warn_uncovered(model, per_layer, experts, config, backend.weight_shape)
     batches = [calibration.batch(b) for b in rank_batches(len(calibration), rank, world, config.batch_size)]
+    forward_calls = max(len(rank_batches(len(calibration), r, world, config.batch_size)) for r in range(world))
+    dispatched = config.expert_parallel and world > 1 and any(experts)
+    if dispatched:
+        check_expert_parallel(experts, backend)
     quantized = []
     for modules, params in zip(per_layer, experts, strict=True):
         quantized += [*modules, *(n for p in params for e in range(p.num_experts) for n in p.names(e))]
@@ -85,13 +90,17 @@ def quantize_model(
             hidden = [store.keep(x) for x in hidden]
             store.settle()
             memory.activation_bytes = store.device_bytes(hidden)
-        run = Run(config, result, store, clock, masks=[mask for _, mask in batches])
+        run = Run(config, result, store, clock, masks=[mask for _, mask in batches], forward_calls=forward_calls)
 
         def job(index: int, inputs: list[torch.Tensor]) -> LayerJob:
             prefix = f"{layers_name}.{index}."
+            dispatch = None
+            if dispatched and experts[index]:
+                dispatch = ExpertParallel(layers[index], experts[index], backend, forward_calls)
             return LayerJob(
-                run, index, layers[index], prefix, per_layer[index], inputs, layer_calls[index], experts[index]
-            )
+                run, index, layers[index], prefix, per_layer[index], inputs, layer_calls[index], experts[index],
+                dispatch,
+            )  # fmt: skip
 
         progress = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", disable=rank != 0)
         first = 0

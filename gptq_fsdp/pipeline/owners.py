@@ -15,11 +15,12 @@ import time
 import torch
 
 from gptq_fsdp.core.gptq import GPTQResult, gptq_quantize
-from gptq_fsdp.core.hessian import HessianGroup, hessian_from_sum
+from gptq_fsdp.core.hessian import HessianGroup, hessian_from_sum, packed_size, upper_blocks
 from gptq_fsdp.core.scheme import GPTQError, dequantize
 from gptq_fsdp.data import near_equal_shares
 from gptq_fsdp.distributed import collectives
 from gptq_fsdp.distributed.collectives import Pending
+from gptq_fsdp.distributed.expert_parallel import ExpertParallel
 from gptq_fsdp.distributed.schedule import assign_owners
 from gptq_fsdp.model.experts import ExpertParam
 from gptq_fsdp.model.hooks import HessianHooks
@@ -153,22 +154,23 @@ def _all_gather_rows(part: GPTQResult, counts: list[int]) -> GPTQResult:
     return GPTQResult(weight, levels, scale, zero_point, part.g_idx, row_losses=losses[:, 0], damping=part.damping)
 
 
-def quantize_experts(job: LayerJob, hooks: HessianHooks, holders: dict) -> dict[ExpertParam, torch.Tensor | None]:
+def quantize_experts(job: LayerJob, hooks: HessianHooks) -> dict[ExpertParam, torch.Tensor | None]:
     """GPTQ for every expert slice of the layer's fused MoE parameters, inside its unsharded forwards
     (every rank holds the whole parameters); returns each parameter's piece for `write_piece`.
 
-    An expert's Hessian is summed on its owner: the rank that stores the slice (`holders`, FSDP2's
-    expert rows), so that nothing but the Hessian travels; where no rank stores it alone (ZeRO-3's
-    flat partitions, replicated parameters) owners are balanced by GPTQ cost and every rank receives
+    An expert's Hessian is summed on its owner: the rank that stores the slice (FSDP2's expert rows),
+    so that nothing but the Hessian travels; where no rank stores it alone (ZeRO-3's flat
+    partitions, replicated parameters) owners are balanced by GPTQ cost and every rank receives
     the result to write its own piece. Token counts are summed over ranks first, so every rank
     agrees which slices have fewer tokens than input columns (their H would be singular): those are
     quantized with the pooled Hessian of the same projection over all the layer's routed tokens
     (for gate/up: the Hessian of every token the layer's experts see). A projection whose experts
     share one Hessian (all-tokens calibration's gate/up) has it all-reduced once.
     """
-    result, clock, backend = job.run.result, job.run.clock, job.run.backend
+    clock, backend = job.run.clock, job.run.backend
     rank, world = backend.rank, backend.world_size
     units = [((p, e), hooks.expert_groups.get((p, e))) for p in hooks.experts for e in range(p.num_experts)]
+    holders = {unit: backend.holder(unit[0].weight, unit[1]) for unit, _ in units}
     shared = list(hooks.shared_groups.items())
     counts = collectives.sum_ints([g.tokens for _, g in units if g is not None] + [g.tokens for _, g in shared])
     shared_tokens = {p: n for (p, _), n in zip(shared, counts[len(counts) - len(shared) :], strict=True)}
@@ -176,7 +178,7 @@ def quantize_experts(job: LayerJob, hooks: HessianHooks, holders: dict) -> dict[
     tokens = [next(own_counts) if g is not None else shared_tokens[p] for (p, _), g in units]
     lpt = assign_owners([(len(p.members) * p.rows, p.columns) for (p, _), _ in units], world)
     owners = [holders[unit] if holders[unit] is not None else o for (unit, _), o in zip(units, lpt.owners, strict=True)]
-    whole = _pooled_hessians(units, tokens) | _shared_hessians(shared, shared_tokens)
+    whole = _pooled_hessians(units, tokens, hooks) | _shared_hessians(shared, shared_tokens)
     pending = [
         collectives.reduce_to(group.sum, owner) if group is not None else None
         for (_, group), owner in zip(units, owners, strict=True)
@@ -184,23 +186,13 @@ def quantize_experts(job: LayerJob, hooks: HessianHooks, holders: dict) -> dict[
     spread = {}  # results of this rank's slices that every rank must receive, till all are computed
     for i in lpt.order:
         (param, expert), group = units[i]
-        owner, names = owners[i], param.names(expert)
-        event = {"layer": job.index, "group": param.label(expert)}
-        with clock("wait", **event):
+        owner = owners[i]
+        with clock("wait", layer=job.index, group=param.label(expert)):
             hessian_sum = pending[i].wait() if pending[i] is not None else None
         pending[i] = None
         if owner == rank:
-            with clock("gptq", **event):
-                begin = time.perf_counter()
-                kind = "shared" if group is None else "own" if tokens[i] >= param.columns else "pooled"
-                if kind == "own":
-                    hessian = hessian_from_sum(hessian_sum, tokens[i], param.columns)
-                else:
-                    hessian = whole[param].clone()
-                gptq = _gptq(job, param.weight[expert].detach(), hessian, names)
-                seconds = time.perf_counter() - begin
-                rows = [param.rows] * len(param.members)
-                result.record(job.index, names, rows, gptq, seconds, tokens[i], kind)
+            kind = "shared" if group is None else None
+            gptq = _quantize_slice(job, param, expert, param.weight[expert], hessian_sum, tokens[i], whole, kind)
             if holders[(param, expert)] is None and world > 1:
                 spread[i] = gptq
             else:
@@ -208,7 +200,7 @@ def quantize_experts(job: LayerJob, hooks: HessianHooks, holders: dict) -> dict[
         del hessian_sum
         if group is not None:
             group.release()
-    if holders and world > 1:  # after every owner's GPTQ, so that no rank waits on another's between slices
+    if any(h is None for h in holders.values()) and world > 1:  # after every owner's GPTQ: no rank waits between slices
         for i in lpt.order:
             (param, expert), _ = units[i]
             if holders[(param, expert)] is None:
@@ -219,16 +211,54 @@ def quantize_experts(job: LayerJob, hooks: HessianHooks, holders: dict) -> dict[
     return {param: backend.piece_of(param.weight, param.weight.detach()) for param in hooks.experts}
 
 
-def _pooled_hessians(units: list, tokens: list[int]) -> dict[ExpertParam, torch.Tensor]:
-    """Per fused parameter with an expert short of tokens: H from the sum of all its experts' sums
-    (all-reduced: every rank computes the same), over all their tokens."""
-    short = {p for ((p, _), g), n in zip(units, tokens, strict=True) if g is not None and n < p.columns}
+def quantize_owned_experts(job: LayerJob, hooks: HessianHooks, dispatch: ExpertParallel) -> None:
+    """Expert-parallel: GPTQ for the expert slices this rank stores, from the Hessians it summed
+    alone (every token of its experts came here), written into its own shards. Only token counts
+    travel, so every rank agrees which slices are short of tokens, and for those projections each
+    rank's sum over its own experts, all-reduced into the pooled Hessian."""
+    units = [((p, e), hooks.expert_groups.get((p, e))) for p in hooks.experts for e in range(p.num_experts)]
+    tokens = collectives.sum_ints([g.tokens if g is not None else 0 for _, g in units])
+    pooled = _pooled_hessians(units, tokens, hooks)
+    for ((param, expert), group), count in zip(units, tokens, strict=True):
+        if group is None:  # another rank's expert
+            continue
+        weight = dispatch.local_weight(param, expert)
+        gptq = _quantize_slice(job, param, expert, weight, group.sum, count, pooled)
+        weight.copy_(gptq.weight)
+        group.release()
+
+
+def _quantize_slice(
+    job: LayerJob, param: ExpertParam, expert: int, weight: torch.Tensor, hessian_sum: torch.Tensor | None,
+    tokens: int, whole: dict[ExpertParam, torch.Tensor], kind: str | None = None,
+) -> GPTQResult:  # fmt: skip
+    """GPTQ of one expert slice, recorded: from its own Hessian sum, or from its projection's
+    `whole` Hessian when it has fewer tokens than columns ("pooled") or shares it ("shared")."""
+    kind = kind or ("own" if tokens >= param.columns else "pooled")
+    names = param.names(expert)
+    with job.run.clock("gptq", layer=job.index, group=param.label(expert)):
+        begin = time.perf_counter()
+        hessian = hessian_from_sum(hessian_sum, tokens, param.columns) if kind == "own" else whole[param].clone()
+        gptq = _gptq(job, weight.detach(), hessian, names)
+        seconds = time.perf_counter() - begin
+        job.run.result.record(job.index, names, [param.rows] * len(param.members), gptq, seconds, tokens, kind)
+    return gptq
+
+
+def _pooled_hessians(units: list, tokens: list[int], hooks: HessianHooks) -> dict[ExpertParam, torch.Tensor]:
+    """Per fused parameter with an expert short of tokens (`tokens`: summed over ranks): H from the
+    sum of all its experts' sums (this rank's, all-reduced: every rank computes the same), over all
+    their tokens. `units`: ((param, expert), this rank's group or None) for every expert slice of the
+    layer; the projections whose experts share one Hessian (`hooks.shared_groups`) have none."""
+    short = {p for ((p, _), _), n in zip(units, tokens, strict=True) if n < p.columns and p not in hooks.shared_groups}
+    device = hooks.device
     pooled = {}
     for param in sorted(short, key=lambda p: p.label(0)):  # the same order on every rank
         members = [(group, n) for ((p, _), group), n in zip(units, tokens, strict=True) if p is param]
-        total = members[0][0].sum.clone()  # summed in place: no [E, ...] stack of the sums
-        for group, _ in members[1:]:
-            total += group.sum
+        total = torch.zeros(packed_size(upper_blocks(param.columns, device.type)), dtype=torch.float64, device=device)
+        for group, _ in members:  # summed in place: no [E, ...] stack of the sums
+            if group is not None:
+                total += group.sum
         collectives.all_reduce(total)
         pooled[param] = _hessian_of_experts(param, total, sum(n for _, n in members))
         logger.info(

@@ -44,6 +44,12 @@ class MemoryStats:
     owned_weight_bytes: int = 0  # most bytes of gathered weight copies held at once for GPTQ
     hessian_bytes: int = 0  # most bytes of Hessian sums held at once
     activation_bytes: int = 0  # calibration hidden states on the compute device while a layer runs
+    # MoE experts, per layer (most at once): the expert weights on this rank while the layer runs (its
+    # stored rows plus the whole copy a forward unshards), their Hessian sums (part of hessian_bytes),
+    # and expert-parallel dispatch buffers (tokens sent, received, expert outputs both ways).
+    expert_weight_bytes: int = 0
+    expert_hessian_bytes: int = 0
+    dispatch_bytes: int = 0
     peak_rss_bytes: int = 0  # process peak resident set size
 
     @property
@@ -94,12 +100,21 @@ class QuantizationResult:
         lines = [
             "rank  shards MiB  +layer MiB  +owned W MiB  = params peak MiB  Hessians MiB  activations MiB  peak RSS MiB"
         ]
-        for rank, m in enumerate(self.memory_per_rank or [self.memory]):
+        per_rank = self.memory_per_rank or [self.memory]
+        experts = any(m.expert_weight_bytes for m in per_rank)
+        if experts:
+            lines[0] += "  experts: weights MiB  Hessians MiB  dispatch MiB"
+        for rank, m in enumerate(per_rank):
             lines.append(
                 f"{rank:>4}  {m.shard_bytes / mib:>10.1f}  {m.layer_unsharded_bytes / mib:>10.1f}  "
                 f"{m.owned_weight_bytes / mib:>12.1f}  {m.parameter_peak_bytes / mib:>16.1f}  "
                 f"{m.hessian_bytes / mib:>12.1f}  {m.activation_bytes / mib:>15.1f}  {m.peak_rss_bytes / mib:>12.1f}"
             )
+            if experts:
+                lines[-1] += (
+                    f"  {m.expert_weight_bytes / mib:>19.1f}  {m.expert_hessian_bytes / mib:>12.1f}  "
+                    f"{m.dispatch_bytes / mib:>12.1f}"
+                )
         return "\n".join(lines)
 
     def table(self) -> str:

@@ -7,7 +7,7 @@ import torch
 
 from gptq_fsdp.model.hooks import HessianHooks
 from gptq_fsdp.pipeline.job import LayerJob
-from gptq_fsdp.pipeline.owners import quantize_experts, quantize_on_owners
+from gptq_fsdp.pipeline.owners import quantize_experts, quantize_on_owners, quantize_owned_experts
 
 
 def run_layer(job: LayerJob, propagate: bool = True) -> list[torch.Tensor]:
@@ -15,18 +15,20 @@ def run_layer(job: LayerJob, propagate: bool = True) -> list[torch.Tensor]:
     not `propagate`: the last layer's outputs are not needed)."""
     run, backend = job.run, job.run.backend
     all_tokens = run.config.expert_calibration == "all_tokens"
-    hooks = HessianHooks(job.modules, experts=job.experts, device=run.store.device, all_tokens=all_tokens)
-    holders = {(p, e): backend.holder(p.weight, e) for p in job.experts for e in range(p.num_experts)}
+    owned = job.dispatch.owned if job.dispatch is not None else None
+    hooks = HessianHooks(job.modules, experts=job.experts, device=run.store.device, all_tokens=all_tokens, owned=owned)
     with job.measured(), backend.layer_unsharded(job.layer):
-        with run.clock("forward"), hooks.attached():
+        with run.clock("forward"), hooks.attached(), job.experts_dispatched(hooks):
             for b, (x, (args, kwargs)) in enumerate(zip(job.hidden, job.calls, strict=True)):
                 with hooks.forward(run.masks[b]):
                     job.layer(run.store.fetch(x), *args, **kwargs)
         job.account(hooks)
         # The fused experts while the layer is whole on every rank: no weight moves, only Hessians.
-        pieces = quantize_experts(job, hooks, holders) if job.experts else {}
+        pieces = quantize_experts(job, hooks) if job.experts and job.dispatch is None else {}
     for param, piece in pieces.items():
         backend.write_piece(param.weight, piece)
+    if job.experts and job.dispatch is not None:  # each rank's own experts, in its own shards
+        quantize_owned_experts(job, hooks, job.dispatch)
     quantize_on_owners(job, hooks.groups)
     if not propagate:
         return []

@@ -38,9 +38,6 @@ class PlanOptions:
     # Parameter shards at rest in host memory (FSDP2 CPUOffloadPolicy, ZeRO-3 offload_param), copied
     # to the GPU layer by layer.
     param_offload: bool = False
-    # Expert-parallel calibration, modelled only (quantize does not run it yet): each routed token
-    # travels to the rank storing its expert, which alone holds that expert's weights and Hessians.
-    expert_parallel: bool = False
     matmul_tflops: float = 400.0
     cholesky_tflops: float = 20.0
     bandwidth_gbps: float = 200.0
@@ -67,6 +64,12 @@ class PlanOptions:
     true_sequential = _read("config", "true_sequential")
     # Act-order static or one scale per channel (else act-order none: GPTQ also inverts its factor).
     static_scales = _read("config", "static_scales")
+
+    @property
+    def expert_parallel(self) -> bool:
+        """Expert-parallel calibration (`config.expert_parallel`): each routed token travels to the rank
+        storing its expert, which alone holds that expert's weights and Hessians."""
+        return self.config.expert_parallel
 
     def with_(self, **changes) -> PlanOptions:
         """A copy with some values changed, each by its own name: a field of these options, of the
