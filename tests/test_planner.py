@@ -500,7 +500,8 @@ def test_expert_parallel_holds_only_each_ranks_own_experts(giant_moe):
     """Qwen3-235B-A22B on 8 x 80 GiB, 128 x 2048 tokens: every rank holds all 128 experts' Hessians
     (27.4 GiB) and unshards all experts of a layer, so it needs 10 ranks; expert-parallel, a rank
     holds its 16 experts' Hessians, the layer without experts, and one batch's dispatch buffers
-    (8 x 2048 tokens x top-8: hidden states out and in, gate/up and expert outputs), so 8 fit. Its
+    (8 x 2048 tokens x top-8: hidden states out and in, expert outputs both ways, each with its
+    routing weight and keep flag), so 8 fit. Its
     Hessians are summed where they are used (no reduce); the routed hidden states travel instead."""
     shape = giant_moe["qwen3-235b-a22b"]
     options = PlanOptions(world_size=8, gpu_memory=MEM80)
@@ -510,14 +511,14 @@ def test_expert_parallel_holds_only_each_ranks_own_experts(giant_moe):
     assert [r.expert_hessians for r in parallel.ranks] == [Q235_EXPERT_HESSIANS // 8] * 8
     assert all(r.layer == (Q235_LAYER - Q235_EXPERTS) * 2 for r in parallel.ranks)
     routed = 8 * 2048 * 8
-    assert all(r.dispatch == routed * (2 * 4096 + 3072 + 4096) * 2 for r in parallel.ranks)
+    assert all(r.dispatch == routed * (4 * 4096 * 2 + 2 * 2 * 8) for r in parallel.ranks)
     traffic = parallel.traffic[0]
     assert traffic.expert_reduce == 0 and plain.traffic[0].expert_reduce == Q235_EXPERT_HESSIANS * 2 // 3
     assert traffic.dispatch == 2 * 2 * (16 * 2048 * 8) * 4096 * 2 * 7 // 8  # 2 passes, out and back, 7/8 away
     assert traffic.layer_gather == 7 * (Q235_LAYER - Q235_EXPERTS) * 2 // 8
     assert parallel.fits
     assert parallel.time.dispatch == pytest.approx(94 * traffic.dispatch / 200e9)
-    assert "modelled only: quantize does not run it yet" in planner.format_plan(parallel)
+    assert "expert-parallel calibration (--expert-parallel): each routed token" in planner.format_plan(parallel)
 
 
 def test_deepseek_v3_fits_8_gpus_only_expert_parallel_with_offloaded_parameters(giant_moe):
@@ -537,16 +538,12 @@ def test_deepseek_v3_fits_8_gpus_only_expert_parallel_with_offloaded_parameters(
     assert [r.expert_hessians for r in both.ranks] == [plain.ranks[0].expert_hessians // 8] * 8
 
 
-@pytest.mark.parametrize(
-    "changes,message",
-    [
-        (dict(backend="zero3"), "expert-parallel calibration needs each expert whole on one rank: FSDP2"),
-        (dict(expert_calibration="all_tokens"), "all-tokens calibration runs every expert on every token"),
-    ],
-)
-def test_expert_parallel_needs_fsdp2_and_routed_calibration(giant_moe, changes, message):
-    options = PlanOptions(world_size=8, gpu_memory=MEM80, expert_parallel=True).with_(**changes)
-    assert any(message in p for p in plan(giant_moe["qwen3-235b-a22b"], options, advise=False).problems)
+def test_expert_parallel_needs_fsdp2_and_routed_calibration(giant_moe):
+    options = PlanOptions(world_size=8, gpu_memory=MEM80).with_(expert_parallel=True, backend="zero3")
+    problems = plan(giant_moe["qwen3-235b-a22b"], options, advise=False).problems
+    assert any("expert-parallel calibration needs each expert whole on one rank: FSDP2" in p for p in problems)
+    with pytest.raises(GPTQError, match="all-tokens calibration runs every expert on every token"):
+        options.with_(expert_calibration="all_tokens")
 
 
 def test_parameter_offload_needs_a_sharded_run(giant_moe):
@@ -732,12 +729,13 @@ def test_cli_rejects_a_missing_config(tmp_path, capsys):
     assert exit_info.value.code == 2 and "config.json" in capsys.readouterr().err
 
 
-# case: (model, true_sequential, expert calibration)
+# case: (model, true_sequential, expert calibration, expert-parallel)
 MEASURED_CASES = {
-    "standard": ("smollm2", False, "routed"),
-    "true-sequential": ("smollm2", True, "routed"),
-    "moe-experts": ("mixtral", False, "routed"),
-    "moe-experts-all-tokens": ("mixtral", False, "all_tokens"),
+    "standard": ("smollm2", False, "routed", False),
+    "true-sequential": ("smollm2", True, "routed", False),
+    "moe-experts": ("mixtral", False, "routed", False),
+    "moe-experts-all-tokens": ("mixtral", False, "all_tokens", False),
+    "moe-expert-parallel": ("mixtral", False, "routed", True),
 }
 
 
@@ -757,8 +755,9 @@ def measured_runs(smollm2_dir, austen, tmp_path_factory):
     jobs = [
         [str(directory / f"{model}-2-layers"), str(directory / case), str(directory / f"{case}.json"),
          "--text", str(austen / "emma.txt"), "--samples", "6", "--batch-size", "2",
-         *(["--true-sequential"] if true_sequential else []), "--expert-calibration", experts]
-        for case, (model, true_sequential, experts) in MEASURED_CASES.items()
+         *(["--true-sequential"] if true_sequential else []), "--expert-calibration", experts,
+         *(["--expert-parallel"] if parallel else [])]
+        for case, (model, true_sequential, experts, parallel) in MEASURED_CASES.items()
     ]  # fmt: skip
     run_workers(2, jobs, directory)
     return directory
@@ -772,19 +771,21 @@ def test_memory_model_equals_a_measured_two_rank_run(case, measured_runs):
     random weights: the figures are per layer, and the shards follow the config) measured from its
     own tensors; and of the tiny Mixtral (4 fused experts, top 2), whose expert slices are GPTQ
     units: every rank holds all 4 x 2 expert Hessians beside the attention ones (all-tokens
-    calibration: one gate/up Hessian for the 4 experts, and 4 down ones).
+    calibration: one gate/up Hessian for the 4 experts, and 4 down ones) and the whole experts
+    beside its own; expert-parallel, a rank holds its own 2 experts' Hessians and weights only,
+    the layer unsharded without them, and dispatch buffers.
 
     Margin 0: for these four the planner counts the very tensors the run allocates (FSDP2's dim-0
     chunks, the whole layer, HessianGroup's float64 upper blocks and fp32 block of XᵀX in the CPU
     layout, the rank's calibration hidden states in and out of a layer), shapes times element sizes,
     nothing estimated."""
-    model, true_sequential, experts = MEASURED_CASES[case]
+    model, true_sequential, experts, parallel = MEASURED_CASES[case]
     model_dir = measured_runs / f"{model}-2-layers"
     report = json.loads((measured_runs / f"{case}.json").read_text())
     measured = report["memory_per_rank"]
     config = GPTQConfig.from_options(
         group_size=32, num_samples=6, max_seq_length=32, batch_size=2, true_sequential=true_sequential,
-        expert_calibration=experts,
+        expert_calibration=experts, expert_parallel=parallel,
     )  # fmt: skip
     shape = load_model_shape(model_dir / "config.json", dtype=torch.float32, config=config)
     options = PlanOptions(world_size=2, gpu_memory=MEM80, config=config, device_type="cpu")
@@ -793,6 +794,7 @@ def test_memory_model_equals_a_measured_two_rank_run(case, measured_runs):
     assert len(measured) == len(planned) == 2
     if model == "mixtral":  # hidden 64, intermediate 128: one CPU block each, 12 bytes per element
         held = (1 if experts == "all_tokens" else 4) * 12 * 64**2 + 4 * 12 * 128**2
+        held //= 2 if parallel else 1
         assert [p.expert_hessians for p in planned] == [held] * 2
         assert [p.hessians for p in planned] == [held + 2 * 12 * 64**2] * 2  # + q/k/v and o_proj
         # The experts' owners are the ranks storing them (2 each), as the run recorded them.
@@ -809,5 +811,13 @@ def test_memory_model_equals_a_measured_two_rank_run(case, measured_runs):
             "Hessians": (p.hessians, m["hessian_bytes"]),
             "activations in and out": (2 * p.activations, m["activation_bytes"]),  # planned: at rest
         }
+        if model == "mixtral":
+            figures["expert Hessians"] = (p.expert_hessians, m["expert_hessian_bytes"])
+            figures["expert weights"] = (p.expert_weights, m["expert_weight_bytes"])
+        # Dispatch buffers follow the routing; the plan's assume it balanced (a rank receives as many
+        # rows as it sends). What a rank sends and gets back is fixed, what it receives lies between
+        # none and every rank's rows: between half the plan's figure and (1 + ranks) / 2 of it.
+        assert (m["dispatch_bytes"] > 0) == (p.dispatch > 0) == parallel
+        assert not parallel or p.dispatch / 2 <= m["dispatch_bytes"] <= p.dispatch * 3 / 2
         assert all(v > 0 for pair in figures.values() for v in pair), figures
         assert {k: a for k, (a, _) in figures.items()} == {k: b for k, (_, b) in figures.items()}, f"rank {rank}"

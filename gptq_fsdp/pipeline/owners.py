@@ -154,14 +154,14 @@ def _all_gather_rows(part: GPTQResult, counts: list[int]) -> GPTQResult:
     return GPTQResult(weight, levels, scale, zero_point, part.g_idx, row_losses=losses[:, 0], damping=part.damping)
 
 
-def quantize_experts(job: LayerJob, hooks: HessianHooks) -> dict[ExpertParam, torch.Tensor | None]:
+def quantize_experts(job: LayerJob, hooks: HessianHooks, holders: dict) -> dict[ExpertParam, torch.Tensor | None]:
     """GPTQ for every expert slice of the layer's fused MoE parameters, inside its unsharded forwards
     (every rank holds the whole parameters); returns each parameter's piece for `write_piece`.
 
-    An expert's Hessian is summed on its owner: the rank that stores the slice (FSDP2's expert rows),
-    so that nothing but the Hessian travels; where no rank stores it alone (ZeRO-3's flat
-    partitions, replicated parameters) owners are balanced by GPTQ cost and every rank receives
-    the result to write its own piece. Token counts are summed over ranks first, so every rank
+    An expert's Hessian is summed on its owner: the rank that stores the slice (`holders`, found
+    while the layer was sharded: FSDP2's expert rows), so that nothing but the Hessian travels;
+    where no rank stores it alone (ZeRO-3's flat partitions, replicated parameters) owners are
+    balanced by GPTQ cost and every rank receives the result to write its own piece. Token counts are summed over ranks first, so every rank
     agrees which slices have fewer tokens than input columns (their H would be singular): those are
     quantized with the pooled Hessian of the same projection over all the layer's routed tokens
     (for gate/up: the Hessian of every token the layer's experts see). A projection whose experts
@@ -170,7 +170,6 @@ def quantize_experts(job: LayerJob, hooks: HessianHooks) -> dict[ExpertParam, to
     clock, backend = job.run.clock, job.run.backend
     rank, world = backend.rank, backend.world_size
     units = [((p, e), hooks.expert_groups.get((p, e))) for p in hooks.experts for e in range(p.num_experts)]
-    holders = {unit: backend.holder(unit[0].weight, unit[1]) for unit, _ in units}
     shared = list(hooks.shared_groups.items())
     counts = collectives.sum_ints([g.tokens for _, g in units if g is not None] + [g.tokens for _, g in shared])
     shared_tokens = {p: n for (p, _), n in zip(shared, counts[len(counts) - len(shared) :], strict=True)}

@@ -17,6 +17,7 @@ def run_layer(job: LayerJob, propagate: bool = True) -> list[torch.Tensor]:
     all_tokens = run.config.expert_calibration == "all_tokens"
     owned = job.dispatch.owned if job.dispatch is not None else None
     hooks = HessianHooks(job.modules, experts=job.experts, device=run.store.device, all_tokens=all_tokens, owned=owned)
+    holders = {(p, e): backend.holder(p.weight, e) for p in job.experts for e in range(p.num_experts)}
     with job.measured(), backend.layer_unsharded(job.layer):
         with run.clock("forward"), hooks.attached(), job.experts_dispatched(hooks):
             for b, (x, (args, kwargs)) in enumerate(zip(job.hidden, job.calls, strict=True)):
@@ -24,7 +25,7 @@ def run_layer(job: LayerJob, propagate: bool = True) -> list[torch.Tensor]:
                     job.layer(run.store.fetch(x), *args, **kwargs)
         job.account(hooks)
         # The fused experts while the layer is whole on every rank: no weight moves, only Hessians.
-        pieces = quantize_experts(job, hooks) if job.experts and job.dispatch is None else {}
+        pieces = quantize_experts(job, hooks, holders) if job.experts and job.dispatch is None else {}
     for param, piece in pieces.items():
         backend.write_piece(param.weight, piece)
     if job.experts and job.dispatch is not None:  # each rank's own experts, in its own shards

@@ -121,19 +121,19 @@ class _Experts:
         """Σ over the slices `rank` owns of `value(their fused parameter)`."""
         return sum(n * value(q) for n, q in zip(self.counts[rank], self.params, strict=True))
 
-    def weight_bytes(self, element_size: int, rank: int | None = None, world: int = 1) -> int:
-        """Bytes of the fused expert parameters: all of them, or the rows `rank` stores (FSDP2)."""
+    def weight_bytes(self, element_size: int, rank: int | None = None, world: int = 1, backend: str = "fsdp2") -> int:
+        """Bytes of the fused expert parameters: all of them, or what `rank` stores (FSDP2: its experts)."""
         if rank is None:
             return sum(math.prod(q.shape) for q in self.params) * element_size
-        return sum(_local(q.shape, world, rank, "fsdp2") for q in self.params) * element_size
+        return sum(_local(q.shape, world, rank, backend) for q in self.params) * element_size
 
     def dispatch_bytes(self, batch_tokens: int, element_size: int) -> int:
-        """Expert-parallel buffers of one batch on a rank, routing balanced: its routed hidden states
-        sent and as many received, and for those the owner's gate/up output and expert output."""
+        """Expert-parallel buffers of one batch on a rank, routing balanced (`distributed.expert_parallel`):
+        its routed hidden states sent, as many received, the experts' outputs for those and its own
+        returned, each row with its routing weight and keep flag (2 float64) both ways."""
         routed = batch_tokens * max(q.top_k for q in self.params)
-        gate_up = next(q for q in self.params if q.param_name == FUSED[0])
-        hidden, up_rows = gate_up.columns, gate_up.total_rows
-        return routed * (2 * hidden + up_rows + hidden) * element_size
+        hidden = next(q for q in self.params if q.param_name == FUSED[0]).columns
+        return routed * (4 * hidden * element_size + 2 * 2 * REDUCE_BYTES)
 
     def pieces(self, rank: int, options: PlanOptions, element_size: int) -> int:
         """Bytes of this rank's pieces of the quantized fused parameters (`backend.piece_of`), kept
@@ -193,11 +193,6 @@ class _Context:
                 self.problems.append(
                     "expert-parallel calibration needs each expert whole on one rank: FSDP2 (ZeRO-3's flat "
                     "partitions cut through experts)"
-                )
-            if options.config.expert_calibration == "all_tokens":
-                self.problems.append(
-                    "expert-parallel calibration sends each token to the experts it is routed to; all-tokens "
-                    "calibration runs every expert on every token: choose one"
                 )
         self.refusal = ""
         if options.true_sequential and first is not None:
@@ -292,6 +287,10 @@ def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
             workspace = max((_unit_workspace(g, b, options) for g in mine), default=0)
             experts = ctx.experts[s]
             expert_h = experts.hessians if experts else 0
+            if experts:  # this rank's stored rows, and the whole experts while the layer is unsharded
+                whole = experts.weight_bytes(b) if ctx.sharded and not options.expert_parallel else 0
+                stored = experts.weight_bytes(b, rank, world, backend)
+                best.expert_weights = max(best.expert_weights, stored + whole)
             forward_extra = {}
             if experts and options.expert_parallel and ctx.sharded:
                 # The experts stay out of the layer's unshard: a rank holds its own experts only (on

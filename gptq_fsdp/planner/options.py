@@ -101,7 +101,10 @@ class RankMemory:
     peak_parts: dict[str, int]
     expert_hessians: int = 0  # the part of `hessians` that is the expert slices'
     host_shards: int = 0  # parameter shards in host memory (param_offload)
-    dispatch: int = 0  # expert-parallel send, receive and expert buffers of one batch
+    dispatch: int = 0  # expert-parallel send, receive and expert output buffers of one batch
+    # One layer's fused experts on the rank while it runs: its stored share, plus the whole experts
+    # when the layer is unsharded with them (not expert-parallel).
+    expert_weights: int = 0
 
 
 @dataclass

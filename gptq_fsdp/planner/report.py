@@ -50,9 +50,8 @@ def format_plan(result: Plan) -> str:
     ]
     if o.expert_parallel:
         lines.append(
-            "expert-parallel calibration (modelled only: quantize does not run it yet): each routed token's hidden "
-            "state goes to the rank storing its expert and the expert's output comes back; the experts stay out "
-            "of the layer's unshard"
+            "expert-parallel calibration (--expert-parallel): each routed token's hidden state goes to the rank "
+            "storing its expert and the expert's output comes back; the experts stay out of the layer's unshard"
         )
     ts = o.true_sequential
     for s, structure in enumerate(shape.structures):
