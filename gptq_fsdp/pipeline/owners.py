@@ -161,10 +161,11 @@ def quantize_experts(job: LayerJob, hooks: HessianHooks, holders: dict) -> dict[
     An expert's Hessian is summed on its owner: the rank that stores the slice (`holders`, found
     while the layer was sharded: FSDP2's expert rows), so that nothing but the Hessian travels;
     where no rank stores it alone (ZeRO-3's flat partitions, replicated parameters) owners are
-    balanced by GPTQ cost and every rank receives the result to write its own piece. Token counts are summed over ranks first, so every rank
-    agrees which slices have fewer tokens than input columns (their H would be singular): those are
-    quantized with the pooled Hessian of the same projection over all the layer's routed tokens
-    (for gate/up: the Hessian of every token the layer's experts see). A projection whose experts
+    balanced by GPTQ cost and every rank receives the result to write its own piece. Token counts
+    are summed over ranks first, so every rank agrees which slices have fewer tokens than input
+    columns (their H would be singular): those are quantized with the pooled Hessian of the same
+    projection over all the layer's routed tokens (for gate/up: the Hessian of every token the
+    layer's experts see). A projection whose experts
     share one Hessian (all-tokens calibration's gate/up) has it all-reduced once.
     """
     clock, backend = job.run.clock, job.run.backend
