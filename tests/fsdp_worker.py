@@ -31,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--text", type=Path, required=True)
     parser.add_argument("--load", choices=["sharded", "rank0", "zero3", "zero3-offload"], default="sharded")
     parser.add_argument("--samples", type=int, default=12)
+    parser.add_argument("--no-pack", action="store_true", help="one padded sample per document")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--matmul-precision", default="highest")
     parser.add_argument("--true-sequential", action="store_true")
@@ -58,7 +59,9 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     zero3 = args.load.startswith("zero3")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    calibration = build_calibration(load_texts(str(args.text)), tokenizer, num_samples=args.samples, max_seq_length=32)
+    texts = load_texts(str(args.text))
+    pack = not args.no_pack
+    calibration = build_calibration(texts, tokenizer, num_samples=args.samples, max_seq_length=32, pack=pack)
     if zero3:
         model = load_zero3(args.model, config=zero3_config(offload_param=args.load == "zero3-offload")).module
     else:

@@ -61,11 +61,13 @@ def single_process(
     text: Path,
     samples: int,
     matmul_precision: str = "highest",
+    pack: bool = True,
     **options,
 ) -> Path:
     """The one-process run of `model_dir` at the ranks' thread count (see the module doc)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    calibration = build_calibration(load_texts(str(text)), tokenizer, num_samples=samples, max_seq_length=32)
+    texts = load_texts(str(text))
+    calibration = build_calibration(texts, tokenizer, num_samples=samples, max_seq_length=32, pack=pack)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     config = GPTQConfig.from_options(
         **{"group_size": 32, "batch_size": 2, "matmul_precision": matmul_precision, **options}

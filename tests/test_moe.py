@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,21 +162,37 @@ def test_all_tokens_in_the_run_table(mixtral_dir, one_process):
     assert not torch.equal(model.model.layers[1].mlp.experts.down_proj, routed)
 
 
-# case: (--load, --expert-calibration), all at 3 ranks on 7 samples, in one launch
+# case: (--load, --expert-calibration, other worker options), all at 3 ranks on 7 samples, in one launch
 SHARDED_CASES = {
-    "fsdp2-3": ("rank0", "routed"),
-    "zero3-3": ("zero3", "routed"),
-    "fsdp2-3-all-tokens": ("rank0", "all_tokens"),
+    "fsdp2-3": ("rank0", "routed", []),
+    "zero3-3": ("zero3", "routed", []),
+    "fsdp2-3-all-tokens": ("rank0", "all_tokens", []),
+    "fsdp2-3-expert-parallel": ("sharded", "routed", ["--expert-parallel"]),
+    "fsdp2-3-expert-parallel-padded": ("sharded", "routed", ["--expert-parallel", "--no-pack"]),
 }
 
 
 @pytest.fixture(scope="module")
-def sharded_runs(mixtral_dir, austen, tmp_path_factory):
+def short_documents(austen, tmp_path_factory) -> Path:
+    """Emma's short paragraphs as documents: unpacked, they make padded samples of 32 tokens."""
+    paragraphs = [p.strip() for p in (austen / "emma.txt").read_text().split("\n\n") if 40 < len(p.strip()) < 120]
+    path = tmp_path_factory.mktemp("documents") / "short.jsonl"
+    path.write_text("\n".join(json.dumps({"text": p}) for p in paragraphs[:40]) + "\n")
+    return path
+
+
+def calibration_text(case: str, austen, short_documents) -> Path:
+    return short_documents if "--no-pack" in SHARDED_CASES[case][2] else austen / "emma.txt"
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(mixtral_dir, austen, short_documents, tmp_path_factory):
     directory = tmp_path_factory.mktemp("sharded-moe")
     jobs = [
-        [str(mixtral_dir), str(directory / case), str(directory / f"{case}.json"), "--text", str(austen / "emma.txt"),
-         "--load", load, "--samples", "7", "--expert-calibration", experts]
-        for case, (load, experts) in SHARDED_CASES.items()
+        [str(mixtral_dir), str(directory / case), str(directory / f"{case}.json"),
+         "--text", str(calibration_text(case, austen, short_documents)), "--load", load, "--samples", "7",
+         "--expert-calibration", experts, *extra]
+        for case, (load, experts, extra) in SHARDED_CASES.items()
     ]  # fmt: skip
     run_workers(3, jobs, directory)
     return directory
@@ -183,21 +200,42 @@ def sharded_runs(mixtral_dir, austen, tmp_path_factory):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", SHARDED_CASES)
-def test_sharded_experts_equal_one_process(case, sharded_runs, mixtral_dir, austen, tmp_path):
+def test_sharded_experts_equal_one_process(case, sharded_runs, mixtral_dir, austen, short_documents, tmp_path):
     """FSDP2 (each rank owns the experts it stores: only their Hessians travel) and ZeRO-3 (flat
     partitions: owners balanced, results sent to every rank) write the one-process checkpoint, at 3
-    ranks with uneven numbers of batches (FSDP2 at 2 ranks: test_fsdp2); so does
-    all-tokens calibration (its shared gate/up Hessian all-reduced)."""
-    output, (_, experts), samples = sharded_runs / case, SHARDED_CASES[case], 7
-    expected = single_process(
-        mixtral_dir, tmp_path / "single", austen / "emma.txt", samples, expert_calibration=experts
-    )
+    ranks with uneven numbers of batches (FSDP2 at 2 ranks: test_fsdp2); so do all-tokens
+    calibration (its shared gate/up Hessian all-reduced) and expert-parallel calibration (4 experts
+    on 3 ranks: 2, 2 and none; with padded samples, whose padding tokens travel to the experts'
+    ranks and stay out of their Hessians)."""
+    output, (_, experts, extra), samples = sharded_runs / case, SHARDED_CASES[case], 7
+    text = calibration_text(case, austen, short_documents)
+    pack = "--no-pack" not in extra
+    expected = single_process(mixtral_dir, tmp_path / "single", text, samples, expert_calibration=experts, pack=pack)
     names = {k.removesuffix(".weight_packed") for k in load_tensors(output) if k.endswith(".weight_packed")}
     assert {f"model.layers.1.block_sparse_moe.experts.3.{leaf}" for leaf in EXPERT_LEAVES["mixtral"]} <= names
     _, sharded = dequantized(output)
     _, single = dequantized(expected)
     assert sharded.keys() == single.keys()
     assert not [k for k in single if not torch.equal(sharded[k], single[k])]
+
+
+@pytest.mark.distributed
+def test_expert_parallel_ranks_hold_only_their_own_experts(sharded_runs):
+    """Expert-parallel at 3 ranks (4 experts: 2, 2, none): a rank's expert Hessians and expert weights
+    are those of its own experts (hidden 64 and intermediate 128 give Hessians of one CPU block,
+    12 bytes per element; each expert is 256 x 64 + 64 x 128 fp32 weights), the layer it unshards
+    holds no expert, and it holds dispatch buffers; the all-experts path (FSDP2, routed) holds every
+    expert's Hessian and the whole experts beside its own on every rank."""
+    hessian, weights, experts = 12 * (64**2 + 128**2), 4 * (256 * 64 + 64 * 128), [2, 2, 0]
+    parallel = json.loads((sharded_runs / "fsdp2-3-expert-parallel.json").read_text())["memory_per_rank"]
+    every = json.loads((sharded_runs / "fsdp2-3.json").read_text())["memory_per_rank"]
+    assert [m["expert_hessian_bytes"] for m in parallel] == [n * hessian for n in experts]
+    assert [m["expert_weight_bytes"] for m in parallel] == [n * weights for n in experts]
+    assert [m["expert_hessian_bytes"] for m in every] == [4 * hessian] * 3
+    assert [m["expert_weight_bytes"] for m in every] == [(4 + n) * weights for n in experts]
+    unsharded = [m["layer_unsharded_bytes"] + 4 * weights for m in parallel]
+    assert unsharded == [m["layer_unsharded_bytes"] for m in every]
+    assert all(m["dispatch_bytes"] > 0 for m in parallel) and not any(m["dispatch_bytes"] for m in every)
 
 
 @pytest.mark.parametrize(
