@@ -55,10 +55,13 @@ def _accelerate_wants_fsdp() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def _shard_if_accelerate_asked(model: nn.Module) -> nn.Module:
-    """accelerate on a CPU-only machine exports FSDP settings without applying FSDP: apply them here."""
+def _shard_if_accelerate_asked(model: nn.Module, config: GPTQConfig) -> nn.Module:
+    """accelerate on a CPU-only machine exports FSDP settings without applying FSDP: apply them here
+    (each MoE experts module on its own too, for expert-parallel calibration)."""
     if not is_sharded(model) and dist.is_initialized() and dist.get_world_size() > 1 and _accelerate_wants_fsdp():
-        apply_fully_shard(model, FSDPSettings.from_env())
+        settings = FSDPSettings.from_env()
+        settings.expert_parallel = config.expert_parallel
+        apply_fully_shard(model, settings)
     return model
 
 
@@ -77,7 +80,7 @@ def quantize(
     """
     config = config or GPTQConfig.from_options()
     init_distributed()  # a no-op unless launched on several ranks with no process group yet
-    module = _shard_if_accelerate_asked(unwrap(model))
+    module = _shard_if_accelerate_asked(unwrap(model), config)
     if not isinstance(calibration, CalibrationSet):
         if tokenizer is None:
             raise ValueError("calibration text needs a tokenizer (pass tokenizer=...)")

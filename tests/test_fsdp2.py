@@ -37,6 +37,7 @@ def runs(tiny_llama_dir, smollm2_dir, austen, tmp_path_factory):
         if world == 2:
             jobs += [job(tiny_llama_dir, "medium", "--matmul-precision", "medium"), job(gpt_neox, "gpt_neox-ckpt")]
             jobs += [job(mixtral, f"mixtral-{load}", "--load", load, "--samples", "4") for load in ("sharded", "rank0")]
+            jobs += [job(mixtral, "mixtral-expert-parallel", "--samples", "4", "--expert-parallel")]
         run_workers(world, jobs, directory)
     return directory
 
@@ -92,11 +93,14 @@ def test_fast_matmul_precision_keeps_sharded_equal_to_single_process(runs, tiny_
 def test_moe_files_load_sharded_as_with_the_rank0_load(runs):
     """Mixtral's files hold per-expert weights that transformers 5 fuses while loading: the default
     (sharded) load reads each rank's experts from them (tests/test_moe.py checks the shards and the
-    tensors read), and its checkpoint is the rank-0 load's, tensor for tensor."""
-    outputs = {load: runs / f"mixtral-{load}" for load in ("sharded", "rank0")}
-    sharded, rank0 = (load_tensors(outputs[load]) for load in ("sharded", "rank0"))
+    tensors read), and its checkpoint is the rank-0 load's, tensor for tensor; so is the checkpoint
+    of expert-parallel calibration (2 experts on each rank; 3 ranks: tests/test_moe.py)."""
+    runs_of = ("sharded", "rank0", "expert-parallel")
+    sharded, rank0, parallel = (load_tensors(runs / f"mixtral-{name}") for name in runs_of)
     assert sharded.keys() == rank0.keys() and "model.layers.1.block_sparse_moe.experts.3.w3.weight_packed" in sharded
     assert [k for k in rank0 if not torch.equal(sharded[k], rank0[k])] == []
+    assert parallel.keys() == rank0.keys()
+    assert [k for k in rank0 if not torch.equal(parallel[k], rank0[k])] == []
 
 
 @pytest.mark.distributed

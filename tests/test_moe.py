@@ -22,11 +22,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.core_model_loading import Interleave
 
 from gptq_fsdp import GPTQConfig, GPTQError, build_calibration, compat, load_texts, quantize_model, save_quantized
+from gptq_fsdp.distributed import Backend, FSDP2Backend, ZeRO3Backend
+from gptq_fsdp.distributed.expert_parallel import check_expert_parallel
 from gptq_fsdp.distributed.fsdp2 import row_counts
 from gptq_fsdp.distributed.launch import LaunchError
 from gptq_fsdp.distributed.loading import tensors_in_files
 from gptq_fsdp.model.experts import expert_params
 from gptq_fsdp.model.hooks import HessianHooks
+from gptq_fsdp.model.layers import target_experts
 
 GROUP = 32
 
@@ -110,6 +113,21 @@ def test_what_does_not_cover_experts_yet_refuses_them_up_front(mixtral_dir, one_
     config = GPTQConfig.from_options(group_size=GROUP, true_sequential=True, ignore=["lm_head", "re:.*experts$"])
     result = quantize_model(model, calibration, config)
     assert not [n for n in result.quantized if ".experts." in n]
+
+
+def test_expert_parallel_refuses_what_it_cannot_run_on(mixtral_dir, monkeypatch):
+    """Before any forward: under ZeRO-3 (flat partitions cut through experts), and under FSDP2 when
+    an experts module is not an FSDP2 module of its own (its layer's unshard would gather it)."""
+    model = AutoModelForCausalLM.from_pretrained(mixtral_dir)
+    config = GPTQConfig.from_options(group_size=GROUP, expert_parallel=True)
+    experts = target_experts(model, config)
+    for backend in (ZeRO3Backend, FSDP2Backend):
+        monkeypatch.setattr(backend, "world_size", 2)
+    with pytest.raises(GPTQError, match="needs each expert whole on one rank: FSDP2"):
+        check_expert_parallel(experts, ZeRO3Backend())
+    with pytest.raises(GPTQError, match=r"model.layers.0.mlp.experts and 1 more is not. fully_shard every experts"):
+        check_expert_parallel(experts, FSDP2Backend())
+    check_expert_parallel(experts, Backend())  # one process: nothing to dispatch
 
 
 def test_all_tokens_calibrates_every_expert_on_every_token(mixtral_dir, one_process):
@@ -244,6 +262,8 @@ def test_expert_parallel_ranks_hold_only_their_own_experts(sharded_runs):
         (["--true-sequential"], "--true-sequential does not quantize fused MoE experts yet"),
         (["--scheme", "W4A16_ASYM"], "asymmetric MoE experts: transformers 5.24 cannot load"),
         (["--resume"], "--resume does not restore quantized MoE experts yet"),
+        (["--backend", "zero3", "--expert-parallel"], "--expert-parallel needs each expert whole on one rank"),
+        (["--expert-parallel", "--expert-calibration", "all-tokens"], "all-tokens calibration runs every expert"),
     ],
 )
 def test_the_cli_refuses_them_before_reading_weights(

@@ -40,16 +40,18 @@ FAMILIES = {
     "qwen3_moe": dict(SERVABLE, moe_intermediate_size=128),  # 4 experts, each quantized per expert
     "mixtral": SERVABLE,  # 4 experts; its files name them block_sparse_moe.experts.E.w1/w3/w2
 }
-MOE = ("qwen3_moe-g64", "mixtral-g64")
+MOE = ("qwen3_moe-g64", "mixtral-fsdp2-expert-parallel-g64")
 SAMPLES, TOKENS, WINDOW = 8, 512, 512  # one window: 511 tokens scored per folder
 # checkpoint name: (model, how it is written, quantize options). FSDP2 on 2 ranks is the fine-tuned
-# SmolLM2 (examples/finetune_then_quantize.py, group 64); ZeRO-3 on 2 ranks runs true-sequential.
+# SmolLM2 (examples/finetune_then_quantize.py, group 64) and the Mixtral (expert-parallel calibration);
+# ZeRO-3 on 2 ranks runs true-sequential.
 KINDS = {
     "llama-g64": ("llama", "one process", dict(group_size=64)),
     "llama-asym-channel": ("llama", "one process", dict(group_size=None, symmetric=False)),
     "llama-zero3-true-sequential": ("llama", "zero3", ["--group-size", "64", "--true-sequential"]),
     "qwen2-g128": ("qwen2", "one process", dict(group_size=128)),
-    **{f"{f}-g64": (f, "one process", dict(group_size=64)) for f in FAMILIES if f not in ("llama", "qwen2")},
+    "mixtral-fsdp2-expert-parallel-g64": ("mixtral", "fsdp2", ["--group-size", "64", "--expert-parallel"]),
+    **{f"{f}-g64": (f, "one process", dict(group_size=64)) for f in FAMILIES if f not in ("llama", "qwen2", "mixtral")},
 }
 SERVED = [*(k for k in KINDS if k not in MOE), "smollm2-fsdp2-g64"]
 REFUSED = {"llama-w8": ("llama", "one process", dict(group_size=64, bits=8))}
@@ -128,6 +130,18 @@ def test_vllm_serves_per_expert_checkpoints_where_it_has_the_kernel(name, checkp
     assert "error" not in served_one, served_one.get("error")
     comparison = vllm_check.compare(checkpoints[name], served_one, ids, WINDOW)
     assert comparison.passed, f"{name}: {comparison}"
+
+
+def test_the_expert_parallel_command_writes_the_one_process_checkpoint(checkpoints, tmp_path, austen):
+    """`torchrun ... -m gptq_fsdp quantize --expert-parallel` (the experts modules sharded on their
+    own, their tokens sent to them) writes, file tensor for file tensor, what one process writes."""
+    written = checkpoints["mixtral-fsdp2-expert-parallel-g64"]
+    model_dir = written.parent / "model-mixtral"
+    expected = single_process(model_dir, tmp_path / "single", austen / "emma.txt", SAMPLES, group_size=64)
+    sharded = {k: v for f in written.glob("*.safetensors") for k, v in load_file(f).items()}
+    single = load_file(expected / "model.safetensors")
+    assert sharded.keys() == single.keys() and "model.layers.1.block_sparse_moe.experts.3.w2.weight_packed" in single
+    assert [k for k in single if not torch.equal(sharded[k], single[k])] == []
 
 
 def test_vllm_refuses_8_bit_weights_precisely(checkpoints, served):

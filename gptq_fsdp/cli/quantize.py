@@ -137,7 +137,7 @@ def quantize_command(args: argparse.Namespace) -> None:
         experts = any(target_experts(skeleton, config))
         if experts and args.resume:
             raise GPTQError("--resume does not restore quantized MoE experts yet: run without --resume")
-        if experts and config.expert_parallel and zero3 and world > 1:
+        if experts and config.expert_parallel and zero3:
             raise GPTQError(
                 "--expert-parallel needs each expert whole on one rank: FSDP2 (ZeRO-3's flat partitions cut "
                 "through experts); drop --expert-parallel under ZeRO-3"
