@@ -104,25 +104,26 @@ def gptq_worker(
 
     from gptq_fsdp import CalibrationSet, GPTQConfig, quantize_model, save_quantized
     from gptq_fsdp.distributed import collectives
-    from gptq_fsdp.distributed.launch import LaunchError, init_distributed
+    from gptq_fsdp.distributed.launch import FSDPSettings, LaunchError, init_distributed
     from gptq_fsdp.distributed.loading import load_rank0_broadcast, load_sharded, load_zero3
 
     torch.set_num_threads(1)
     world = init_distributed(deepspeed_comm=backend == "zero3")
     start = time.perf_counter()
     load = {"zero3": "zero3", "fsdp2": fsdp2_load}.get(backend, "whole")
+    fsdp = FSDPSettings(expert_parallel=bool((options or {}).get("expert_parallel")))
     if backend == "zero3":
         model = load_zero3(model_dir)
     elif backend == "fsdp2" and load == "rank0":
-        model = load_rank0_broadcast(model_dir)
+        model = load_rank0_broadcast(model_dir, settings=fsdp)
     elif backend == "fsdp2":
         try:
-            model = load_sharded(model_dir)
+            model = load_sharded(model_dir, settings=fsdp)
             load = "sharded"
         except LaunchError:
             if fsdp2_load != "auto":
                 raise
-            model, load = load_rank0_broadcast(model_dir), "rank0"
+            model, load = load_rank0_broadcast(model_dir, settings=fsdp), "rank0"
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     load_s = time.perf_counter() - start
