@@ -162,6 +162,24 @@ ranges over the draws are the scale against which a difference of means is read.
   default stays `routed`.""",
     ),
     Benchmark(
+        "moe_expert_parallel",
+        "Expert-parallel calibration",
+        "the 64-expert upcycled SmolLM2 in one process and at 2 and 3 FSDP2 ranks, every rank holding every "
+        "expert against expert-parallel: per-rank expert weights and Hessians (measured and planned), time, "
+        "perplexity, checkpoint identity",
+        ("benchmarks/moe_expert_parallel.py",),
+        notes="""\
+- The model: SmolLM2-135M upcycled to ERNIE-4.5-MoE's layout (`scripts/upcycle_smollm2.py --layout ernie
+  --experts 64`), 64 experts top-2 in 5 of its 30 layers; FSDP2 stores 32 experts per rank at 2 ranks
+  and 22, 22, 20 at 3.
+- 3 ranks share the 2 cores of the benchmark machine: compare times at the same world size only
+  (the expert-parallel run against the all-experts run beside it).
+- Expert-parallel saves the reduce of every expert's Hessian to its rank (the all-experts path sums
+  a Hessian for all 64 experts on every rank, then reduces each), and the layer's expert all-gather;
+  it adds the token exchanges, each a collective that waits for every rank
+  ([distributed.md](distributed.md#expert-parallel-calibration)).""",
+    ),
+    Benchmark(
         "hessian_gptq_speed_cpu",
         "Per Linear on the CPU",
         "XᵀX and GPTQ time and error for one Linear (16384 bf16 activation rows) against a straightforward "
