@@ -5,7 +5,8 @@ stops with a clear error at the first private call, rather than an AttributeErro
 run; GPTQ_FSDP_UNCHECKED_VERSIONS=1 turns that error into a warning (at your own risk).
 
 - torch FSDP2: the module state's lazy init, its parameter groups and their training state
-  (`torch.distributed.fsdp._fully_shard`); tensor storages' identity (`UntypedStorage._cdata`);
+  (`torch.distributed.fsdp._fully_shard`); a module's copy without FSDP2's class that holds other
+  tensors as its parameters (`Module._parameters`); tensor storages' identity (`UntypedStorage._cdata`);
   the dispatch-mode base class and pytree leaves (`torch.utils._python_dispatch`, `_pytree`) that
   let the planner see every tensor an op makes.
 - DeepSpeed ZeRO-3: its per-module fetch/release hooks, taken off a layer by editing torch's
@@ -69,6 +70,20 @@ def fsdp_lazy_init(model: nn.Module) -> None:
     state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
     if state is not None:
         state._lazy_init()
+
+
+def unwrapped_copy(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A shallow copy of `module` as an instance of its model class (without the FSDP2 class that
+    `fully_shard` mixed in, whose `__new__` would rebuild the module), holding `tensors` in place of
+    the parameters of those names; its hooks are the module's, which a direct `forward` call skips."""
+    require("torch")
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+    copy = object.__new__(cls)
+    copy.__dict__.update(module.__dict__)
+    copy.__dict__["_parameters"] = {**module._parameters, **tensors}
+    return copy
 
 
 def fsdp_param_groups(module: nn.Module) -> list:

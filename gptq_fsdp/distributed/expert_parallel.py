@@ -96,9 +96,7 @@ class ExpertParallel:
             counts = row_counts(mine[0].num_experts, world)
             starts = [sum(counts[:r]) for r in range(world + 1)]
             local = {p.param_name: backend.local_part(p.weight) for p in mine}
-            # fully_shard made the module's class a subclass of FSDPModule and the model's class.
-            cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
-            self._shards.append(_Shard(mine, local_experts(mine, local, cls), starts, *parents[id(module)]))
+            self._shards.append(_Shard(mine, local_experts(mine, local), starts, *parents[id(module)]))
         self._on_input: OnInput | None = None
         self._kept_tokens: Callable[[], torch.Tensor | None] = lambda: None
         self._order: list[int] = []  # the shards' calls in one forward, as the first one made them

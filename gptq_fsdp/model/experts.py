@@ -138,17 +138,14 @@ def _slice_of(fused: torch.Tensor, weight: torch.Tensor) -> int | None:
     return offset // fused.stride(0) if offset % fused.stride(0) == 0 else None
 
 
-def local_experts(params: list[ExpertParam], local: dict[str, torch.Tensor], cls: type) -> list[ExpertParam]:
-    """`params` (the fused projections of one experts module) as a shallow copy of that module, of
-    class `cls` (the model's own experts class), that holds only `local[param_name]`, the slice of
-    the experts one rank stores: its forward runs those experts, numbered from 0, and none of the
-    module's hooks (`run_experts` calls `forward` itself)."""
-    module = params[0].module
-    view = object.__new__(cls)
-    view.__dict__.update(module.__dict__)
-    view.__dict__["_parameters"] = {**module._parameters, **local}  # plain tensors: views of the rank's shards
+def local_experts(params: list[ExpertParam], local: dict[str, torch.Tensor]) -> list[ExpertParam]:
+    """`params` (the fused projections of one experts module) on a shallow copy of that module that
+    holds only `local[param_name]`, the slice of the experts one rank stores (views of its shards):
+    its forward runs those experts, numbered from 0, and none of the module's hooks (`run_experts`
+    calls `forward` itself)."""
+    view = compat.unwrapped_copy(params[0].module, local)
     count = next(iter(local.values())).shape[0]
-    view.__dict__["num_experts"] = count
+    view.__dict__["num_experts"] = count  # the eager loop's one-hot width
     return [ExpertParam(p.module_name, view, p.param_name, count, p.members, p.rows, p.columns) for p in params]
 
 

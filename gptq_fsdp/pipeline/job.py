@@ -78,7 +78,6 @@ class Run:
     store: ActivationStore
     clock: Clock
     masks: list[torch.Tensor]  # attention mask of each of this rank's batches
-    forward_calls: int  # the most forward calls of a layer that any rank makes per pass
     # True-sequential: the GPTQ units (Hessian groups) of the first layer of each kind.
     units_of: dict[tuple, list[tuple[str, ...]]] = field(default_factory=dict)
 

@@ -90,7 +90,7 @@ def quantize_model(
             hidden = [store.keep(x) for x in hidden]
             store.settle()
             memory.activation_bytes = store.device_bytes(hidden)
-        run = Run(config, result, store, clock, masks=[mask for _, mask in batches], forward_calls=forward_calls)
+        run = Run(config, result, store, clock, masks=[mask for _, mask in batches])
 
         def job(index: int, inputs: list[torch.Tensor]) -> LayerJob:
             prefix = f"{layers_name}.{index}."
