@@ -85,17 +85,27 @@ class ExpertParallel:
     """One decoder layer's experts, dispatched to their ranks while the layer runs (see the module
     doc). `calls`: the most forward calls any rank makes per pass."""
 
-    def __init__(self, layer: nn.Module, params: list[ExpertParam], backend: Backend, calls: int) -> None:
+    def __init__(
+        self, layer: nn.Module, params: list[ExpertParam], backend: Backend, calls: int, device: torch.device
+    ) -> None:
         self.calls = calls
         self.peak_bytes = 0  # most bytes of dispatch buffers held at once
+        self.copied_bytes = 0  # the rank's experts copied to `device` (shards in host memory)
         self._shards: list[_Shard] = []
+        self._stored: list[tuple[torch.Tensor, torch.Tensor]] = []  # (shard, its copy on the device)
         parents = {id(child): (parent, name) for parent in layer.modules() for name, child in parent.named_children()}
         world = backend.world_size
         for module in dict.fromkeys(p.module for p in params):  # each experts module once, in order
             mine = [p for p in params if p.module is module]
             counts = row_counts(mine[0].num_experts, world)
             starts = [sum(counts[:r]) for r in range(world + 1)]
-            local = {p.param_name: backend.local_part(p.weight) for p in mine}
+            local = {}
+            for p in mine:  # the shards themselves, or copies where they wait in host memory (CPUOffloadPolicy)
+                stored = backend.local_part(p.weight)
+                local[p.param_name] = stored.to(device)
+                if local[p.param_name] is not stored:
+                    self._stored.append((stored, local[p.param_name]))
+                    self.copied_bytes += stored.numel() * stored.element_size()
             self._shards.append(_Shard(mine, local_experts(mine, local), starts, *parents[id(module)]))
         self._on_input: OnInput | None = None
         self._kept_tokens: Callable[[], torch.Tensor | None] = lambda: None
@@ -107,9 +117,15 @@ class ExpertParallel:
         return next(s.mine for s in self._shards if param in s.params)
 
     def local_weight(self, param: ExpertParam, expert: int) -> torch.Tensor:
-        """This rank's stored rows of `param[expert]` (one of its own experts)."""
+        """This rank's rows of `param[expert]` (one of its own experts) as its experts run; after
+        writing them, `store` puts them in the shards."""
         shard = next(s for s in self._shards if param in s.params)
         return shard.local[shard.params.index(param)].weight[expert - shard.mine.start]
+
+    def store(self) -> None:
+        """Copy the experts written on the device back into the shards in host memory, if any."""
+        for stored, copy in self._stored:
+            stored.copy_(copy)
 
     @contextmanager
     def dispatching(

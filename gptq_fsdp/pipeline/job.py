@@ -117,9 +117,12 @@ class LayerJob:
                 memory.layer_unsharded_bytes = max(memory.layer_unsharded_bytes, unsharded)
 
         stored = sum(backend.local_part(p.weight).numel() * p.weight.element_size() for p in self.experts)
-        copied = backend.copies_weights and self.dispatch is None
         whole = sum(backend.weight_shape(p.weight).numel() * p.weight.element_size() for p in self.experts)
-        memory.expert_weight_bytes = max(memory.expert_weight_bytes, stored + (whole if copied else 0))
+        if self.dispatch is not None:  # its own experts, and their copy on the device if they wait in host memory
+            stored += self.dispatch.copied_bytes
+        elif backend.copies_weights:  # the layer's unshard makes the whole experts
+            stored += whole
+        memory.expert_weight_bytes = max(memory.expert_weight_bytes, stored)
 
         handle = self.layer.register_forward_pre_hook(measure)
         try:

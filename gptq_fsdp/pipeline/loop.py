@@ -96,7 +96,7 @@ def quantize_model(
             prefix = f"{layers_name}.{index}."
             dispatch = None
             if dispatched and experts[index]:
-                dispatch = ExpertParallel(layers[index], experts[index], backend, forward_calls)
+                dispatch = ExpertParallel(layers[index], experts[index], backend, forward_calls, store.device)
             return LayerJob(
                 run, index, layers[index], prefix, per_layer[index], inputs, layer_calls[index], experts[index],
                 dispatch,

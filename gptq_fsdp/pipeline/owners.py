@@ -226,6 +226,7 @@ def quantize_owned_experts(job: LayerJob, hooks: HessianHooks, dispatch: ExpertP
         gptq = _quantize_slice(job, param, expert, weight, group.sum, count, pooled)
         weight.copy_(gptq.weight)
         group.release()
+    dispatch.store()
 
 
 def _quantize_slice(
