@@ -22,7 +22,9 @@ PEER_PYTHON = REPO / "benchmarks" / ".venv-llmc" / "bin" / "python"
 PEER_SCRIPT = REPO / "benchmarks" / "peer_llmcompressor.py"
 WORK = REPO / "benchmarks" / "work"
 RESULTS = REPO / "benchmarks" / "results"
-SCHEME = dict(group_size=64, actorder="static", dampening=0.01, block_size=128)
+# min-max scales (the peers' default, not gptq_fsdp's): the sharded, MoE and expert-parallel benchmarks
+# compare the same scheme; smollm2_draws.py compares the scale searches.
+SCHEME = dict(group_size=64, actorder="static", dampening=0.01, block_size=128, scale_search="minmax")
 
 
 def prepare_job(samples: int, seq_len: int, model: Path = SMOLLM2, work: Path = WORK, peer: Path = PEER_PYTHON):
@@ -131,11 +133,12 @@ def gptq_worker(
         group_size=SCHEME["group_size"],
         actorder=SCHEME["actorder"],
         dampening_frac=SCHEME["dampening"],
+        scale_search=SCHEME["scale_search"],
         matmul_precision=precision,
         true_sequential=true_sequential,
     )
     try:
-        config = GPTQConfig.from_options(**settings, **(options or {}))
+        config = GPTQConfig.from_options(**{**settings, **(options or {})})
     except TypeError:  # an option `from_options` does not spell: a field of GPTQConfig (checked by replace)
         config = dataclasses.replace(GPTQConfig.from_options(**settings), **(options or {}))
     if world > 1:

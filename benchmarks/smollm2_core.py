@@ -55,7 +55,7 @@ def run_ours(
     report: Path,
     matmul_precision: str,
     true_sequential: bool,
-    scale_search: str = "minmax",
+    scale_search: str = SCHEME["scale_search"],
 ) -> None:
     """Worker: quantize with gptq_fsdp in this process and write timings to `report`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--matmul-precision", default="highest", help=argparse.SUPPRESS)
     parser.add_argument("--true-sequential", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--scale-search", default="minmax", help=argparse.SUPPRESS)
+    parser.add_argument("--scale-search", default=SCHEME["scale_search"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "ours":
         run_ours(

@@ -10,8 +10,8 @@ and its quantize time.
 
 Runs (all W4 group 64 symmetric, act-order static, dampening 0.01, block 128, fp32, IEEE fp32
 matmuls, the same token ids and threads, each in a fresh process):
-- gptq_fsdp, standard order, min-max scales (its default), and with `--scale-search mse` and
-  `imatrix-mse`; gptq_fsdp true-sequential;
+- gptq_fsdp, standard order, with `--scale-search minmax`, `mse` and `imatrix-mse` (its default);
+  gptq_fsdp true-sequential, min-max scales (as GPTQModel's);
 - llm-compressor 0.14 (standard order: its only one);
 - GPTQModel 7.7 in its default true-sequential order (its GPTQ v1 checkpoint is scored dequantized
   to fp32, as in smollm2_gptqmodel.py).
@@ -52,10 +52,10 @@ RUNS = {
     "gptqmodel": ("gptqmodel", []),
 }
 LABELS = {
-    "gptq_fsdp": "gptq_fsdp, min-max scales (default)",
+    "gptq_fsdp": "gptq_fsdp, `--scale-search minmax`",
     "gptq_fsdp_mse": "gptq_fsdp, `--scale-search mse`",
-    "gptq_fsdp_imatrix_mse": "gptq_fsdp, `--scale-search imatrix-mse`",
-    "gptq_fsdp_true_sequential": "gptq_fsdp, true-sequential",
+    "gptq_fsdp_imatrix_mse": "gptq_fsdp, `--scale-search imatrix-mse` (its default)",
+    "gptq_fsdp_true_sequential": "gptq_fsdp, true-sequential, min-max scales",
     "llmcompressor": "llm-compressor 0.14",
     "gptqmodel": "GPTQModel 7.7, true-sequential (its default)",
 }

@@ -147,15 +147,16 @@ class GPTQConfig:
         true_sequential: bool = False,
         expert_calibration: str = "routed",
         expert_parallel: bool = False,
-        scale_search: str = "minmax",
+        scale_search: str = "imatrix_mse",
         num_samples: int = 128,
         max_seq_length: int = 2048,
         seed: int = 0,
         pack: bool = True,
     ) -> GPTQConfig:
         """W{bits}A16: group strategy when `group_size` is given, else one scale per output channel.
-        `scale_search` is the scheme's `observer`: "minmax", or "mse"/"imatrix_mse" with the search's
-        settings written out as its `observer_kwargs` (so the checkpoint says what was searched)."""
+        `scale_search` is the scheme's `observer`: "imatrix_mse" (the default: docs/design.md says why),
+        "mse" or "minmax", the search's settings written out as its `observer_kwargs` (so the checkpoint
+        says what was searched)."""
         if actorder == "group":
             raise GPTQError(
                 "act-order 'group' (a g_idx per column) was removed from compressed-tensors 0.20, so its "

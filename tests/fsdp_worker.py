@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--expert-calibration", default="routed")
     parser.add_argument("--expert-parallel", action="store_true")
     parser.add_argument("--group-size", type=int, default=32, help="0: one scale per output channel")
-    parser.add_argument("--scale-search", default="minmax")
+    parser.add_argument("--scale-search", default=None, help="default: the package's")
     return parser
 
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> None:
         true_sequential=args.true_sequential,
         expert_calibration=args.expert_calibration,
         expert_parallel=args.expert_parallel,
-        scale_search=args.scale_search,
+        **({} if args.scale_search is None else {"scale_search": args.scale_search}),
     )
     result = quantize_model(model, calibration, config)
     save_quantized(model, args.output, result, tokenizer=tokenizer)

@@ -12,6 +12,7 @@ import torch
 from sharded_helpers import dequantized, rank_threads, single_process
 from transformers import AutoModelForCausalLM
 
+from gptq_fsdp import GPTQConfig
 from gptq_fsdp.cli import build_parser, main
 from gptq_fsdp.cli.common import config_from_args
 from gptq_fsdp.core.scheme import OBSERVER_DEFAULTS
@@ -97,9 +98,8 @@ def test_scale_search_option(tiny_llama_dir, austen, tmp_path, choice, observer)
     config = config_from_args(args)
     assert config.scale_search == observer == config.weights.observer
     assert config.weights.observer_kwargs == OBSERVER_DEFAULTS.get(observer, {})
-    assert config_from_args(
-        build_parser().parse_args(quantize_args(tiny_llama_dir, tmp_path, austen))
-    ).scale_search == ("minmax")
+    default = config_from_args(build_parser().parse_args(quantize_args(tiny_llama_dir, tmp_path, austen)))
+    assert default.scale_search == "imatrix_mse" == GPTQConfig.from_options().scale_search  # the CLI's and the API's
 
 
 def test_world_size_without_a_launcher(tiny_llama_dir, austen, tmp_path, capsys, monkeypatch):

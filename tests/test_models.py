@@ -457,7 +457,7 @@ def test_matmul_precision_reaches_the_forwards_and_is_restored(model_dirs, calib
     seen: set[str] = set()
     for layer in model.model.layers:
         layer.register_forward_pre_hook(lambda m, a: seen.add(torch.get_float32_matmul_precision()))
-    config = GPTQConfig.from_options(group_size=GROUP, batch_size=2, matmul_precision="medium")
+    config = GPTQConfig.from_options(group_size=GROUP, batch_size=2, matmul_precision="medium", scale_search="minmax")
     result = quantize_model(model, calibration, config)
     assert seen == {"medium"}, "calibration and propagation forwards run at the asked precision"
     assert torch.get_float32_matmul_precision() == "highest", "the caller's setting is restored"
@@ -478,7 +478,7 @@ def test_matmul_precision_reaches_the_forwards_and_is_restored(model_dirs, calib
 
 def test_activation_offload_gives_the_same_result(model_dirs, calibration, small_quantized):
     model = load_model(model_dirs("llama"))
-    config = GPTQConfig.from_options(group_size=GROUP, batch_size=2, offload_activations=True)
+    config = GPTQConfig.from_options(group_size=GROUP, batch_size=2, offload_activations=True, scale_search="minmax")
     result = quantize_model(model, calibration, config)
     in_place_model, in_place = small_quantized
     in_place_weights = layer_linears(in_place_model)
@@ -517,7 +517,7 @@ def test_group_size_not_dividing_columns_fails_before_any_forward(model_dirs, ca
 
 @pytest.fixture(scope="module")
 def small_quantized(model_dirs, calibration):
-    model, _, result = quantize(model_dirs("llama"), calibration, group_size=GROUP)
+    model, _, result = quantize(model_dirs("llama"), calibration, group_size=GROUP, scale_search="minmax")
     return model, result
 
 

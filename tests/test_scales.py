@@ -146,7 +146,9 @@ def test_candidates_are_llm_compressors():
 def test_config_names_the_search_and_refuses_others_up_front():
     config = GPTQConfig.from_options(scale_search="imatrix_mse")
     assert config.scale_search == "imatrix_mse" and config.weights.observer_kwargs == OBSERVER_DEFAULTS["imatrix_mse"]
-    assert GPTQConfig.from_options().scale_search == "minmax"
+    assert GPTQConfig.from_options().scale_search == "imatrix_mse"  # the default: the draws benchmark's gain
+    unset = QuantizationArgs(num_bits=4, strategy="group", group_size=32)  # a scheme of the caller's, no observer
+    assert GPTQConfig(scheme=QuantizationScheme(targets=["Linear"], weights=unset)).scale_search == "minmax"
     with pytest.raises(GPTQError, match="scale_search must be one of"):
         GPTQConfig.from_options(scale_search="hessian_mse")
     weights = QuantizationArgs(

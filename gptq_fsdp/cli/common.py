@@ -91,10 +91,10 @@ def add_config_options(parser: argparse.ArgumentParser, *, quantizing: bool) -> 
     scheme.add_argument(
         "--scale-search",
         choices=["minmax", "mse", "imatrix-mse"],
-        default="minmax",
-        help="how each group's scale is chosen: minmax = its min-max range (default); mse = the shrunk range "
-        "(20 candidates, 1 to 0.81) with the least Σ|w - q(w)|^2.5; imatrix-mse = 20 candidates, 1 to 0.05, "
-        "least Σ diag(H)·|w - q(w)|^3 (llm-compressor's observers of those names; recorded in the checkpoint)",
+        default="imatrix-mse",
+        help="how each group's scale is chosen: imatrix-mse (default) = of 20 shrunk ranges (1 to 0.05) the one "
+        "with the least Σ diag(H)·|w - q(w)|^3; mse = 20 candidates, 1 to 0.81, least Σ|w - q(w)|^2.5; minmax = "
+        "the group's min-max range (llm-compressor's observers of those names; recorded in the checkpoint)",
     )
     scheme.add_argument("--block-size", type=positive(int), default=128, help="GPTQ lazy-update block (columns)")
     scheme.add_argument("--targets", nargs="+", default=["Linear"], help="module classes, names or re: patterns")
