@@ -37,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--true-sequential", action="store_true")
     parser.add_argument("--expert-calibration", default="routed")
     parser.add_argument("--expert-parallel", action="store_true")
+    parser.add_argument("--wrap-experts", action="store_true", help="experts modules fully_shard'ed on their own")
+    parser.add_argument("--targets", nargs="+", default=None)
+    parser.add_argument("--ignore", nargs="+", default=None)
     parser.add_argument("--group-size", type=int, default=32, help="0: one scale per output channel")
     parser.add_argument("--scale-search", default=None, help="default: the package's")
     return parser
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> None:
     if zero3:
         model = load_zero3(args.model, config=zero3_config(offload_param=args.load == "zero3-offload")).module
     else:
-        settings = FSDPSettings(expert_parallel=args.expert_parallel)
+        settings = FSDPSettings(expert_parallel=args.expert_parallel or args.wrap_experts)
         model = (load_sharded if args.load == "sharded" else load_rank0_broadcast)(args.model, settings=settings)
     config = GPTQConfig.from_options(
         group_size=args.group_size or None,
@@ -74,6 +77,8 @@ def run(args: argparse.Namespace) -> None:
         true_sequential=args.true_sequential,
         expert_calibration=args.expert_calibration,
         expert_parallel=args.expert_parallel,
+        targets=args.targets,
+        ignore=args.ignore,
         **({} if args.scale_search is None else {"scale_search": args.scale_search}),
     )
     result = quantize_model(model, calibration, config)

@@ -180,14 +180,26 @@ def test_all_tokens_in_the_run_table(mixtral_dir, one_process):
     assert not torch.equal(model.model.layers[1].mlp.experts.down_proj, routed)
 
 
-# case: (--load, --expert-calibration, other worker options), all at 3 ranks on 7 samples, in one launch
+IGNORED_EXPERTS = ["lm_head", "re:.*experts$"]
+# Of the experts only their down projections (Mixtral's w2), beside the attention's o_proj
+DOWN_ONLY = ["re:.*experts\\.\\d+\\.w2$", "re:.*o_proj$"]
+# case: (--load, --expert-calibration, other worker options, the same as GPTQConfig options), all at
+# 3 ranks on 7 samples, in one launch
 SHARDED_CASES = {
-    "fsdp2-3": ("rank0", "routed", []),
-    "zero3-3": ("zero3", "routed", []),
-    "fsdp2-3-all-tokens": ("rank0", "all_tokens", []),
-    "fsdp2-3-expert-parallel": ("sharded", "routed", ["--expert-parallel"]),
-    "fsdp2-3-expert-parallel-padded": ("sharded", "routed", ["--expert-parallel", "--no-pack"]),
-}
+    "fsdp2-3": ("rank0", "routed", [], {}),
+    "zero3-3": ("zero3", "routed", [], {}),
+    "fsdp2-3-all-tokens": ("rank0", "all_tokens", [], {}),
+    "fsdp2-3-expert-parallel": ("sharded", "routed", ["--expert-parallel"], {}),
+    "fsdp2-3-expert-parallel-padded": ("sharded", "routed", ["--expert-parallel", "--no-pack"], {}),
+    # experts modules fully_shard'ed on their own but not dispatched: unsharded with their layers
+    "fsdp2-3-experts-wrapped": ("sharded", "routed", ["--wrap-experts"], {}),
+    "fsdp2-3-expert-parallel-experts-ignored": (
+        "sharded", "routed", ["--expert-parallel", "--ignore", *IGNORED_EXPERTS], {"ignore": IGNORED_EXPERTS}
+    ),
+    "fsdp2-3-expert-parallel-down-only": (
+        "sharded", "routed", ["--expert-parallel", "--targets", *DOWN_ONLY], {"targets": DOWN_ONLY}
+    ),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +222,7 @@ def sharded_runs(mixtral_dir, austen, short_documents, tmp_path_factory):
         [str(mixtral_dir), str(directory / case), str(directory / f"{case}.json"),
          "--text", str(calibration_text(case, austen, short_documents)), "--load", load, "--samples", "7",
          "--expert-calibration", experts, *extra]
-        for case, (load, experts, extra) in SHARDED_CASES.items()
+        for case, (load, experts, extra, _) in SHARDED_CASES.items()
     ]  # fmt: skip
     run_workers(3, jobs, directory)
     return directory
@@ -224,13 +236,20 @@ def test_sharded_experts_equal_one_process(case, sharded_runs, mixtral_dir, aust
     ranks with uneven numbers of batches (FSDP2 at 2 ranks: test_fsdp2); so do all-tokens
     calibration (its shared gate/up Hessian all-reduced) and expert-parallel calibration (4 experts
     on 3 ranks: 2, 2 and none; with padded samples, whose padding tokens travel to the experts'
-    ranks and stay out of their Hessians)."""
-    output, (_, experts, extra), samples = sharded_runs / case, SHARDED_CASES[case], 7
+    ranks and stay out of their Hessians; with the experts ignored, which then run unsharded with
+    their layers; with only the experts' down projections targeted, the gate/up ones running on the
+    owners unquantized). Experts modules fully_shard'ed on their own without expert-parallel
+    calibration are unsharded with their layers."""
+    output, (_, experts, extra, options), samples = sharded_runs / case, SHARDED_CASES[case], 7
     text = calibration_text(case, austen, short_documents)
     pack = "--no-pack" not in extra
-    expected = single_process(mixtral_dir, tmp_path / "single", text, samples, expert_calibration=experts, pack=pack)
+    expected = single_process(
+        mixtral_dir, tmp_path / "single", text, samples, expert_calibration=experts, pack=pack, **options
+    )
     names = {k.removesuffix(".weight_packed") for k in load_tensors(output) if k.endswith(".weight_packed")}
-    assert {f"model.layers.1.block_sparse_moe.experts.3.{leaf}" for leaf in EXPERT_LEAVES["mixtral"]} <= names
+    leaves = {"ignore": [], "targets": ["w2"]}.get(next(iter(options), ""), EXPERT_LEAVES["mixtral"])
+    assert {f"model.layers.1.block_sparse_moe.experts.3.{leaf}" for leaf in leaves} <= names
+    assert bool(leaves) == any(".experts." in n for n in names)
     _, sharded = dequantized(output)
     _, single = dequantized(expected)
     assert sharded.keys() == single.keys()

@@ -9,7 +9,7 @@ them in the same order. This base class is one process holding whole parameters.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -40,8 +40,9 @@ class Backend:
         """Return every parameter to its shards (after a full-model forward that was cut short)."""
 
     @contextmanager
-    def layer_unsharded(self, layer: nn.Module) -> Iterator[None]:
-        """Keep `layer`'s parameters whole across the forwards inside (one all-gather, not one per batch)."""
+    def layer_unsharded(self, layer: nn.Module, keep_sharded: Collection[nn.Module] = ()) -> Iterator[None]:
+        """Keep `layer`'s parameters whole across the forwards inside (one all-gather, not one per batch),
+        but for those of the modules in `keep_sharded` (expert-parallel experts)."""
         yield
 
     def gather_weight(self, param: torch.Tensor, owner: int) -> Pending:

@@ -59,22 +59,27 @@ def check_expert_parallel(experts: list[list[ExpertParam]], backend: Backend) ->
 
 @dataclass
 class _Shard:
-    """One experts module: its projections, this rank's experts as a module of their own, and the
-    first expert of every rank."""
+    """One experts module: the projections GPTQ quantizes (`params`; maybe not all of the module's),
+    the same on a module of this rank's experts only (`local`), and the first expert of every rank."""
 
     params: list[ExpertParam]
     local: list[ExpertParam]
     starts: list[int]  # rank r stores experts starts[r] .. starts[r + 1] - 1
     parent: nn.Module
     attribute: str
-    # The call's tensors as the first real call showed them: a rank out of batches sends nothing like them.
-    hidden_like: torch.Tensor | None = None
+    # What the first real call showed: a rank out of batches sends no rows, but of this width and dtypes.
+    hidden: tuple[int, torch.dtype, torch.device] | None = None
     weights_dtype: torch.dtype | None = None
     mine: range = field(init=False)
+    on_input: OnInput | None = None  # local expert numbers made global, while dispatching
 
     def __post_init__(self) -> None:
         rank = collectives.rank()
         self.mine = range(self.starts[rank], self.starts[rank + 1])
+
+    @property
+    def module(self) -> nn.Module:
+        return self.params[0].module
 
     @property
     def num_experts(self) -> int:
@@ -83,7 +88,8 @@ class _Shard:
 
 class ExpertParallel:
     """One decoder layer's experts, dispatched to their ranks while the layer runs (see the module
-    doc). `calls`: the most forward calls any rank makes per pass."""
+    doc). `params`: the fused projections to quantize; `calls`: the most forward calls any rank
+    makes per pass; `device`: where the forwards run."""
 
     def __init__(
         self, layer: nn.Module, params: list[ExpertParam], backend: Backend, calls: int, device: torch.device
@@ -99,18 +105,21 @@ class ExpertParallel:
             mine = [p for p in params if p.module is module]
             counts = row_counts(mine[0].num_experts, world)
             starts = [sum(counts[:r]) for r in range(world + 1)]
-            local = {}
-            for p in mine:  # the shards themselves, or copies where they wait in host memory (CPUOffloadPolicy)
-                stored = backend.local_part(p.weight)
-                local[p.param_name] = stored.to(device)
-                if local[p.param_name] is not stored:
-                    self._stored.append((stored, local[p.param_name]))
+            local = {}  # every parameter of the module (quantized or not): its experts run on them
+            for name, param in module.named_parameters(recurse=False):
+                stored = backend.local_part(param)
+                local[name] = stored.to(device)  # a copy where the shards wait in host memory (CPUOffloadPolicy)
+                if local[name] is not stored:
+                    self._stored.append((stored, local[name]))
                     self.copied_bytes += stored.numel() * stored.element_size()
             self._shards.append(_Shard(mine, local_experts(mine, local), starts, *parents[id(module)]))
-        self._on_input: OnInput | None = None
         self._kept_tokens: Callable[[], torch.Tensor | None] = lambda: None
-        self._order: list[int] = []  # the shards' calls in one forward, as the first one made them
-        self._recording = False
+        self._calls: list[int] = []  # the shards' calls in this pass, in order
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        """The experts modules kept sharded (and out of the layer) while dispatching."""
+        return [shard.module for shard in self._shards]
 
     def owned(self, param: ExpertParam) -> range:
         """The experts of `param` whose rows this rank stores (and calibrates)."""
@@ -135,48 +144,48 @@ class ExpertParallel:
         calls of the layer and, on leaving, serves the others' remaining ones. `on_input(param, expert,
         rows)` receives every input of this rank's experts' projections, without the tokens that
         `kept_tokens()` (flat over the forward's batch) marks as padding."""
-        self._on_input, self._kept_tokens = on_input, kept_tokens or (lambda: None)
-        self._order, self._recording = [], True
+        self._kept_tokens, self._calls = kept_tokens or (lambda: None), []
         for index, shard in enumerate(self._shards):
+            shard.on_input = None if on_input is None else _globally(on_input, shard)
             setattr(shard.parent, shard.attribute, _Dispatcher(self, index))
         try:
             yield
+            per_forward = self._calls[: len(self._calls) // forwards]  # every forward calls them alike
             for _ in range(self.calls - forwards):
-                self.serve()
+                for index in per_forward:
+                    self._serve(self._shards[index])
         finally:
             for shard in self._shards:
-                setattr(shard.parent, shard.attribute, shard.params[0].module)
+                setattr(shard.parent, shard.attribute, shard.module)
 
-    def serve(self) -> None:
-        """One forward call's exchanges with no tokens of this rank's own."""
-        for index in self._order:
-            shard = self._shards[index]
-            rows = shard.hidden_like.new_empty((0, shard.hidden_like.shape[1]))
-            counts = torch.zeros(shard.num_experts, dtype=torch.int64, device=rows.device)
-            self._exchange(shard, rows, rows.new_empty((0, 2), dtype=torch.float64), counts)
+    def _serve(self, shard: _Shard) -> None:
+        """One call's exchange with no tokens of this rank's own."""
+        width, dtype, device = shard.hidden
+        rows = torch.empty((0, width), dtype=dtype, device=device)
+        counts = torch.zeros(shard.num_experts, dtype=torch.int64, device=device)
+        self._exchange(shard, rows, torch.empty((0, 2), dtype=torch.float64, device=device), counts)
 
     def forward(
         self, index: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """What the experts module `index` returns for this call, its experts run where they are stored."""
         shard = self._shards[index]
-        if self._recording and index in self._order:  # the layer's second call of a module: a forward ended
-            self._recording = False
-        if self._recording:
-            self._order.append(index)
-        shard.hidden_like, shard.weights_dtype = hidden_states[:0], top_k_weights.dtype
-        tokens = hidden_states.shape[0]
+        self._calls.append(index)
+        tokens, device = hidden_states.shape[0], hidden_states.device
+        shard.hidden = (hidden_states.shape[1], hidden_states.dtype, device)
+        shard.weights_dtype = top_k_weights.dtype
         # Expert e's rows in the model's loop order: by top-k slot, then token (torch.where on [k, tokens]).
         flat = top_k_index.T.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token, slot = order % tokens, order // tokens
         counts = torch.bincount(flat, minlength=shard.num_experts)
         kept = self._kept_tokens()
-        kept = torch.ones(tokens, device=hidden_states.device) if kept is None else kept.to(hidden_states.device)
+        kept = torch.ones(tokens, device=device) if kept is None else kept.to(device)
         aux = torch.stack([top_k_weights[token, slot].double(), kept[token].double()], dim=1)
         returned = self._exchange(shard, hidden_states[token], aux, counts)
         output = torch.zeros_like(hidden_states)
-        for expert, rows in zip(token.split(counts.tolist()), returned.split(counts.tolist()), strict=True):
+        sizes = counts.tolist()
+        for expert, rows in zip(token.split(sizes), returned.split(sizes), strict=True):
             if rows.shape[0]:
                 output.index_add_(0, expert, rows)
         return output
@@ -186,8 +195,9 @@ class ExpertParallel:
         each) to the experts' ranks, run the experts here on what arrives, and return this rank's
         rows' expert outputs, in the order sent."""
         every = collectives.all_gather_stacked(counts).tolist()  # [source rank][expert]
-        mine, world = shard.mine, len(shard.starts) - 1
-        send = [sum(counts[shard.starts[r] : shard.starts[r + 1]].tolist()) for r in range(world)]
+        mine, starts, world = shard.mine, shard.starts, len(shard.starts) - 1
+        own = every[collectives.rank()]
+        send = [sum(own[starts[r] : starts[r + 1]]) for r in range(world)]
         per_source = [every[s][mine.start : mine.stop] for s in range(world)]
         receive = [sum(c) for c in per_source]
         arrived = collectives.all_to_all_rows(rows, send, receive)
@@ -197,26 +207,24 @@ class ExpertParallel:
         for source_counts in per_source:  # each source's rows in a call of their own: one-process shapes
             end = start + sum(source_counts)
             if end > start:
+                device = arrived.device
                 index = torch.repeat_interleave(
-                    torch.arange(len(mine), device=arrived.device), torch.tensor(source_counts, device=arrived.device)
+                    torch.arange(len(mine), device=device), torch.tensor(source_counts, device=device)
                 )[:, None]
                 weights = arrived_aux[start:end, :1].to(shard.weights_dtype)
-                outputs[start:end] = run_experts(
-                    shard.local, arrived[start:end], index, weights, self._local_input(shard),
-                    arrived_aux[start:end, 1].bool(),
-                )  # fmt: skip
+                kept = arrived_aux[start:end, 1].bool()
+                outputs[start:end] = run_experts(shard.local, arrived[start:end], index, weights, shard.on_input, kept)
             start = end
         returned = collectives.all_to_all_rows(outputs, receive, send)
         held = [rows, aux, arrived, arrived_aux, outputs, returned]
         self.peak_bytes = max(self.peak_bytes, sum(t.numel() * t.element_size() for t in held))
         return returned
 
-    def _local_input(self, shard: _Shard) -> OnInput | None:
-        """`on_input` for the shard's own module: local expert numbers made global."""
-        if self._on_input is None:
-            return None
-        on_input, params = self._on_input, dict(zip(map(id, shard.local), shard.params, strict=True))
-        return lambda local, expert, rows: on_input(params[id(local)], expert + shard.mine.start, rows)
+
+def _globally(on_input: OnInput, shard: _Shard) -> OnInput:
+    """`on_input` for the shard's module of local experts: its projections and expert numbers made global."""
+    params = dict(zip(map(id, shard.local), shard.params, strict=True))
+    return lambda local, expert, rows: on_input(params[id(local)], expert + shard.mine.start, rows)
 
 
 class _Dispatcher(nn.Module):

@@ -8,7 +8,7 @@ collectives and trimmed again.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -42,20 +42,24 @@ class FSDP2Backend(Backend):
                 module.reshard()
 
     @contextmanager
-    def layer_unsharded(self, layer: nn.Module) -> Iterator[None]:
-        if not isinstance(layer, FSDPModule):
-            yield
-            return
-        groups = compat.fsdp_param_groups(layer)
-        reshards = compat.fsdp_reshards_after_forward(groups)
-        layer.set_reshard_after_forward(False, recurse=False)
-        layer.unshard()
+    def layer_unsharded(self, layer: nn.Module, keep_sharded: Collection[nn.Module] = ()) -> Iterator[None]:
+        # The layer and every module fully_shard'ed inside it (an experts module on its own) once for all
+        # the forwards: unsharded per call, they would all-gather in every forward, and ranks may make
+        # different numbers of forward calls.
+        kept = {id(m) for m in keep_sharded}
+        states = []
+        for module in (m for m in layer.modules() if isinstance(m, FSDPModule) and id(m) not in kept):
+            groups = compat.fsdp_param_groups(module)
+            states.append((module, groups, compat.fsdp_reshards_after_forward(groups)))
+            module.set_reshard_after_forward(False, recurse=False)
+            module.unshard()
         try:
             yield
         finally:
-            compat.fsdp_mark_idle(groups)  # a forward stopped early (HessianHooks) skipped FSDP's post-forward
-            layer.reshard()  # writes go to the local shards, so the whole copy must not outlive this
-            layer.set_reshard_after_forward(reshards, recurse=False)
+            for module, groups, reshards in states:
+                compat.fsdp_mark_idle(groups)  # a forward stopped early (HessianHooks) skipped FSDP's post-forward
+                module.reshard()  # writes go to the local shards, so the whole copy must not outlive this
+                module.set_reshard_after_forward(reshards, recurse=False)
 
     @staticmethod
     def _local(param: torch.Tensor) -> torch.Tensor:

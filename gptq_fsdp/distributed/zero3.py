@@ -9,7 +9,7 @@ updated too.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -30,8 +30,9 @@ class ZeRO3Backend(Backend):
         compat.require("deepspeed")
 
     @contextmanager
-    def layer_unsharded(self, layer: nn.Module) -> Iterator[None]:
-        """One all-gather of the layer (GatheredParameters) for every forward inside, without ZeRO's hooks."""
+    def layer_unsharded(self, layer: nn.Module, keep_sharded: Collection[nn.Module] = ()) -> Iterator[None]:
+        """One all-gather of the layer (GatheredParameters) for every forward inside, without ZeRO's hooks
+        (`keep_sharded`: expert-parallel calibration, which ZeRO-3 does not run, is refused before)."""
         import deepspeed
 
         params = [p for p in layer.parameters() if is_zero3_param(p)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -158,9 +158,13 @@ class LayerJob:
         args, kwargs = self.calls[b]
         return store.keep(layer_output(self.layer(store.fetch(self.hidden[b]), *args, **kwargs)))
 
+    def unsharded(self) -> AbstractContextManager[None]:
+        """The layer's parameters whole for its forwards, but for the experts that stay sharded."""
+        return self.run.backend.layer_unsharded(self.layer, self.dispatch.modules if self.dispatch else ())
+
     def propagate(self) -> list[torch.Tensor]:
         """The layer's outputs for every batch: the next layer's inputs."""
-        with self.run.clock("propagate"), self.run.backend.layer_unsharded(self.layer), self.experts_dispatched():
+        with self.run.clock("propagate"), self.unsharded(), self.experts_dispatched():
             outputs = [self.forward(b) for b in range(len(self.hidden))]
             self.run.store.settle()
         return outputs

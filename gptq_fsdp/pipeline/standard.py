@@ -17,8 +17,10 @@ def run_layer(job: LayerJob, propagate: bool = True) -> list[torch.Tensor]:
     all_tokens = run.config.expert_calibration == "all_tokens"
     owned = job.dispatch.owned if job.dispatch is not None else None
     hooks = HessianHooks(job.modules, experts=job.experts, device=run.store.device, all_tokens=all_tokens, owned=owned)
-    holders = {(p, e): backend.holder(p.weight, e) for p in job.experts for e in range(p.num_experts)}
-    with job.measured(), backend.layer_unsharded(job.layer):
+    holders = (
+        {} if job.dispatch else {(p, e): backend.holder(p.weight, e) for p in job.experts for e in range(p.num_experts)}
+    )
+    with job.measured(), job.unsharded():
         with run.clock("forward"), hooks.attached(), job.experts_dispatched(hooks):
             for b, (x, (args, kwargs)) in enumerate(zip(job.hidden, job.calls, strict=True)):
                 with hooks.forward(run.masks[b]):

@@ -288,9 +288,11 @@ def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
             experts = ctx.experts[s]
             expert_h = experts.hessians if experts else 0
             if experts:  # this rank's stored rows, and the whole experts while the layer is unsharded
-                whole = experts.weight_bytes(b) if ctx.sharded and not options.expert_parallel else 0
+                parallel = options.expert_parallel and ctx.sharded
                 stored = experts.weight_bytes(b, rank, world, backend)
-                best.expert_weights = max(best.expert_weights, stored + whole)
+                whole = experts.weight_bytes(b) if ctx.sharded and not parallel else 0
+                copied = stored if parallel and options.param_offload else 0  # its experts on the GPU too
+                best.expert_weights = max(best.expert_weights, stored + whole + copied)
             forward_extra = {}
             if experts and options.expert_parallel and ctx.sharded:
                 # The experts stay out of the layer's unshard: a rank holds its own experts only (on
@@ -320,7 +322,8 @@ def _rank_memory(ctx: _Context, rank: int) -> RankMemory:
                 if experts.buffers[rank]:
                     gathered = {"owned weights": experts.buffers[rank]}
                     phases.append((f"expert results all-gather, {where}", unsharded | all_h | gathered))
-                gptq["expert pieces"] = experts.pieces(rank, options, b)
+                if not (options.expert_parallel and ctx.sharded):  # expert-parallel writes its own rows in place
+                    gptq["expert pieces"] = experts.pieces(rank, options, b)
                 owned_h += experts.owned_hessians[rank]
                 buffers = max(buffers, experts.buffers[rank])
                 workspace = max(workspace, experts.workspace[rank])
