@@ -76,7 +76,7 @@ def quantize(
 
     `calibration` is a ready `CalibrationSet`, or texts / a dataset path or name that `tokenizer`
     turns into samples as `config.calibration` says (default 128 packed samples of 2048 tokens).
-    `config` defaults to W4A16, group 128, symmetric, act-order static.
+    `config` defaults to W4A16, group 128, symmetric, act-order static, imatrix-mse scales.
     """
     config = config or GPTQConfig.from_options()
     init_distributed()  # a no-op unless launched on several ranks with no process group yet
