@@ -1,7 +1,7 @@
 """MoE benchmark: gptq_fsdp against llm-compressor 0.14's MoE path on the 8-expert upcycled SmolLM2.
 
-gptq_fsdp in one process and with FSDP2 and ZeRO-3 at 2 ranks, llm-compressor in one process and DDP
-at 2 ranks, all in one run.
+gptq_fsdp in one process and with FSDP2 (also expert-parallel) and ZeRO-3 at 2 ranks, llm-compressor
+in one process and DDP at 2 ranks, all in one run.
 
 The model: SmolLM2-135M upcycled into Mixtral's layout (8 experts, top-2, 692M parameters, fp32;
 `scripts/upcycle_smollm2.py`). Every run quantizes the same calibration token ids (`--samples` x
@@ -69,6 +69,7 @@ OURS = {
     "gptq_fsdp_world1": (1, "single", {}),
     "gptq_fsdp_fsdp2_world2": (2, "fsdp2", {}),
     "gptq_fsdp_zero3_world2": (2, "zero3", {}),
+    "gptq_fsdp_fsdp2_world2_expert_parallel": (2, "fsdp2", {"expert_parallel": True}),
 }
 OURS_ALL_TOKENS = {"gptq_fsdp_world1_all_tokens": (1, "single", {"expert_calibration": "all_tokens"})}
 # name: (ranks, moe_calibrate_all_experts)
@@ -267,7 +268,8 @@ def stored_parameters(model_dir: Path) -> int:
 def label(name: str, run: dict) -> str:
     if "backend" in run:
         mode = "all tokens" if run["options"].get("expert_calibration") == "all_tokens" else "routed"
-        return f"gptq_fsdp, {BACKEND_LABELS[run['backend']]}, {mode}"
+        parallel = ", expert-parallel" if run["options"].get("expert_parallel") else ""
+        return f"gptq_fsdp, {BACKEND_LABELS[run['backend']]}, {mode}{parallel}"
     where = "1 process" if run["ranks"] == 1 else f"DDP {run['ranks']} ranks"
     return f"llm-compressor, {where}, {'all tokens' if run['moe_calibrate_all_experts'] else 'routed'}"
 
